@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test lint typecheck install system-deps completions clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(INSTALLED)
+
+# Demo backends from examples/servers.json in the background, lbd in the foreground (Ctrl-C stops both).
+run: $(INSTALLED)
+	@$(BIN)/python examples/demo_backends.py examples/servers.json & backends=$$!; \
+	trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT INT TERM; \
+	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml
+
+# Tools the end-to-end tests drive as a user would (curl); installed from the system's packages.
+system-deps:
+	@command -v curl >/dev/null 2>&1 || { \
+	  echo "installing curl for the end-to-end tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check lbd lbctl tests bench examples
+	$(BIN)/ruff format --check lbd lbctl tests bench examples
+
+typecheck: $(INSTALLED)
+	$(BIN)/mypy
+
+test: $(INSTALLED) system-deps lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,112 @@
+"""`lbd start ...`: resolve the configuration once, then run the daemon in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from lbd.config import Config, load_config, load_servers_file
+from lbd.daemon import Daemon
+from lbd.errors import LbError
+from lbd.models import ServerSpec
+
+app = typer.Typer(
+    name="lbd",
+    help="lbd: a region-aware HTTP load balancer daemon.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+@app.callback()
+def _root() -> None:
+    """lbd: a region-aware HTTP load balancer daemon."""
+
+
+@app.command()
+def start(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config file (flags override its keys).")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="Routing mode: static or dynamic.")] = None,
+    servers: Annotated[Path | None, typer.Option("--servers", help="servers.json seed list.")] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="Proxy address HOST:PORT [127.0.0.1:8080].")] = None,
+    admin_socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-socket",
+            envvar="LBD_SOCKET",
+            help="Admin API Unix socket [$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock].",
+        ),
+    ] = None,
+    timeout_base_ms: Annotated[
+        int | None, typer.Option("--timeout-base-ms", help="Upstream timeout before region latency [2000].")
+    ] = None,
+    shutdown_grace_ms: Annotated[
+        int | None, typer.Option("--shutdown-grace-ms", help="How long requests in flight may finish on stop [10000].")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the load balancer in the foreground until SIGTERM or SIGINT."""
+    _setup_logging(log_level)
+    overrides: dict[str, Any] = {
+        "mode": mode,
+        "servers": str(servers) if servers is not None else None,
+        "listen": listen,
+        "admin_socket": str(admin_socket) if admin_socket is not None else None,
+        "timeout_base_ms": timeout_base_ms,
+        "shutdown_grace_ms": shutdown_grace_ms,
+    }
+    try:
+        resolved = load_config(config, overrides)
+        seed = _seed(resolved)
+    except LbError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    try:
+        _run(Daemon(resolved, seed))
+    except (LbError, OSError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+
+
+def _seed(config: Config) -> list[ServerSpec]:
+    if config.servers is None:
+        return []
+    return load_servers_file(config.servers, config.regions)
+
+
+def _run(daemon: Daemon) -> None:
+    try:
+        import uvloop  # noqa: PLC0415 - optional: the proxy runs (slower) on the stdlib loop without it
+    except ImportError:
+        asyncio.run(daemon.run())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(daemon.run())
+
+
+def _setup_logging(level: str) -> None:
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"--log-level must be one of debug, info, warning, error; got {level!r}", EXIT_CONFIG)
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s lbd %(levelname)s %(message)s"
+    )
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"lbd: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Configuration as frozen data, resolved once: embedded defaults < TOML file < command-line flags.
+
+Every key of the TOML file mirrors a `lbd start` flag (`--timeout-base-ms` is `timeout_base_ms`), and
+every mistake is reported with the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, cast
+
+from lbd.errors import ConfigError, ValidationError
+from lbd.models import ServerSpec, parse_server
+
+Mode = Literal["static", "dynamic"]
+MODES: tuple[Mode, ...] = ("static", "dynamic")
+
+DEFAULT_LATENCY_MS: Mapping[str, int] = MappingProxyType(
+    {"us-east": 10, "eu-west": 50, "asia-south": 100, "oceania": 150, "ca-central": 30}
+)
+DEFAULT_PROXIMITY: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "us-east": ("us-east", "ca-central", "eu-west", "asia-south", "oceania"),
+        "us-west": ("us-east", "ca-central", "eu-west", "asia-south", "oceania"),
+        "ca-central": ("ca-central", "us-east", "eu-west", "asia-south", "oceania"),
+        "eu-west": ("eu-west", "us-east", "ca-central", "asia-south", "oceania"),
+        "me-central": ("eu-west", "asia-south", "us-east", "ca-central", "oceania"),
+        "asia-south": ("asia-south", "oceania", "eu-west", "us-east", "ca-central"),
+        "oceania": ("oceania", "asia-south", "eu-west", "us-east", "ca-central"),
+    }
+)
+
+
+def default_admin_socket() -> Path:
+    """`$LBD_SOCKET`, else `$XDG_RUNTIME_DIR/lbd.sock`, else `/tmp/lbd-$UID.sock` (shared with lbctl)."""
+    if env := os.environ.get("LBD_SOCKET"):
+        return Path(env)
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / "lbd.sock"
+    return Path(f"/tmp/lbd-{os.getuid()}.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, where: str) -> Address:
+    """`HOST:PORT` or `[V6]:PORT`; port 0 asks the kernel for a free port (tests use it)."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not HOST:PORT (for example 127.0.0.1:8080 or [::1]:8080)")
+    return Address(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class Regions:
+    """Region latencies (ms, added to each upstream timeout) and each client region's fallback order."""
+
+    latency_ms: Mapping[str, int] = field(default_factory=lambda: DEFAULT_LATENCY_MS)
+    proximity: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DEFAULT_PROXIMITY)
+
+    @property
+    def server_regions(self) -> frozenset[str]:
+        """Regions a server may be placed in: those with a known latency."""
+        return frozenset(self.latency_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mode: Mode = "static"
+    servers: Path | None = None
+    listen: Address = Address("127.0.0.1", 8080)
+    admin_socket: Path = field(default_factory=default_admin_socket)
+    timeout_base_ms: int = 2000
+    shutdown_grace_ms: int = 10_000
+    regions: Regions = field(default_factory=Regions)
+
+    def upstream_timeout_s(self, region: str) -> float:
+        return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
+
+
+TOP_LEVEL_KEYS = ("mode", "servers", "listen", "admin_socket", "timeout_base_ms", "shutdown_grace_ms", "regions")
+REGION_KEYS = ("latency_ms", "proximity")
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
+    """Build the effective config: defaults, then the TOML file, then non-None flag overrides."""
+    raw: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return _config_from_mapping(raw, where, base_dir=path.parent if path else Path.cwd())
+
+
+def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> Config:
+    _reject_unknown(raw, TOP_LEVEL_KEYS, where)
+    config = Config()
+    if "mode" in raw:
+        if raw["mode"] not in MODES:
+            raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}; got {raw['mode']!r}")
+        config = replace(config, mode=cast(Mode, raw["mode"]))
+    if "servers" in raw:
+        config = replace(config, servers=_path(raw["servers"], f"{where}: servers", base_dir))
+    if "listen" in raw:
+        config = replace(config, listen=_address(raw["listen"], f"{where}: listen"))
+    if "admin_socket" in raw:
+        config = replace(config, admin_socket=_path(raw["admin_socket"], f"{where}: admin_socket", base_dir))
+    for key in ("timeout_base_ms", "shutdown_grace_ms"):
+        if key in raw:
+            config = replace(config, **{key: _non_negative_int(raw[key], f"{where}: {key}")})
+    if "regions" in raw:
+        config = replace(config, regions=_regions(raw["regions"], f"{where}: regions"))
+    return config
+
+
+def _regions(raw: object, where: str) -> Regions:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(REGION_KEYS)}")
+    _reject_unknown(raw, REGION_KEYS, where)
+    latency: Mapping[str, int] = DEFAULT_LATENCY_MS
+    proximity: Mapping[str, tuple[str, ...]] = DEFAULT_PROXIMITY
+    if "latency_ms" in raw:
+        table = raw["latency_ms"]
+        if not isinstance(table, dict) or not table:
+            raise ConfigError(f"{where}.latency_ms: must be a non-empty table of region = milliseconds")
+        latency = MappingProxyType(
+            {name: _non_negative_int(value, f"{where}.latency_ms.{name}") for name, value in table.items()}
+        )
+    if "proximity" in raw:
+        table = raw["proximity"]
+        if not isinstance(table, dict) or not table:
+            raise ConfigError(f"{where}.proximity: must be a non-empty table of region = [regions, nearest first]")
+        proximity = MappingProxyType(
+            {name: _region_list(value, f"{where}.proximity.{name}") for name, value in table.items()}
+        )
+    for client_region, order in proximity.items():
+        unknown = [name for name in order if name not in latency]
+        if unknown:
+            raise ConfigError(
+                f"{where}.proximity.{client_region}: region {unknown[0]!r} has no latency in "
+                f"regions.latency_ms; known: {', '.join(sorted(latency))}"
+            )
+    return Regions(latency, proximity)
+
+
+def _region_list(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: must be a non-empty list of region names, nearest first")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: lists a region more than once")
+    return tuple(value)
+
+
+def _reject_unknown(raw: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
+
+
+def _non_negative_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: must be a non-negative integer; got {value!r}")
+    return value
+
+
+def _path(value: object, where: str, base_dir: Path) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must be a path string; got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _address(value: object, where: str) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string HOST:PORT; got {value!r}")
+    return parse_address(value, where)
+
+
+def load_servers_file(path: Path, regions: Regions) -> list[ServerSpec]:
+    """Read a seed-format servers.json; one precise message for the first problem found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read servers file: {exc.strerror}") from None
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    try:
+        return parse_server_list(entries, regions.server_regions)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_server_list(entries: object, known_regions: frozenset[str]) -> list[ServerSpec]:
+    """Validate a list of seed entries; ids must be unique."""
+    if not isinstance(entries, list):
+        raise ValidationError("expected a JSON list of server objects")
+    specs: list[ServerSpec] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        spec = parse_server(entry, known_regions, where=f"entry {index}")
+        if spec.id in seen:
+            raise ValidationError(
+                f"entry {index}: duplicate id {spec.id!r} (first used by entry {seen[spec.id]})", "id"
+            )
+        seen[spec.id] = index
+        specs.append(spec)
+    return specs

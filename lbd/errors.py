@@ -1,0 +1,22 @@
+"""Errors that carry a message meant for a person, never a traceback."""
+
+from __future__ import annotations
+
+
+class LbError(Exception):
+    """Base of every error lbd reports to a user: the message is the whole story."""
+
+
+class ConfigError(LbError):
+    """A config file, flag or servers.json is wrong; the message names the place and the field."""
+
+
+class ValidationError(LbError):
+    """One server entry (from a file or the admin API) is wrong.
+
+    `field` is the offending key so the admin API can return it in its error envelope.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

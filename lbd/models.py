@@ -1,0 +1,219 @@
+"""A server's identity (immutable) and its live state (mutated only through the registry and proxy)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from lbd.errors import ValidationError
+
+SERVER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+MAX_CAPACITY = 1_000_000
+
+
+class Outcome(StrEnum):
+    """How one forwarded request ended, as the proxy reports it (passive health feeds on these)."""
+
+    OK = "ok"
+    STATUS_5XX = "status_5xx"
+    CONNECT_FAILED = "connect_failed"
+    RESET = "reset"
+    TIMEOUT = "timeout"
+    BAD_RESPONSE = "bad_response"
+    CLIENT_ABORTED = "client_aborted"
+
+    @property
+    def is_error(self) -> bool:
+        return self not in (Outcome.OK, Outcome.CLIENT_ABORTED)
+
+
+class Health(StrEnum):
+    """Operational health; issue-4 health checks move servers between these."""
+
+    HEALTHY = "healthy"
+    FAILING = "failing"
+    COOLDOWN = "cooldown"
+    DEGRADED = "degraded"
+
+    @property
+    def in_rotation(self) -> bool:
+        return self in (Health.HEALTHY, Health.FAILING)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """What an operator declared about a server: it never changes while the server is registered."""
+
+    id: str
+    scheme: str
+    host: str
+    port: int
+    region: str
+    capacity: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "hostname": self.host,
+            "port": self.port,
+            "region": self.region,
+            "capacity": self.capacity,
+        }
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What lbd observes about a server while it runs."""
+
+    health: Health = Health.HEALTHY
+    draining: bool = False
+    active: int = 0
+    requests: int = 0
+    errors: int = 0
+    latency_ewma_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class Server:
+    spec: ServerSpec
+    state: ServerState = field(default_factory=ServerState)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def to_json(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            **self.spec.to_json(),
+            "health": state.health.value,
+            "draining": state.draining,
+            "active": state.active,
+            "requests": state.requests,
+            "errors": state.errors,
+            "latency_ewma_ms": round(state.latency_ewma_ms, 3),
+        }
+
+
+SEED_FIELDS = ("id", "hostname", "port", "region", "capacity", "url")
+
+
+def parse_server(entry: object, known_regions: frozenset[str], where: str = "server") -> ServerSpec:
+    """Validate one seed-format entry `{id, hostname, port, region, capacity, url}`.
+
+    `url` may be omitted (derived from hostname + port); when both are given they must agree, so a
+    typo in one of them cannot silently send traffic to the wrong place.
+    """
+    if not isinstance(entry, dict):
+        raise ValidationError(f"{where}: expected a JSON object, got {_kind(entry)}")
+    unknown = sorted(set(entry) - set(SEED_FIELDS))
+    if unknown:
+        raise ValidationError(
+            f"{where}: unknown field {unknown[0]!r}; allowed fields: {', '.join(SEED_FIELDS)}", unknown[0]
+        )
+    server_id = _server_id(entry, where)
+    where = f"{where} {server_id!r}"
+    capacity = _capacity(entry, where)
+    region = _region(entry, where, known_regions)
+    scheme, host, port = _address(entry, where)
+    return ServerSpec(server_id, scheme, host, port, region, capacity)
+
+
+def _server_id(entry: dict[str, Any], where: str) -> str:
+    if "id" not in entry:
+        raise ValidationError(f"{where}: missing field 'id'", "id")
+    value = entry["id"]
+    if not isinstance(value, str) or not SERVER_ID_PATTERN.match(value):
+        raise ValidationError(
+            f"{where}: field 'id' must be 1-64 characters of letters, digits, '.', '_', ':' or '-' "
+            f"starting with a letter or digit; got {value!r}",
+            "id",
+        )
+    return value
+
+
+def _capacity(entry: dict[str, Any], where: str) -> int:
+    if "capacity" not in entry:
+        raise ValidationError(f"{where}: missing field 'capacity'", "capacity")
+    value = entry["capacity"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAPACITY:
+        raise ValidationError(
+            f"{where}: field 'capacity' must be a positive integer (1..{MAX_CAPACITY}); got {value!r}",
+            "capacity",
+        )
+    return value
+
+
+def _region(entry: dict[str, Any], where: str, known_regions: frozenset[str]) -> str:
+    if "region" not in entry:
+        raise ValidationError(f"{where}: missing field 'region'", "region")
+    value = entry["region"]
+    if value not in known_regions:
+        raise ValidationError(
+            f"{where}: field 'region' is {value!r}, which is not a configured region; "
+            f"known regions: {', '.join(sorted(known_regions))}",
+            "region",
+        )
+    return str(value)
+
+
+def _address(entry: dict[str, Any], where: str) -> tuple[str, str, int]:
+    hostname = entry.get("hostname")
+    port = entry.get("port")
+    if hostname is not None and (not isinstance(hostname, str) or not hostname):
+        raise ValidationError(f"{where}: field 'hostname' must be a non-empty string; got {hostname!r}", "hostname")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise ValidationError(f"{where}: field 'port' must be an integer 1..65535; got {port!r}", "port")
+    url = entry.get("url")
+    if url is None:
+        if hostname is None or port is None:
+            missing = "hostname" if hostname is None else "port"
+            raise ValidationError(f"{where}: missing field 'url' (or both 'hostname' and 'port')", missing)
+        return "http", hostname, port
+    scheme, url_host, url_port = parse_url(url, where)
+    if hostname is not None and hostname.lower() != url_host.lower():
+        raise ValidationError(
+            f"{where}: field 'hostname' is {hostname!r} but 'url' names host {url_host!r}; they must agree",
+            "hostname",
+        )
+    if port is not None and port != url_port:
+        raise ValidationError(
+            f"{where}: field 'port' is {port} but 'url' names port {url_port}; they must agree", "port"
+        )
+    return scheme, url_host, url_port
+
+
+def parse_url(url: object, where: str) -> tuple[str, str, int]:
+    """Split an upstream base URL; only `http(s)://host[:port]` with no path is meaningful here."""
+    allowed = "allowed: http://HOST:PORT or https://HOST:PORT"
+    if not isinstance(url, str):
+        raise ValidationError(f"{where}: field 'url' must be a string; {allowed}; got {url!r}", "url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValidationError(f"{where}: field 'url' {url!r} is not a valid URL ({exc}); {allowed}", "url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"{where}: field 'url' {url!r} is not an http(s) URL with a host; {allowed}", "url")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValidationError(
+            f"{where}: field 'url' {url!r} has a path, query or credentials; {allowed}", "url"
+        )
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    if port == 0:
+        raise ValidationError(f"{where}: field 'url' {url!r} has port 0; {allowed}", "url")
+    return parts.scheme, parts.hostname, port
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)

@@ -1,0 +1,509 @@
+"""One request and its response on their way through the proxy.
+
+The client connection feeds the request in (head, body chunks, end); the exchange picks a server,
+streams everything to an upstream connection and the response back, enforces the upstream timeout
+(`timeout_base + region latency`) and turns failures into 502/503/504 while nothing of the response
+has reached the client yet. It reports each outcome to the registry and never decides health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from lbd.balancer import NoServer
+from lbd.models import Outcome, Server
+from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL
+from lbd.proxy.headers import (
+    Header,
+    connection_tokens,
+    forwarded_headers,
+    response_header_lines,
+    scan_response,
+    simple_response,
+    status_line,
+    wants_keep_alive,
+)
+
+if TYPE_CHECKING:
+    from lbd.proxy.client import ClientConnection
+    from lbd.proxy.upstream import UpstreamConnection
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+REPLAY_LIMIT = 64 * 1024  # request bytes kept so a request can be sent again after a failed attempt
+PENDING_LIMIT = 256 * 1024  # request bytes buffered while no upstream connection is attached
+CHUNK_END = b"0\r\n\r\n"
+CRLF = b"\r\n"
+
+
+class Exchange:
+    __slots__ = (
+        "buffered",
+        "chunked_to_client",
+        "deferred_reply",
+        "has_body",
+        "client",
+        "client_id",
+        "close_after",
+        "connecting",
+        "conn_tokens",
+        "ctx",
+        "early_tunnel",
+        "finished",
+        "forwarded_for",
+        "head",
+        "headers",
+        "host",
+        "is_head",
+        "keep_alive",
+        "last_activity",
+        "latency_s",
+        "method",
+        "pending",
+        "pending_size",
+        "replay",
+        "replay_size",
+        "request_chunked",
+        "request_complete",
+        "response_started",
+        "retried",
+        "server",
+        "started_at",
+        "status",
+        "timeout_s",
+        "timer",
+        "tunnel_open",
+        "until_close",
+        "upgrade",
+        "upstream",
+        "upstream_write_full",
+        "url",
+        "version",
+        "via",
+    )
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.ctx = client.ctx
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[Header] = []
+        self.client_id: bytes | None = None
+        self.host: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.via: bytes | None = None
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.request_chunked = False
+        self.has_body = False
+        self.deferred_reply: tuple[int, str] | None = None
+        self.upgrade: bytes | None = None
+        self.is_head = False
+        self.keep_alive = True
+        self.request_complete = False
+        self.head = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.buffered = True  # every request byte so far is still in `replay`
+        self.replay: list[bytes] = []
+        self.replay_size = 0
+        self.server: Server | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.response_started = False
+        self.until_close = False
+        self.chunked_to_client = False
+        self.close_after = False
+        self.finished = False
+        self.tunnel_open = False
+        self.early_tunnel = b""
+        self.started_at = 0.0
+        self.last_activity = 0.0
+        self.latency_s: float | None = None
+        self.timeout_s = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.upstream_write_full = False
+        self.retried = False
+        self.status = 0
+
+    # --- request side, fed by the client connection's parser ----------------------------------
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"client-id":
+            self.client_id = value
+        elif lower == b"host":
+            self.host = value
+        elif lower == b"connection":
+            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+        elif lower == b"transfer-encoding":
+            self.request_chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            self.has_body = True
+        elif lower == b"content-length":
+            self.has_body = value.strip() != b"0"
+        elif lower == b"upgrade":
+            self.upgrade = value
+        elif lower == b"x-forwarded-for":
+            self.forwarded_for = value if self.forwarded_for is None else self.forwarded_for + b", " + value
+        elif lower == b"via":
+            self.via = value if self.via is None else self.via + b", " + value
+        self.headers.append((name, value))
+
+    def headers_complete(self, method: bytes, version: str) -> None:
+        self.method = method
+        self.version = version
+        self.is_head = method == b"HEAD"
+        self.keep_alive = wants_keep_alive(version, self.conn_tokens)
+        if self.upgrade is None or b"upgrade" not in self.conn_tokens:
+            self.upgrade = None
+
+    def request_body(self, chunk: bytes) -> None:
+        if self.request_chunked:
+            self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF)
+        else:
+            self._to_upstream(chunk)
+
+    def request_done(self) -> None:
+        self.request_complete = True
+        if self.deferred_reply is not None:
+            self.reply(*self.deferred_reply, Outcome.OK)
+            return
+        if self.request_chunked:
+            self._to_upstream(CHUNK_END)
+        if self.server is not None and not self.finished:
+            self.last_activity = self.ctx.loop.time()
+            self._arm_timer()
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if self.buffered:
+            self.replay_size += len(data)
+            if self.replay_size <= REPLAY_LIMIT:
+                self.replay.append(data)
+            else:
+                self.buffered = False
+                self.replay = []
+        if self.upstream is not None:
+            self.upstream.send(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT:
+            self.client.hold(BUFFER_FULL)
+
+    # --- choosing and connecting ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called when this exchange's turn on the client connection comes."""
+        self.ctx.requests_total += 1
+        if self.method == b"CONNECT":
+            self._refuse(405, "lbd is a reverse proxy; CONNECT is not supported")
+            return
+        if self.client_id is None:
+            self._refuse(400, "missing the client-id header; lbd routes each client by it")
+            return
+        try:
+            server = self.ctx.balancer.choose(self.client_id.decode("latin-1"))
+        except NoServer as exc:
+            self._refuse(503, str(exc))
+            return
+        self._forward_to(server)
+
+    def _refuse(self, status: int, text: str) -> None:
+        """Answer without a server. A bodiless request is answered once fully read, keeping the
+        connection; one with a body is answered at once and the connection closed (its body is
+        not worth reading)."""
+        if self.request_complete or self.has_body:
+            self.reply(status, text, Outcome.OK)
+        else:
+            self.deferred_reply = (status, text)
+
+    def _forward_to(self, server: Server) -> None:
+        self.server = server
+        server.state.active += 1
+        server.state.requests += 1
+        self.timeout_s = self.ctx.timeout_s(server)
+        self.started_at = self.last_activity = self.ctx.loop.time()
+        self.head = self._build_head(server)
+        if self.request_complete:
+            self._arm_timer()
+        connection = self.ctx.pool.acquire(server)
+        if connection is not None:
+            self._attach(connection)
+        else:
+            self.connecting = self.ctx.loop.create_task(self.ctx.pool.connect(server))
+            self.connecting.add_done_callback(self._connected)
+
+    def _build_head(self, server: Server) -> bytes:
+        drop = self.conn_tokens - {b"close", b"keep-alive", b"upgrade"}
+        lines = forwarded_headers(
+            self.headers, drop, self.host, self.client.client_ip, self.forwarded_for, self.via
+        )
+        if self.host is None:
+            lines.append(b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port))
+        if self.request_chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade is not None:
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, self.url, b"".join(lines))
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.connecting = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if self.finished:
+            if error is None:
+                task.result().close()
+            return
+        if error is not None:
+            self._upstream_error(Outcome.CONNECT_FAILED, _describe_connect_error(error))
+            return
+        self._attach(task.result())
+
+    def _attach(self, connection: UpstreamConnection) -> None:
+        self.upstream = connection
+        connection.exchange = self
+        if self.client.write_paused:
+            connection.hold(PEER_WRITE_FULL)
+        connection.send(b"".join((self.head, *self.pending)) if self.pending else self.head)
+        self.pending = []
+        self.pending_size = 0
+        self.client.release(BUFFER_FULL)
+
+    # --- response side, fed by the upstream connection's parser ------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header], upstream_version: str) -> None:
+        self.response_started = True
+        self.status = status
+        now = self.ctx.loop.time()
+        self.latency_s = now - self.started_at
+        self.last_activity = now
+        has_length, chunked, tokens, upgrade = scan_response(headers)
+        lines = response_header_lines(headers, tokens - {b"close", b"keep-alive", b"upgrade"})
+        bodyless = self.is_head or status in (204, 304)
+        if status == 101 and upgrade is not None:
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + CRLF)
+        else:
+            if not bodyless and not has_length:
+                self.until_close = not chunked
+                if self.version == "1.1":
+                    self.chunked_to_client = True
+                    lines.append(b"Transfer-Encoding: chunked\r\n")
+                else:
+                    self.close_after = True
+            if not self.request_complete or not self.keep_alive or self.client.closing:
+                self.close_after = True
+            if self.close_after:
+                lines.append(b"Connection: close\r\n")
+            elif self.version == "1.0":
+                lines.append(b"Connection: keep-alive\r\n")
+        self.client.write(b"".join((status_line(status, reason), *lines, CRLF)))
+
+    def upstream_keeps_alive(self, upstream_version: str, headers: list[Header]) -> bool:
+        return wants_keep_alive(upstream_version, scan_response(headers)[2])
+
+    def response_body(self, body: bytes) -> None:
+        self.last_activity = self.ctx.loop.time()
+        if self.chunked_to_client:
+            self.client.write(b"%x\r\n" % len(body) + body + CRLF)
+        else:
+            self.client.write(body)
+
+    def interim_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
+        self.last_activity = self.ctx.loop.time()
+        if self.version == "1.1":
+            self.client.write(b"".join((status_line(status, reason), *response_header_lines(headers, frozenset()), CRLF)))
+
+    def response_complete(self, upstream_keep_alive: bool) -> None:
+        if self.finished:
+            return
+        if self.chunked_to_client:
+            self.client.write(CHUNK_END)
+        connection = self.upstream
+        self.upstream = None
+        if connection is not None:
+            if upstream_keep_alive and self.request_complete:
+                self.ctx.pool.release(connection)
+            else:
+                connection.exchange = None
+                connection.close()
+        self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK)
+
+    # --- failures --------------------------------------------------------------------------------
+
+    def upstream_lost(self) -> None:
+        """The upstream connection closed under this exchange."""
+        if self.finished:
+            return
+        if self.response_started and self.until_close:
+            self.response_complete(False)  # the body's end was the connection's end
+        elif self.response_started:
+            self._abort(Outcome.RESET)
+        else:
+            self._upstream_error(Outcome.RESET, "closed the connection before responding")
+
+    def upstream_failed_bad_response(self) -> None:
+        if self.finished:
+            return
+        if self.response_started:
+            self._abort(Outcome.BAD_RESPONSE)
+        else:
+            self.retried = True  # the server saw the request: sending it again is not safe
+            self._upstream_error(Outcome.BAD_RESPONSE, "sent a malformed response")
+
+    def client_lost(self) -> None:
+        """The client went away: stop the upstream side too (its connection cannot be reused)."""
+        if self.finished:
+            return
+        if self.upstream is not None:
+            self.upstream.exchange = None
+            self.upstream.abort()
+            self.upstream = None
+        self._account(Outcome.CLIENT_ABORTED)
+
+    def _upstream_error(self, outcome: Outcome, what: str) -> None:
+        """A failure before any response byte reached the client: retry when safe, else 502/504."""
+        failed = self.upstream
+        self.upstream = None
+        if failed is not None:
+            failed.exchange = None
+            failed.abort()
+        server = self.server
+        assert server is not None
+        if outcome is not Outcome.TIMEOUT and failed is not None and failed.reused and self._replayable():
+            # A pooled keep-alive connection that the server had already closed: the classic race.
+            # The request never reached the server, so send it again on a fresh connection.
+            self.retried = True
+            self._reconnect(server)
+            return
+        status = 504 if outcome is Outcome.TIMEOUT else 502
+        self.reply(status, f"upstream {server.id} ({server.spec.url}) {what}", outcome)
+
+    def _replayable(self) -> bool:
+        if self.retried or self.response_started or not self.buffered:
+            return False
+        return self.method in IDEMPOTENT_METHODS or self.request_complete
+
+    def _reconnect(self, server: Server) -> None:
+        self.pending = list(self.replay)
+        self.pending_size = self.replay_size
+        self.connecting = self.ctx.loop.create_task(self.ctx.pool.connect(server))
+        self.connecting.add_done_callback(self._connected)
+
+    def _abort(self, outcome: Outcome) -> None:
+        """Mid-response failure: the client can only learn of it from a cut connection."""
+        if self.upstream is not None:
+            self.upstream.exchange = None
+            self.upstream.abort()
+            self.upstream = None
+        self.client.abort()
+        self._account(outcome)
+
+    def reply(self, status: int, text: str, outcome: Outcome) -> None:
+        """Answer the client ourselves; close afterwards if the request body was not read."""
+        close = not self.request_complete or not self.keep_alive or self.client.closing
+        self.close_after = self.close_after or close
+        self.status = status
+        self.client.write(simple_response(status, text, close))
+        self._finish(outcome)
+
+    # --- timing -----------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.ctx.loop.call_at(self.last_activity + self.timeout_s, self._on_timer)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.upstream_write_full = paused
+        if paused:
+            self.client.hold(PEER_WRITE_FULL)
+            self.last_activity = self.ctx.loop.time()
+            self._arm_timer()
+        else:
+            self.client.release(PEER_WRITE_FULL)
+
+    def _on_timer(self) -> None:
+        """Fire only while lbd is waiting on the server, and only after `timeout_s` of its silence.
+
+        Time spent waiting on the client (a slow upload, a slow reader holding the upstream) does
+        not count against the server.
+        """
+        self.timer = None
+        if self.finished:
+            return
+        now = self.ctx.loop.time()
+        upstream = self.upstream
+        waiting_on_server = (self.request_complete or self.upstream_write_full) and not (
+            upstream is not None and upstream.held
+        )
+        deadline = self.last_activity + self.timeout_s
+        if not waiting_on_server:
+            self.timer = self.ctx.loop.call_at(now + self.timeout_s, self._on_timer)
+        elif now < deadline:
+            self.timer = self.ctx.loop.call_at(deadline, self._on_timer)
+        elif self.response_started:
+            self._abort(Outcome.TIMEOUT)
+        else:
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            ms = round(self.timeout_s * 1000)
+            self._upstream_error(Outcome.TIMEOUT, f"did not answer within {ms} ms")
+
+    # --- websocket and other upgrades -------------------------------------------------------------
+
+    def start_tunnel(self, upstream_bytes: bytes) -> None:
+        """The server switched protocols: from now on bytes flow unparsed both ways."""
+        connection = self.upstream
+        assert connection is not None
+        self.upstream = None
+        connection.exchange = None
+        self.finished = True
+        self.tunnel_open = True  # the server keeps counting this connection as active until it closes
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.server is not None:
+            self.ctx.registry.record_outcome(self.server, Outcome.OK, self.latency_s)
+        self.ctx.count_response(101)
+        self.client.start_tunnel(self, connection, upstream_bytes)
+
+    def tunnel_closed(self) -> None:
+        if self.tunnel_open and self.server is not None:
+            self.tunnel_open = False
+            self.server.state.active -= 1
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def _account(self, outcome: Outcome) -> None:
+        """Settle this exchange's books exactly once: timer, connect attempt, server counters."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        server = self.server
+        if server is not None:
+            server.state.active -= 1
+            self.ctx.registry.record_outcome(server, outcome, self.latency_s)
+        self.ctx.count_response(self.status)
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._account(outcome)
+        self.client.exchange_finished(self, self.keep_alive and not self.close_after)
+
+
+def _describe_connect_error(error: BaseException) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "refused the connection"
+    if isinstance(error, OSError) and error.strerror:
+        return f"could not be reached ({error.strerror.lower()})"
+    return f"could not be reached ({error})"

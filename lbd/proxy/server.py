@@ -1,0 +1,98 @@
+"""The proxy listener: shared context of all client connections, start and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+
+from lbd.balancer import Balancer
+from lbd.config import Address
+from lbd.models import Server
+from lbd.proxy.client import ClientConnection
+from lbd.proxy.upstream import UpstreamPool
+from lbd.registry import Registry
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class ProxyContext:
+    """What every connection shares: routing, the upstream pool, timeouts and counters."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        registry: Registry,
+        balancer: Balancer,
+        timeout_base_ms: int,
+        region_latency_ms: Mapping[str, int],
+        client_idle_timeout_s: float = 60.0,
+    ) -> None:
+        self.loop = loop
+        self.registry = registry
+        self.balancer = balancer
+        self.pool = UpstreamPool(loop)
+        self.connections: set[ClientConnection] = set()
+        self.client_idle_timeout_s = client_idle_timeout_s
+        self.requests_total = 0
+        self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
+        self._timeouts = {
+            region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()
+        }
+        self._timeout_base_s = timeout_base_ms / 1000.0
+
+    def timeout_s(self, server: Server) -> float:
+        """`timeout_base + latency of the server's region`, precomputed per region."""
+        return self._timeouts.get(server.spec.region, self._timeout_base_s)
+
+    def count_response(self, status: int) -> None:
+        if 100 <= status < 600:
+            self.responses[STATUS_CLASSES[status // 100 - 1]] += 1
+
+
+class ProxyServer:
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.address: Address | None = None
+
+    async def start(self, listen: Address) -> Address:
+        """Bind and serve; returns the bound address (port 0 becomes the kernel's choice)."""
+        loop = self.ctx.loop
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self.ctx), listen.host, listen.port, backlog=4096, reuse_address=True
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = Address(host, port)
+        self._sweeper = loop.create_task(self._sweep())
+        return self.address
+
+    async def _sweep(self) -> None:
+        """Close idle keep-alive clients and stale upstream connections, once a second at most."""
+        pool = self.ctx.pool
+        period = min(1.0, self.ctx.client_idle_timeout_s / 4, pool.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - self.ctx.client_idle_timeout_s
+            for connection in [c for c in self.ctx.connections if c.idle and c.idle_since < cutoff]:
+                connection.close()
+            pool.close_idle(older_than_s=pool.idle_timeout_s)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let requests in flight finish for up to `grace_s`, then cut the rest."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.ctx.connections):
+            connection.shutdown()
+        deadline = time.monotonic() + grace_s
+        while self.ctx.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.ctx.connections):
+            connection.abort()
+        self.ctx.pool.close_idle()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper

@@ -1,0 +1,82 @@
+"""The single writer of server membership and server state.
+
+Health checks and the admin API change servers only through these methods; the balancer and the
+admin views read `servers()` / `get()`. Every membership change bumps `version`, which is what
+routing caches key on, and notifies subscribers (the balancer rebuilds its hash table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from lbd.models import Outcome, Server, ServerSpec, ServerState
+
+Listener = Callable[[], None]
+LATENCY_EWMA_WEIGHT = 0.2
+
+
+class RegistryConflict(Exception):
+    """Registering an id that exists with a different address."""
+
+
+class Registry:
+    def __init__(self, region_latency_ms: Mapping[str, int], specs: Iterable[ServerSpec] = ()) -> None:
+        self._servers: dict[str, Server] = {}
+        self._listeners: list[Listener] = []
+        self._region_latency_ms = region_latency_ms
+        self.version = 0
+        for spec in specs:
+            self._servers[spec.id] = self._new_server(spec)
+
+    def _new_server(self, spec: ServerSpec) -> Server:
+        """A fresh server whose latency estimate starts at its region's configured latency."""
+        return Server(spec, ServerState(latency_ewma_ms=float(self._region_latency_ms.get(spec.region, 0))))
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener` after every membership change."""
+        self._listeners.append(listener)
+
+    def servers(self) -> tuple[Server, ...]:
+        """A snapshot, sorted by id so listings are stable."""
+        return tuple(sorted(self._servers.values(), key=lambda server: server.id))
+
+    def get(self, server_id: str) -> Server | None:
+        return self._servers.get(server_id)
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def register(self, spec: ServerSpec) -> tuple[Server, bool]:
+        """Add a server, live at once. Returns (server, created); same spec again is a no-op."""
+        existing = self._servers.get(spec.id)
+        if existing is not None:
+            if existing.spec != spec:
+                raise RegistryConflict(
+                    f"server {spec.id!r} is already registered as {existing.spec.url} "
+                    f"(region {existing.spec.region}, capacity {existing.spec.capacity}); "
+                    "deregister it first to change it"
+                )
+            return existing, False
+        server = self._new_server(spec)
+        self._servers[spec.id] = server
+        self._changed()
+        return server, True
+
+    def deregister(self, server_id: str) -> Server | None:
+        server = self._servers.pop(server_id, None)
+        if server is not None:
+            self._changed()
+        return server
+
+    def record_outcome(self, server: Server, outcome: Outcome, latency_s: float | None) -> None:
+        """The proxy's report on one forwarded request; `latency_s` is time to response headers."""
+        state = server.state
+        if outcome.is_error:
+            state.errors += 1
+        if latency_s is not None:
+            state.latency_ewma_ms += LATENCY_EWMA_WEIGHT * (latency_s * 1000.0 - state.latency_ewma_ms)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for listener in self._listeners:
+            listener()

@@ -1,0 +1,204 @@
+"""Real HTTP backends for tests: aiohttp servers on 127.0.0.1 ephemeral ports, in a background thread.
+
+Each backend names itself in `X-Backend-Id` and in its body, counts hits, and can be told to fail:
+`/health` answers `health_status`, `delay_s` slows every answer, `stop()` / `start()` kill and
+revive it on the same port.
+
+Endpoints:
+  /echo            JSON: server, method, path, headers, body length and sha256
+  /health          {"status": ...} with `health_status`
+  /bytes/N         N bytes with Content-Length (?chunked=1: streamed chunked, 64 KiB pieces)
+  /status/CODE     an empty response with that status
+  /slow/MS         answers after MS milliseconds
+  /upload          reads the body as a stream; JSON: length and sha256
+  /ws              websocket echo
+  /close           answers with Connection: close
+  /*               like /echo
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+CHUNK = 64 * 1024
+
+
+class BackendLoop:
+    """One event loop in a daemon thread hosting any number of backends."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Backend:
+    def __init__(self, loop: BackendLoop, server_id: str, region: str = "us-east") -> None:
+        self.loop = loop
+        self.id = server_id
+        self.region = region
+        self.port = 0
+        self.hits: Counter[str] = Counter()
+        self.health_status = 200
+        self.delay_s = 0.0
+        self.last_headers: dict[str, str] = {}
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def entry(self, capacity: int = 10, region: str | None = None) -> dict[str, Any]:
+        """This backend as a servers.json / registration entry."""
+        return {
+            "id": self.id,
+            "hostname": "127.0.0.1",
+            "port": self.port,
+            "region": region or self.region,
+            "capacity": capacity,
+            "url": self.url,
+        }
+
+    @property
+    def total_hits(self) -> int:
+        return sum(count for path, count in self.hits.items() if path != "/health")
+
+    def start(self) -> Backend:
+        self.loop.run(self._start())
+        return self
+
+    def stop(self) -> None:
+        self.loop.run(self._stop())
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=1 << 40)
+        app.router.add_get("/health", self._health)
+        app.router.add_route("*", "/bytes/{n}", self._bytes)
+        app.router.add_route("*", "/status/{code}", self._status)
+        app.router.add_route("*", "/slow/{ms}", self._slow)
+        app.router.add_route("*", "/upload", self._upload)
+        app.router.add_get("/ws", self._ws)
+        app.router.add_route("*", "/close", self._close)
+        app.router.add_route("*", "/{tail:.*}", self._echo)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert isinstance(server, asyncio.base_events.Server)
+            self.port = server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Backend-Id": self.id}
+
+    async def _count(self, request: web.Request) -> None:
+        self.hits[request.path] += 1
+        self.last_headers = dict(request.headers)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.hits["/health"] += 1
+        return web.json_response({"status": self.health_status}, status=self.health_status, headers=self._headers())
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        await self._count(request)
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+        body = {
+            "server": self.id,
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "length": length,
+            "sha256": digest.hexdigest(),
+        }
+        return web.json_response(body, headers=self._headers())
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        return await self._echo(request)
+
+    async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        await self._count(request)
+        n = int(request.match_info["n"])
+        if request.query.get("chunked"):
+            response = web.StreamResponse(headers=self._headers())
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            block = b"x" * CHUNK
+            remaining = n
+            while remaining > 0:
+                piece = block[: min(CHUNK, remaining)]
+                await response.write(piece)
+                remaining -= len(piece)
+            await response.write_eof()
+            return response
+        return web.Response(body=b"x" * n, headers=self._headers())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        await self._count(request)
+        return web.Response(status=int(request.match_info["code"]), headers=self._headers())
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await self._count(request)
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.Response(text=f"slow from {self.id}\n", headers=self._headers())
+
+    async def _close(self, request: web.Request) -> web.Response:
+        await self._count(request)
+        response = web.Response(text=f"closing from {self.id}\n", headers=self._headers())
+        response.force_close()
+        return response
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        await self._count(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(f"{self.id}:{message.data}")
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
+
+@contextmanager
+def backends(*ids: str, regions: tuple[str, ...] = ()) -> Iterator[list[Backend]]:
+    """Start one backend per id (regions default to us-east); stop them all afterwards."""
+    loop = BackendLoop()
+    started = [
+        Backend(loop, server_id, regions[i] if i < len(regions) else "us-east").start()
+        for i, server_id in enumerate(ids)
+    ]
+    try:
+        yield started
+    finally:
+        for backend in started:
+            backend.stop()
+        loop.close()

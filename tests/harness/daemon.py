@@ -1,0 +1,156 @@
+"""A real `lbd` process for tests: started on an ephemeral port with its admin socket in a short
+temporary directory, queried over that socket, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STARTUP_TIMEOUT_S = 15.0
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail with the last value otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+
+
+class Lbd:
+    def __init__(self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "lbd.sock"
+        self.log_path = workdir / "lbd.log"
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("LBD_SOCKET", None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, extra: Sequence[str] = ()) -> Lbd:
+        command = [
+            sys.executable, "-m", "lbd", "start",
+            "--listen", "127.0.0.1:0",
+            "--admin-socket", str(self.socket),
+            *self.args, *extra,
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, env=self.env, cwd=self.workdir)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"lbd exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                status = self.get("/v1/status")
+            except OSError:
+                time.sleep(0.05)
+                continue
+            self.port = int(status["listeners"]["proxy"].rsplit(":", 1)[1])
+            return self
+        raise AssertionError(f"lbd did not start within {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One admin API call; returns (status, parsed JSON or text)."""
+        connection = UnixHTTPConnection(str(self.socket))
+        try:
+            payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+            connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data.decode(errors="replace")
+
+    def get(self, path: str) -> Any:
+        status, body = self.request("GET", path)
+        assert status == 200, f"GET {path} -> {status}: {body}"
+        return body
+
+    def servers(self) -> dict[str, dict[str, Any]]:
+        return {server["id"]: server for server in self.get("/v1/servers")["servers"]}
+
+    def lbctl(self, *args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "lbctl.main", "--socket", str(self.socket), *args]
+        full_env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", **(env or {})}
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"lbd did not stop on SIGTERM within {timeout} s:\n{self.log()}") from None
+
+
+def short_tempdir() -> Path:
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer."""
+    return Path(tempfile.mkdtemp(prefix="lb-", dir="/tmp"))
+
+
+def write_servers(workdir: Path, entries: list[dict[str, Any]]) -> Path:
+    path = workdir / "servers.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@contextmanager
+def running_lbd(args: Sequence[str] = (), entries: list[dict[str, Any]] | None = None) -> Iterator[Lbd]:
+    """An lbd process (with `--servers` from `entries` when given), stopped and cleaned afterwards."""
+    workdir = short_tempdir()
+    full_args = list(args)
+    if entries is not None:
+        full_args += ["--servers", str(write_servers(workdir, entries))]
+    daemon = Lbd(workdir, full_args)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
