@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -46,11 +47,20 @@ def start(
             help="Admin API Unix socket [$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock].",
         ),
     ] = None,
+    admin_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-listen",
+            help="Also serve the admin API (and the seed's /register, /deregister) on TCP HOST:PORT; "
+            "needs admin_token in the config or env LBD_ADMIN_TOKEN.",
+        ),
+    ] = None,
     timeout_base_ms: Annotated[
         int | None, typer.Option("--timeout-base-ms", help="Upstream timeout before region latency [2000].")
     ] = None,
     shutdown_grace_ms: Annotated[
-        int | None, typer.Option("--shutdown-grace-ms", help="How long requests in flight may finish on stop [10000].")
+        int | None,
+        typer.Option("--shutdown-grace-ms", help="How long requests in flight may finish on stop [10000]."),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -61,6 +71,8 @@ def start(
         "servers": str(servers) if servers is not None else None,
         "listen": listen,
         "admin_socket": str(admin_socket) if admin_socket is not None else None,
+        "admin_listen": admin_listen,
+        "admin_token": os.environ.get("LBD_ADMIN_TOKEN"),
         "timeout_base_ms": timeout_base_ms,
         "shutdown_grace_ms": shutdown_grace_ms,
     }
@@ -94,9 +106,7 @@ def _run(daemon: Daemon) -> None:
 def _setup_logging(level: str) -> None:
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         _fail(f"--log-level must be one of debug, info, warning, error; got {level!r}", EXIT_CONFIG)
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s lbd %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s lbd %(levelname)s %(message)s")
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -1,18 +1,27 @@
-"""The routing policy: which server a request goes to, given the registry and the mode.
+"""The routing policy: which server a request goes to, given the registry, the sessions and the mode.
 
-The proxy asks `choose()`; the answer is a server or a `NoServer` error naming why. Static mode
-hashes the client id over the servers in rotation; a bounded cache of first choices keeps repeated
-clients O(1) and is dropped whenever membership changes.
+- static: the client id's capacity-weighted rendezvous hash over servers in rotation and not
+  draining; a down or draining server's clients take their next choice, nobody else moves. A
+  bounded cache of first choices keeps repeated clients O(1); it is dropped on membership change.
+- dynamic: a live session wins while its server is usable; a session whose server is nearly full
+  (>= 90% of capacity) is served by a backup without losing the session; a client without a usable
+  session gets the best-scoring available server of its region or the nearest region with one,
+  and is pinned to it.
+
+`backup()` chooses where a failed request is retried. The mode switches live; requests in flight
+keep the server they already have.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from lbd.config import Mode
+from lbd.config import Mode, Regions
 from lbd.models import Server
 from lbd.registry import Registry
-from lbd.routing.static import RendezvousTable
+from lbd.routing import dynamic
+from lbd.routing.static import RendezvousTable, digest64
+from lbd.sessions import SessionTable
 
 DECISION_CACHE_SIZE = 65_536
 
@@ -21,43 +30,124 @@ class NoServer(Exception):
     """No server can take this request (answered with 503)."""
 
 
+class BadRoute(Exception):
+    """The request lacks what its routing needs, or names an unknown region (answered with 400)."""
+
+
+def takes_new_requests(server: Server) -> bool:
+    """In rotation and not draining: may receive requests that are not already in flight."""
+    return server.state.health.in_rotation and not server.state.draining
+
+
 class Balancer:
-    def __init__(self, registry: Registry, mode: Mode) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        mode: Mode,
+        regions: Regions,
+        sessions: SessionTable,
+        default_client_region: str | None = None,
+    ) -> None:
         self.registry = registry
         self.mode: Mode = mode
+        self.regions = regions
+        self.sessions = sessions
+        self.default_client_region = default_client_region
         self._table = RendezvousTable(())
+        self._index = dynamic.RegionIndex.build(())
         self._first_choice: OrderedDict[str, str] = OrderedDict()
         registry.subscribe(self._membership_changed)
         self._membership_changed()
 
     def _membership_changed(self) -> None:
-        self._table = RendezvousTable((s.id, s.spec.capacity) for s in self.registry.servers())
+        servers = self.registry.servers()
+        self._table = RendezvousTable((s.id, s.spec.capacity) for s in servers)
+        self._index = dynamic.RegionIndex.build(servers)
         self._first_choice.clear()
 
-    def choose(self, client_id: str) -> Server:
-        """The server for this client: its hash choice, or the next in its order if that one is out."""
+    def set_mode(self, mode: Mode) -> None:
+        self.mode = mode
+
+    # --- choosing ---------------------------------------------------------------------------------
+
+    def choose(self, client_id: str, client_region: str | None, now: float) -> Server:
+        if self.mode == "static":
+            return self._static_choice(client_id)
+        return self._dynamic_choice(client_id, self.resolve_region(client_region), now)
+
+    def resolve_region(self, client_region: str | None) -> str:
+        """The client's region from its header or the configured default; 400 when neither fits."""
+        region = client_region or self.default_client_region
+        if region is None:
+            raise BadRoute(
+                "missing the client-region header; dynamic mode routes each client to a server near its "
+                f"region (known regions: {', '.join(sorted(self.regions.proximity))})"
+            )
+        if region not in self.regions.proximity:
+            raise BadRoute(
+                f"unknown client region {region!r} in the client-region header; "
+                f"known regions: {', '.join(sorted(self.regions.proximity))}"
+            )
+        return region
+
+    def _static_choice(self, client_id: str) -> Server:
         server_id = self._first_choice.get(client_id)
         if server_id is None:
             server_id = self._table.pick(client_id)
             if server_id is None:
-                raise NoServer("no servers are configured")
+                raise NoServer("no servers are registered")
             if len(self._first_choice) >= DECISION_CACHE_SIZE:
                 self._first_choice.popitem(last=False)
             self._first_choice[client_id] = server_id
         server = self.registry.get(server_id)
-        if server is not None and _takes_new_requests(server):
+        if server is not None and takes_new_requests(server):
             return server
-        fallback = self._table.pick_available(client_id, self._available)
+        return self._static_next(client_id, exclude=None)
+
+    def _static_next(self, client_id: str, exclude: Server | None) -> Server:
+        def usable(server_id: str) -> bool:
+            server = self.registry.get(server_id)
+            return server is not None and server is not exclude and takes_new_requests(server)
+
+        fallback = self._table.pick_available(client_id, usable)
         if fallback is None:
             raise NoServer("no server is in rotation")
         chosen = self.registry.get(fallback)
         assert chosen is not None
         return chosen
 
-    def _available(self, server_id: str) -> bool:
-        server = self.registry.get(server_id)
-        return server is not None and _takes_new_requests(server)
+    def _dynamic_choice(self, client_id: str, region: str, now: float) -> Server:
+        session = self.sessions.get(client_id, now)
+        if session is not None:
+            pinned = self.registry.get(session.server_id)
+            if pinned is not None and takes_new_requests(pinned):
+                if not dynamic.is_nearly_full(pinned):
+                    return pinned
+                relief = dynamic.pick(self._index, digest64(client_id), self.regions.proximity[region], pinned)
+                if relief is not None:
+                    return relief.server  # served by a backup; the session stays with its server
+                if pinned.state.active < pinned.spec.capacity:
+                    return pinned
+                raise NoServer(f"server {pinned.id} is at capacity and no other server is available")
+        choice = dynamic.pick(self._index, digest64(client_id), self.regions.proximity[region])
+        if choice is None:
+            raise NoServer(
+                f"no available server for client region {region} or its fallbacks "
+                f"({', '.join(self.regions.proximity[region][1:]) or 'none'})"
+            )
+        self.sessions.pin(client_id, choice.server.id, region, now)
+        return choice.server
 
-
-def _takes_new_requests(server: Server) -> bool:
-    return server.state.health.in_rotation
+    def backup(self, client_id: str, client_region: str | None, failed: Server, now: float) -> Server | None:
+        """Where to retry a request whose server failed before answering; re-pins the session."""
+        if self.mode == "static":
+            try:
+                return self._static_next(client_id, exclude=failed)
+            except NoServer:
+                return None
+        region = self.resolve_region(client_region)
+        choice = dynamic.pick(self._index, digest64(client_id), self.regions.proximity[region], failed)
+        if choice is None:
+            return None
+        self.sessions.pin(client_id, choice.server.id, region, now)
+        return choice.server

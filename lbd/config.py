@@ -84,15 +84,46 @@ class Config:
     servers: Path | None = None
     listen: Address = Address("127.0.0.1", 8080)
     admin_socket: Path = field(default_factory=default_admin_socket)
+    admin_listen: Address | None = None
+    admin_token: str | None = None
     timeout_base_ms: int = 2000
     shutdown_grace_ms: int = 10_000
+    drain_grace_ms: int = 30_000
+    default_client_region: str | None = None
+    session_idle_timeout: int = 9000
+    max_sessions: int = 1_000_000
+    retry_body_limit_bytes: int = 64 * 1024
     regions: Regions = field(default_factory=Regions)
 
     def upstream_timeout_s(self, region: str) -> float:
         return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
 
 
-TOP_LEVEL_KEYS = ("mode", "servers", "listen", "admin_socket", "timeout_base_ms", "shutdown_grace_ms", "regions")
+TOP_LEVEL_KEYS = (
+    "mode",
+    "servers",
+    "listen",
+    "admin_socket",
+    "admin_listen",
+    "admin_token",
+    "timeout_base_ms",
+    "shutdown_grace_ms",
+    "drain_grace_ms",
+    "default_client_region",
+    "session_idle_timeout",
+    "max_sessions",
+    "retry_body_limit_bytes",
+    "regions",
+)
+INTEGER_KEYS = (
+    "timeout_base_ms",
+    "shutdown_grace_ms",
+    "drain_grace_ms",
+    "session_idle_timeout",
+    "max_sessions",
+    "retry_body_limit_bytes",
+)
+MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
 
 
@@ -125,11 +156,32 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         config = replace(config, listen=_address(raw["listen"], f"{where}: listen"))
     if "admin_socket" in raw:
         config = replace(config, admin_socket=_path(raw["admin_socket"], f"{where}: admin_socket", base_dir))
-    for key in ("timeout_base_ms", "shutdown_grace_ms"):
-        if key in raw:
-            config = replace(config, **{key: _non_negative_int(raw[key], f"{where}: {key}")})
+    integers: dict[str, Any] = {
+        key: _non_negative_int(raw[key], f"{where}: {key}") for key in INTEGER_KEYS if key in raw
+    }
+    config = replace(config, **integers)
+    if config.max_sessions < 1:
+        raise ConfigError(f"{where}: max_sessions must be at least 1")
     if "regions" in raw:
         config = replace(config, regions=_regions(raw["regions"], f"{where}: regions"))
+    if "default_client_region" in raw:
+        region = raw["default_client_region"]
+        if region not in config.regions.proximity:
+            known = ", ".join(sorted(config.regions.proximity))
+            raise ConfigError(f"{where}: default_client_region {region!r} is not a client region; known: {known}")
+        config = replace(config, default_client_region=region)
+    if "admin_listen" in raw:
+        config = replace(config, admin_listen=_address(raw["admin_listen"], f"{where}: admin_listen"))
+    if "admin_token" in raw:
+        token = raw["admin_token"]
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(f"{where}: admin_token must be a string of at least {MIN_TOKEN_LENGTH} characters")
+        config = replace(config, admin_token=token)
+    if config.admin_listen is not None and config.admin_token is None:
+        raise ConfigError(
+            f"{where}: admin_listen needs admin_token (or env LBD_ADMIN_TOKEN): "
+            "the TCP admin listener never runs without authentication"
+        )
     return config
 
 

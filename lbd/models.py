@@ -205,9 +205,7 @@ def parse_url(url: object, where: str) -> tuple[str, str, int]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(f"{where}: field 'url' {url!r} is not an http(s) URL with a host; {allowed}", "url")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ValidationError(
-            f"{where}: field 'url' {url!r} has a path, query or credentials; {allowed}", "url"
-        )
+        raise ValidationError(f"{where}: field 'url' {url!r} has a path, query or credentials; {allowed}", "url")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     if port == 0:
@@ -216,4 +214,6 @@ def parse_url(url: object, where: str) -> tuple[str, str, int]:
 
 
 def _kind(value: object) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )

@@ -46,16 +46,21 @@ class Registry:
     def __len__(self) -> int:
         return len(self._servers)
 
+    def check_conflict(self, spec: ServerSpec) -> None:
+        """Raise RegistryConflict if `spec.id` is registered with a different address or settings."""
+        existing = self._servers.get(spec.id)
+        if existing is not None and existing.spec != spec:
+            raise RegistryConflict(
+                f"server {spec.id!r} is already registered as {existing.spec.url} "
+                f"(region {existing.spec.region}, capacity {existing.spec.capacity}); "
+                "deregister it first to change it"
+            )
+
     def register(self, spec: ServerSpec) -> tuple[Server, bool]:
         """Add a server, live at once. Returns (server, created); same spec again is a no-op."""
+        self.check_conflict(spec)
         existing = self._servers.get(spec.id)
         if existing is not None:
-            if existing.spec != spec:
-                raise RegistryConflict(
-                    f"server {spec.id!r} is already registered as {existing.spec.url} "
-                    f"(region {existing.spec.region}, capacity {existing.spec.capacity}); "
-                    "deregister it first to change it"
-                )
             return existing, False
         server = self._new_server(spec)
         self._servers[spec.id] = server
@@ -66,6 +71,13 @@ class Registry:
         server = self._servers.pop(server_id, None)
         if server is not None:
             self._changed()
+        return server
+
+    def set_draining(self, server_id: str, draining: bool) -> Server | None:
+        """Drain (no new requests; those in flight finish) or undrain; idempotent."""
+        server = self._servers.get(server_id)
+        if server is not None:
+            server.state.draining = draining
         return server
 
     def record_outcome(self, server: Server, outcome: Outcome, latency_s: float | None) -> None:

@@ -7,6 +7,7 @@ Reads come from registry snapshots and proxy counters; every error is the envelo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -18,27 +19,45 @@ from aiohttp import web
 
 from lbd import __version__
 from lbd.balancer import Balancer
+from lbd.config import Config
 from lbd.models import Health
 from lbd.proxy.server import ProxyContext
 from lbd.registry import Registry
+from lbd.sessions import SessionTable
 
 
 @dataclass(frozen=True, slots=True)
 class AdminState:
-    """Everything the admin handlers may read (and, through the registry, change)."""
+    """Everything the admin handlers may read (and, through the registry and balancer, change)."""
 
+    config: Config
     registry: Registry
     balancer: Balancer
+    sessions: SessionTable
     proxy: ProxyContext
     listeners: dict[str, str]
     started_at: float
 
 
+log = logging.getLogger("lbd.admin")
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
 
 
-def api_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+class ApiError(Exception):
+    """Raised by handlers; the middleware turns it into the error envelope."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+
+
+def api_error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    error: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return web.json_response({"error": error}, status=status)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,21 +68,28 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
     """Turn aiohttp's HTML errors and any unexpected exception into the JSON envelope."""
     try:
         return await handler(request)
+    except ApiError as exc:
+        return api_error(exc.status, exc.code, str(exc), exc.field)
     except web.HTTPNotFound:
         return api_error(404, "not_found", f"no such endpoint: {request.method} {request.path}")
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return api_error(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}; use {allowed}")
+    except web.HTTPRequestEntityTooLarge:
+        return api_error(413, "too_large", "request body is too large for the admin API (4 MiB at most)")
     except web.HTTPException as exc:
         return api_error(exc.status, "http_error", exc.reason)
+    except Exception:
+        log.exception("admin API: unexpected error on %s %s", request.method, request.path)
+        return api_error(500, "internal_error", "internal error; see the lbd log")
 
 
-def _state(request: web.Request) -> AdminState:
+def state_of(request: web.Request) -> AdminState:
     return request.app[ADMIN_STATE]
 
 
 async def get_status(request: web.Request) -> web.Response:
-    state = _state(request)
+    state = state_of(request)
     servers = state.registry.servers()
     by_health = Counter(server.state.health.value for server in servers)
     proxy = state.proxy
@@ -79,21 +105,27 @@ async def get_status(request: web.Request) -> web.Response:
             "by_health": {health.value: by_health.get(health.value, 0) for health in Health},
         },
         "clients": {"connections": len(proxy.connections)},
-        "requests": {"total": proxy.requests_total, "responses": dict(proxy.responses)},
+        "requests": {
+            "total": proxy.requests_total,
+            "responses": dict(proxy.responses),
+            "retries": proxy.retries,
+            "failovers": proxy.failovers,
+        },
+        "sessions": {"total": len(state.sessions)},
     }
     return web.json_response(body, dumps=_dumps)
 
 
 async def list_servers(request: web.Request) -> web.Response:
-    servers = [server.to_json() for server in _state(request).registry.servers()]
+    servers = [server.to_json() for server in state_of(request).registry.servers()]
     return web.json_response({"servers": servers}, dumps=_dumps)
 
 
 async def get_server(request: web.Request) -> web.Response:
     server_id = request.match_info["server_id"]
-    server = _state(request).registry.get(server_id)
+    server = state_of(request).registry.get(server_id)
     if server is None:
-        return api_error(404, "server_not_found", f"no server with id {server_id!r}")
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     return web.json_response(server.to_json(), dumps=_dumps)
 
 
@@ -101,10 +133,14 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def create_admin_app(state: AdminState) -> web.Application:
-    app = web.Application(middlewares=[error_envelope])
+def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> web.Application:
+    """The /v1 API; the TCP listener adds its token check in front through `middlewares`."""
+    from lbd.admin import mutations  # noqa: PLC0415 - mutations import this module's helpers
+
+    app = web.Application(middlewares=[error_envelope, *middlewares], client_max_size=4 * 1024 * 1024)
     app[ADMIN_STATE] = state
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/servers", list_servers)
     app.router.add_get("/v1/servers/{server_id}", get_server)
+    mutations.add_routes(app)
     return app

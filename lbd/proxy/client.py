@@ -59,8 +59,9 @@ class ClientConnection(FlowControlled):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            if self.upgrading is not None:
-                self._keep_early_tunnel_bytes(self.upgrading, data[upgrade.args[0] :])
+            upgrading: Exchange | None = self.upgrading  # set by on_message_complete during the feed
+            if upgrading is not None:
+                self._keep_early_tunnel_bytes(upgrading, data[upgrade.args[0] :])
         except httptools.HttpParserError as error:
             self._malformed(error)
 

@@ -9,9 +9,10 @@ has reached the client yet. It reports each outcome to the registry and never de
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
-from lbd.balancer import NoServer
+from lbd.balancer import BadRoute, NoServer
 from lbd.models import Outcome, Server
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL
 from lbd.proxy.headers import (
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from lbd.proxy.upstream import UpstreamConnection
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-REPLAY_LIMIT = 64 * 1024  # request bytes kept so a request can be sent again after a failed attempt
 PENDING_LIMIT = 256 * 1024  # request bytes buffered while no upstream connection is attached
 CHUNK_END = b"0\r\n\r\n"
 CRLF = b"\r\n"
@@ -40,17 +40,19 @@ class Exchange:
     __slots__ = (
         "buffered",
         "chunked_to_client",
-        "deferred_reply",
-        "has_body",
         "client",
         "client_id",
+        "client_region",
         "close_after",
-        "connecting",
         "conn_tokens",
+        "connecting",
         "ctx",
+        "deferred_reply",
         "early_tunnel",
+        "failed_over",
         "finished",
         "forwarded_for",
+        "has_body",
         "head",
         "headers",
         "host",
@@ -66,7 +68,7 @@ class Exchange:
         "request_chunked",
         "request_complete",
         "response_started",
-        "retried",
+        "retried_stale",
         "server",
         "started_at",
         "status",
@@ -90,6 +92,7 @@ class Exchange:
         self.version = "1.1"
         self.headers: list[Header] = []
         self.client_id: bytes | None = None
+        self.client_region: bytes | None = None
         self.host: bytes | None = None
         self.forwarded_for: bytes | None = None
         self.via: bytes | None = None
@@ -123,7 +126,8 @@ class Exchange:
         self.timeout_s = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.upstream_write_full = False
-        self.retried = False
+        self.retried_stale = False
+        self.failed_over = False
         self.status = 0
 
     # --- request side, fed by the client connection's parser ----------------------------------
@@ -132,6 +136,8 @@ class Exchange:
         lower = name.lower()
         if lower == b"client-id":
             self.client_id = value
+        elif lower == b"client-region":
+            self.client_region = value
         elif lower == b"host":
             self.host = value
         elif lower == b"connection":
@@ -179,7 +185,7 @@ class Exchange:
             return
         if self.buffered:
             self.replay_size += len(data)
-            if self.replay_size <= REPLAY_LIMIT:
+            if self.replay_size <= self.ctx.retry_body_limit:
                 self.replay.append(data)
             else:
                 self.buffered = False
@@ -204,11 +210,21 @@ class Exchange:
             self._refuse(400, "missing the client-id header; lbd routes each client by it")
             return
         try:
-            server = self.ctx.balancer.choose(self.client_id.decode("latin-1"))
+            server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
+        except BadRoute as exc:
+            self._refuse(400, str(exc))
+            return
         except NoServer as exc:
             self._refuse(503, str(exc))
             return
         self._forward_to(server)
+
+    def _client(self) -> str:
+        assert self.client_id is not None
+        return self.client_id.decode("latin-1")
+
+    def _region(self) -> str | None:
+        return None if self.client_region is None else self.client_region.decode("latin-1")
 
     def _refuse(self, status: int, text: str) -> None:
         """Answer without a server. A bodiless request is answered once fully read, keeping the
@@ -219,7 +235,7 @@ class Exchange:
         else:
             self.deferred_reply = (status, text)
 
-    def _forward_to(self, server: Server) -> None:
+    def _forward_to(self, server: Server, fresh_connection: bool = False) -> None:
         self.server = server
         server.state.active += 1
         server.state.requests += 1
@@ -228,7 +244,7 @@ class Exchange:
         self.head = self._build_head(server)
         if self.request_complete:
             self._arm_timer()
-        connection = self.ctx.pool.acquire(server)
+        connection = None if fresh_connection else self.ctx.pool.acquire(server)
         if connection is not None:
             self._attach(connection)
         else:
@@ -237,9 +253,7 @@ class Exchange:
 
     def _build_head(self, server: Server) -> bytes:
         drop = self.conn_tokens - {b"close", b"keep-alive", b"upgrade"}
-        lines = forwarded_headers(
-            self.headers, drop, self.host, self.client.client_ip, self.forwarded_for, self.via
-        )
+        lines = forwarded_headers(self.headers, drop, self.host, self.client.client_ip, self.forwarded_for, self.via)
         if self.host is None:
             lines.append(b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port))
         if self.request_chunked:
@@ -315,7 +329,9 @@ class Exchange:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         self.last_activity = self.ctx.loop.time()
         if self.version == "1.1":
-            self.client.write(b"".join((status_line(status, reason), *response_header_lines(headers, frozenset()), CRLF)))
+            self.client.write(
+                b"".join((status_line(status, reason), *response_header_lines(headers, frozenset()), CRLF))
+            )
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
@@ -351,7 +367,7 @@ class Exchange:
         if self.response_started:
             self._abort(Outcome.BAD_RESPONSE)
         else:
-            self.retried = True  # the server saw the request: sending it again is not safe
+            self.failed_over = self.retried_stale = True  # the server saw the request: no replay
             self._upstream_error(Outcome.BAD_RESPONSE, "sent a malformed response")
 
     def client_lost(self) -> None:
@@ -365,7 +381,12 @@ class Exchange:
         self._account(Outcome.CLIENT_ABORTED)
 
     def _upstream_error(self, outcome: Outcome, what: str) -> None:
-        """A failure before any response byte reached the client: retry when safe, else 502/504."""
+        """A failure before any response byte reached the client: retry when safe, else 502/504.
+
+        A pooled connection the server had already closed (the keep-alive race) is retried once on
+        a fresh connection to the same server: the request never reached it. Any other failure is
+        retried once on a backup server, and the client's session moves there.
+        """
         failed = self.upstream
         self.upstream = None
         if failed is not None:
@@ -373,25 +394,39 @@ class Exchange:
             failed.abort()
         server = self.server
         assert server is not None
-        if outcome is not Outcome.TIMEOUT and failed is not None and failed.reused and self._replayable():
-            # A pooled keep-alive connection that the server had already closed: the classic race.
-            # The request never reached the server, so send it again on a fresh connection.
-            self.retried = True
-            self._reconnect(server)
-            return
+        if self._replayable():
+            if outcome is Outcome.RESET and failed is not None and failed.reused and not self.retried_stale:
+                self.retried_stale = True
+                self._retry_on(server, None)
+                return
+            if not self.failed_over:
+                self.failed_over = True
+                backup = self.ctx.balancer.backup(self._client(), self._region(), server, time.monotonic())
+                if backup is not None:
+                    self.ctx.failovers += 1
+                    self._retry_on(backup, outcome)
+                    return
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self.reply(status, f"upstream {server.id} ({server.spec.url}) {what}", outcome)
 
     def _replayable(self) -> bool:
-        if self.retried or self.response_started or not self.buffered:
+        """Safe to send again: nothing reached the client, and the whole request is at hand;
+        non-idempotent methods only when their (small) body was completely received."""
+        if self.response_started or not self.buffered:
             return False
         return self.method in IDEMPOTENT_METHODS or self.request_complete
 
-    def _reconnect(self, server: Server) -> None:
+    def _retry_on(self, server: Server, failure: Outcome | None) -> None:
+        """Settle the failed attempt (`failure` None: not the server's fault), then start again."""
+        previous = self.server
+        assert previous is not None
+        previous.state.active -= 1
+        if failure is not None:
+            self.ctx.registry.record_outcome(previous, failure, None)
+        self.ctx.retries += 1
         self.pending = list(self.replay)
         self.pending_size = self.replay_size
-        self.connecting = self.ctx.loop.create_task(self.ctx.pool.connect(server))
-        self.connecting.add_done_callback(self._connected)
+        self._forward_to(server, fresh_connection=True)
 
     def _abort(self, outcome: Outcome) -> None:
         """Mid-response failure: the client can only learn of it from a cut connection."""

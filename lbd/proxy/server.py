@@ -27,6 +27,7 @@ class ProxyContext:
         balancer: Balancer,
         timeout_base_ms: int,
         region_latency_ms: Mapping[str, int],
+        retry_body_limit: int,
         client_idle_timeout_s: float = 60.0,
     ) -> None:
         self.loop = loop
@@ -35,11 +36,12 @@ class ProxyContext:
         self.pool = UpstreamPool(loop)
         self.connections: set[ClientConnection] = set()
         self.client_idle_timeout_s = client_idle_timeout_s
+        self.retry_body_limit = retry_body_limit  # request bytes kept so a failed attempt can be replayed
         self.requests_total = 0
+        self.retries = 0
+        self.failovers = 0
         self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
-        self._timeouts = {
-            region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()
-        }
+        self._timeouts = {region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()}
         self._timeout_base_s = timeout_base_ms / 1000.0
 
     def timeout_s(self, server: Server) -> float:

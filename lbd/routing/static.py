@@ -104,4 +104,3 @@ class RendezvousTable:
 def _score(mixed: int, capacity: int) -> float:
     """`-ln(u) / capacity` with `u` in (0, 1) strictly, so the logarithm is always finite."""
     return -math.log((mixed + 0.5) / TWO64) / capacity
-
