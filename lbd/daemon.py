@@ -19,7 +19,7 @@ from lbd.admin.app import AdminState, create_admin_app
 from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
-from lbd.config import Config
+from lbd.config import Address, Config
 from lbd.models import ServerSpec
 from lbd.proxy.server import ProxyContext, ProxyServer
 from lbd.registry import Registry
@@ -61,8 +61,6 @@ class Daemon:
         try:
             address = await _listen(proxy, config)
             listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
-            if config.admin_listen is not None:
-                listeners["admin_tcp"] = str(config.admin_listen)
             state = AdminState(
                 config, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic()
             )
@@ -71,7 +69,10 @@ class Daemon:
                 assert config.admin_token is not None
                 tcp_app = create_tcp_admin_app(state, config.admin_token)
                 host, port = config.admin_listen.host, config.admin_listen.port
-                runners.append(await _serve(tcp_app, web.TCPSite, host, port))
+                tcp_runner = await _serve(tcp_app, web.TCPSite, host, port)
+                runners.append(tcp_runner)
+                bound_host, bound_port = tcp_runner.addresses[0][:2]
+                listeners["admin_tcp"] = str(Address(bound_host, bound_port))
             sweeper = loop.create_task(self._sweep_sessions())
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.request_stop)

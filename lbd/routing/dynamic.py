@@ -125,13 +125,3 @@ def tie_break(client_key: int, server_hash: int) -> int:
     mixed = client_key ^ server_hash
     mixed = (mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
     return mixed ^ (mixed >> 27)
-
-
-def ranked(index: RegionIndex, client_key: int, proximity: Sequence[str]) -> list[tuple[str, Server, float]]:
-    """Every server of every region in proximity order, best first within a region (for `lbctl route`)."""
-    rows: list[tuple[str, Server, float]] = []
-    for region in proximity:
-        members = index.by_region.get(region, ())
-        ordered = sorted(members, key=lambda m: (score(m[0]), tie_break(client_key, m[1])))
-        rows.extend((region, server, score(server)) for server, _ in ordered)
-    return rows

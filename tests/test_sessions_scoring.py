@@ -1,0 +1,136 @@
+"""Pure parts of dynamic mode: the session table and the server score / choice."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lbd.models import Health, Server, ServerSpec, ServerState
+from lbd.routing import dynamic
+from lbd.routing.static import digest64
+from lbd.sessions import SessionTable
+
+PROXIMITY = ("us-east", "ca-central", "eu-west")
+
+
+def make_server(server_id: str, region: str = "us-east", capacity: int = 10, **state: object) -> Server:
+    spec = ServerSpec(server_id, "http", "127.0.0.1", 1000 + len(server_id), region, capacity)
+    live = ServerState(latency_ewma_ms=10.0)
+    for key, value in state.items():
+        setattr(live, key, value)
+    return Server(spec, live)
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+def test_session_slides_with_activity_and_expires_when_idle() -> None:
+    table = SessionTable(idle_timeout_s=10, max_sessions=100)
+    table.pin("alice", "s1", "us-east", now=0)
+    assert table.get("alice", now=9) is not None  # touched at 9: expiry moves to 19
+    session = table.get("alice", now=18)
+    assert session is not None and session.server_id == "s1"
+    assert table.get("alice", now=28.5) is None
+    assert len(table) == 0
+
+
+def test_oldest_idle_is_evicted_first_at_the_bound() -> None:
+    table = SessionTable(idle_timeout_s=100, max_sessions=3)
+    for i, client in enumerate(("a", "b", "c")):
+        table.pin(client, "s1", None, now=i)
+    table.get("a", now=5)  # a is now the most recently active
+    table.pin("d", "s1", None, now=6)
+    assert table.peek("b", now=6) is None  # b was the oldest idle
+    assert {c for c, _ in table.items(now=6)} == {"a", "c", "d"}
+    assert table.evicted == 1
+
+
+def test_sweep_expires_in_order_and_stops_at_the_first_live_session() -> None:
+    table = SessionTable(idle_timeout_s=10, max_sessions=1000)
+    for i in range(100):
+        table.pin(f"c{i}", "s1", None, now=i)
+    removed = table.sweep(now=60)  # sessions touched at 0..50 are idle >= 10 s
+    assert removed == 51
+    assert len(table) == 49
+    assert table.peek("c51", now=60) is not None
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(0, 5)), max_size=60))
+def test_table_never_exceeds_its_bound_and_never_returns_expired(events: list[tuple[str, float]]) -> None:
+    table = SessionTable(idle_timeout_s=3, max_sessions=4)
+    now = 0.0
+    last_seen: dict[str, float] = {}
+    for client, step in events:
+        now += step
+        session = table.get(client, now)
+        if session is not None:
+            assert now - last_seen[client] < 3
+        else:
+            table.pin(client, "s1", None, now)
+        last_seen[client] = now
+        assert len(table) <= 4
+
+
+def test_repin_moves_the_session() -> None:
+    table = SessionTable(idle_timeout_s=10, max_sessions=10)
+    table.pin("alice", "s1", "us-east", now=0)
+    table.pin("alice", "s2", "us-east", now=1)
+    session = table.get("alice", now=2)
+    assert session is not None and session.server_id == "s2"
+    assert len(table) == 1
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def test_score_prefers_less_loaded_relative_to_capacity_and_faster() -> None:
+    big_busy = make_server("big", capacity=100, active=20)
+    small_idle = make_server("small", capacity=10, active=0)
+    assert dynamic.score(small_idle) < dynamic.score(big_busy)  # 10*1/10=1 < 10*21/100=2.1
+    slow = make_server("slow", latency_ewma_ms=100.0)
+    fast = make_server("fast", latency_ewma_ms=5.0)
+    assert dynamic.score(fast) < dynamic.score(slow)
+
+
+def test_pick_chooses_lowest_score_never_the_highest() -> None:
+    servers = [make_server("a", active=8), make_server("b", active=1), make_server("c", active=5)]
+    index = dynamic.RegionIndex.build(servers)
+    chosen = dynamic.pick(index, digest64("client"), PROXIMITY)
+    assert chosen is not None and chosen.server.id == "b" and not chosen.fallback
+
+
+def test_pick_walks_proximity_when_region_has_nothing_available() -> None:
+    servers = [
+        make_server("full", active=10),
+        make_server("drained", draining=True),
+        make_server("down", health=Health.COOLDOWN),
+        make_server("ca", region="ca-central"),
+        make_server("eu", region="eu-west"),
+    ]
+    chosen = dynamic.pick(dynamic.RegionIndex.build(servers), digest64("c"), PROXIMITY)
+    assert chosen is not None and chosen.server.id == "ca" and chosen.fallback and chosen.region == "ca-central"
+
+
+def test_ties_break_deterministically_and_spread_over_clients() -> None:
+    servers = [make_server(f"s{i}") for i in range(4)]
+    index = dynamic.RegionIndex.build(servers)
+    first = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY) for i in range(200)]
+    again = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY) for i in range(200)]
+    assert [p.server.id for p in first if p] == [p.server.id for p in again if p]
+    assert len({p.server.id for p in first if p}) == 4  # equal scores do not all land on one server
+
+
+def test_large_regions_use_two_choices_and_still_find_the_only_free_server() -> None:
+    servers = [make_server(f"s{i:04}", active=10) for i in range(1000)]
+    servers[537].state.active = 0
+    index = dynamic.RegionIndex.build(servers)
+    for i in range(20):
+        chosen = dynamic.pick(index, digest64(f"c{i}"), PROXIMITY)
+        assert chosen is not None and chosen.server.id == "s0537"
+
+
+def test_pick_can_exclude_the_failed_server() -> None:
+    a, b = make_server("a"), make_server("b", active=3)
+    index = dynamic.RegionIndex.build([a, b])
+    chosen = dynamic.pick(index, digest64("c"), PROXIMITY, exclude=a)
+    assert chosen is not None and chosen.server is b
