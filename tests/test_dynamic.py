@@ -85,7 +85,6 @@ def test_registration_is_validated_and_idempotent(dynamic_lbd: Lbd, pool: list[B
 
 
 def test_clients_go_to_their_region_then_the_nearest_one(dynamic_lbd: Lbd, pool: list[Backend]) -> None:
-    us1, us2, ca1, eu1 = pool
     for backend in pool:
         register(dynamic_lbd, backend)
     assert get(dynamic_lbd, "e1", "eu-west")[1] == "eu1"
