@@ -31,13 +31,15 @@ class SessionTable:
         self._table: OrderedDict[str, Session] = OrderedDict()
         self.evicted = 0
         self.expired = 0
+        self._next_expiry = 0.0  # nothing can expire before this: lets `get` skip the sweep probe
 
     def __len__(self) -> int:
         return len(self._table)
 
     def get(self, client_id: str, now: float) -> Session | None:
         """The live session of `client_id`, touched (its idle clock restarts); None if none or expired."""
-        self._sweep(now, SWEEP_PER_CALL)
+        if now >= self._next_expiry:
+            self._sweep(now, SWEEP_PER_CALL)
         session = self._table.get(client_id)
         if session is None:
             return None
@@ -88,12 +90,17 @@ class SessionTable:
         table = self._table
         cutoff = now - self.idle_timeout_s
         removed = 0
+        self._next_expiry = now
         while removed < budget and table:
             oldest = next(iter(table.values()))
             if oldest.last_seen > cutoff:
+                self._next_expiry = oldest.last_seen + self.idle_timeout_s
                 break
             table.popitem(last=False)
             removed += 1
+        else:
+            if not table:
+                self._next_expiry = now + self.idle_timeout_s
         self.expired += removed
         return removed
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from lbd.models import Server
 from lbd.routing.static import MASK64, digest64
 
-EXACT_SCAN_LIMIT = 16
+EXACT_SCAN_LIMIT = 8
 NEARLY_FULL = 0.9
 
 
@@ -91,13 +91,19 @@ def _best_in_region(
     else:
         candidates = _two_choices(members, client_key, exclude, accept)
     best: Server | None = None
-    best_rank = (0.0, 0)
+    best_score = 0.0
+    best_hash = 0
     for server, server_hash in candidates:
         if server is exclude or not accept(server):
             continue
-        rank = (score(server), tie_break(client_key, server_hash))
-        if best is None or rank < best_rank:
-            best, best_rank = server, rank
+        state = server.state
+        current = state.latency_ewma_ms * (state.active + 1) / server.spec.capacity  # score(), inlined
+        if (
+            best is None
+            or current < best_score
+            or (current == best_score and tie_break(client_key, server_hash) < tie_break(client_key, best_hash))
+        ):
+            best, best_score, best_hash = server, current, server_hash
     return best
 
 
