@@ -104,9 +104,8 @@ def bench_sessions(count: int) -> None:
     print(f"  lookup + touch: {cost:.3f} us")
     start = time.perf_counter()
     expired = table.sweep(1e9, budget=count)
-    print(
-        f"  sweeping all {expired:,} expired sessions: {(time.perf_counter() - start) / max(expired, 1) * 1e6:.3f} us each"
-    )
+    each_us = (time.perf_counter() - start) / max(expired, 1) * 1e6
+    print(f"  sweeping all {expired:,} expired sessions: {each_us:.3f} us each")
 
 
 def main() -> None:
