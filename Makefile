@@ -38,5 +38,9 @@ typecheck: $(INSTALLED)
 test: $(INSTALLED) system-deps lint typecheck
 	$(BIN)/pytest
 
+# lbctl's bash, zsh and fish completion scripts, generated from the Typer app (a test fails on drift).
+completions: $(INSTALLED)
+	$(BIN)/python -m lbctl.completions completions
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
