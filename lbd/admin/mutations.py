@@ -156,6 +156,13 @@ async def clear_session(request: web.Request) -> web.Response:
     return web.json_response({"cleared": client_id})
 
 
+async def clear_server_sessions(request: web.Request) -> web.Response:
+    server_id = request.query.get("server")
+    if not server_id:
+        raise ApiError(400, "bad_query", "query parameter 'server' is required (or DELETE /v1/sessions/{client_id})")
+    return web.json_response({"cleared": state_of(request).sessions.remove_server(server_id), "server": server_id})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/servers", register)
     app.router.add_delete("/v1/servers/{server_id}", deregister)
@@ -164,4 +171,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/mode", get_mode)
     app.router.add_put("/v1/mode", put_mode)
     app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_delete("/v1/sessions", clear_server_sessions)
     app.router.add_delete("/v1/sessions/{client_id}", clear_session)
