@@ -79,6 +79,34 @@ class Regions:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """`[health]`: active checks (HAProxy's inter/fall/rise) and passive outlier detection."""
+
+    interval_ms: int = 2000
+    timeout_ms: int = 1000
+    fall: int = 3
+    rise: int = 2
+    cooldown_ms: int = 120_000
+    max_cooldown_ms: int = 600_000
+    path: str = "/health"
+    passive_fall: int = 3
+    passive_5xx: bool = False
+    panic_threshold: float = 0.5
+
+
+HEALTH_INT_KEYS = {  # key: smallest allowed value
+    "interval_ms": 50,
+    "timeout_ms": 10,
+    "fall": 1,
+    "rise": 1,
+    "cooldown_ms": 0,
+    "max_cooldown_ms": 0,
+    "passive_fall": 1,
+}
+HEALTH_KEYS = (*HEALTH_INT_KEYS, "path", "passive_5xx", "panic_threshold")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Mode = "static"
     servers: Path | None = None
@@ -94,6 +122,7 @@ class Config:
     max_sessions: int = 1_000_000
     retry_body_limit_bytes: int = 64 * 1024
     regions: Regions = field(default_factory=Regions)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     def upstream_timeout_s(self, region: str) -> float:
         return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
@@ -114,6 +143,7 @@ TOP_LEVEL_KEYS = (
     "max_sessions",
     "retry_body_limit_bytes",
     "regions",
+    "health",
 )
 INTEGER_KEYS = (
     "timeout_base_ms",
@@ -164,6 +194,8 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         raise ConfigError(f"{where}: max_sessions must be at least 1")
     if "regions" in raw:
         config = replace(config, regions=_regions(raw["regions"], f"{where}: regions"))
+    if "health" in raw:
+        config = replace(config, health=_health(raw["health"], f"{where}: health"))
     if "default_client_region" in raw:
         region = raw["default_client_region"]
         if region not in config.regions.proximity:
@@ -213,6 +245,36 @@ def _regions(raw: object, where: str) -> Regions:
                 f"regions.latency_ms; known: {', '.join(sorted(latency))}"
             )
     return Regions(latency, proximity)
+
+
+def _health(raw: object, where: str) -> HealthSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(HEALTH_KEYS)}")
+    _reject_unknown(raw, HEALTH_KEYS, where)
+    values: dict[str, Any] = {}
+    for key, minimum in HEALTH_INT_KEYS.items():
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{where}.{key}: must be an integer >= {minimum}; got {value!r}")
+            values[key] = value
+    if "path" in raw:
+        if not isinstance(raw["path"], str) or not raw["path"].startswith("/"):
+            raise ConfigError(f"{where}.path: must be a path starting with '/'; got {raw['path']!r}")
+        values["path"] = raw["path"]
+    if "passive_5xx" in raw:
+        if not isinstance(raw["passive_5xx"], bool):
+            raise ConfigError(f"{where}.passive_5xx: must be true or false; got {raw['passive_5xx']!r}")
+        values["passive_5xx"] = raw["passive_5xx"]
+    if "panic_threshold" in raw:
+        value = raw["panic_threshold"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(f"{where}.panic_threshold: must be a number from 0 to 1; got {value!r}")
+        values["panic_threshold"] = float(value)
+    settings = replace(HealthSettings(), **values)
+    if settings.max_cooldown_ms < settings.cooldown_ms:
+        settings = replace(settings, max_cooldown_ms=settings.cooldown_ms)
+    return settings
 
 
 def _region_list(value: object, where: str) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
 from lbd.config import Address, Config
+from lbd.health.active import HealthChecker
 from lbd.models import ServerSpec
 from lbd.proxy.server import ProxyContext, ProxyServer
 from lbd.registry import Registry
@@ -32,7 +33,7 @@ SESSION_SWEEP_PERIOD_S = 1.0
 class Daemon:
     def __init__(self, config: Config, seed: list[ServerSpec]) -> None:
         self.config = config
-        self.registry = Registry(config.regions.latency_ms, seed)
+        self.registry = Registry(config.regions.latency_ms, config.health, seed)
         self.sessions = SessionTable(config.session_idle_timeout, config.max_sessions)
         self.balancer = Balancer(
             self.registry, config.mode, config.regions, self.sessions, config.default_client_region
@@ -58,6 +59,7 @@ class Daemon:
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)
         runners: list[web.AppRunner] = []
         sweeper: asyncio.Task[None] | None = None
+        checker = HealthChecker(self.registry, config.health)
         try:
             address = await _listen(proxy, config)
             listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
@@ -74,6 +76,7 @@ class Daemon:
                 bound_host, bound_port = tcp_runner.addresses[0][:2]
                 listeners["admin_tcp"] = str(Address(bound_host, bound_port))
             sweeper = loop.create_task(self._sweep_sessions())
+            await checker.start()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.request_stop)
             log.info(
@@ -85,6 +88,7 @@ class Daemon:
             log.info("stopping: finishing requests in flight (grace %d ms)", config.shutdown_grace_ms)
             await proxy.stop(config.shutdown_grace_ms / 1000.0)
         finally:
+            await checker.stop()
             if sweeper is not None:
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

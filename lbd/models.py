@@ -72,7 +72,7 @@ class ServerSpec:
 
 @dataclass(slots=True)
 class ServerState:
-    """What lbd observes about a server while it runs."""
+    """What lbd observes about a server while it runs (times are monotonic seconds)."""
 
     health: Health = Health.HEALTHY
     draining: bool = False
@@ -80,6 +80,23 @@ class ServerState:
     requests: int = 0
     errors: int = 0
     latency_ewma_ms: float = 0.0
+    consecutive_failures: int = 0
+    consecutive_passes: int = 0
+    passive_failures: int = 0
+    cooldown_ms: int = 0
+    cooldown_until: float = 0.0
+    last_check_at: float | None = None
+    last_check_ok: bool | None = None
+    last_check_detail: str = ""
+    checks_passed: int = 0
+    checks_failed: int = 0
+    ejections: int = 0
+    last_transition_at: float | None = None
+    last_transition_reason: str = ""
+
+    @property
+    def health_in_cooldown(self) -> bool:
+        return self.health in (Health.COOLDOWN, Health.DEGRADED)
 
 
 @dataclass(slots=True)
@@ -91,16 +108,37 @@ class Server:
     def id(self) -> str:
         return self.spec.id
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, now: float, wall_offset: float) -> dict[str, Any]:
+        """`now` is the monotonic clock; `wall_offset` turns monotonic times into Unix times."""
         state = self.state
+
+        def wall(moment: float | None) -> float | None:
+            return None if moment is None else round(moment + wall_offset, 3)
+
+        in_cooldown = state.health_in_cooldown and state.cooldown_until > now
         return {
             **self.spec.to_json(),
             "health": state.health.value,
+            "in_rotation": state.health.in_rotation and not state.draining,
             "draining": state.draining,
             "active": state.active,
             "requests": state.requests,
             "errors": state.errors,
             "latency_ewma_ms": round(state.latency_ewma_ms, 3),
+            "checks": {
+                "last_at": wall(state.last_check_at),
+                "last_ok": state.last_check_ok,
+                "last_detail": state.last_check_detail,
+                "passed": state.checks_passed,
+                "failed": state.checks_failed,
+                "consecutive_failures": state.consecutive_failures,
+                "consecutive_passes": state.consecutive_passes,
+                "passive_failures": state.passive_failures,
+            },
+            "cooldown_remaining_s": round(state.cooldown_until - now, 3) if in_cooldown else 0.0,
+            "ejections": state.ejections,
+            "last_transition_at": wall(state.last_transition_at),
+            "last_transition_reason": state.last_transition_reason,
         }
 
 

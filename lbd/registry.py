@@ -7,9 +7,15 @@ routing caches key on, and notifies subscribers (the balancer rebuilds its hash 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
+from lbd.config import HealthSettings
+from lbd.health import machine
 from lbd.models import Outcome, Server, ServerSpec, ServerState
+
+log = logging.getLogger("lbd.health")
 
 Listener = Callable[[], None]
 LATENCY_EWMA_WEIGHT = 0.2
@@ -20,10 +26,16 @@ class RegistryConflict(Exception):
 
 
 class Registry:
-    def __init__(self, region_latency_ms: Mapping[str, int], specs: Iterable[ServerSpec] = ()) -> None:
+    def __init__(
+        self,
+        region_latency_ms: Mapping[str, int],
+        health: HealthSettings | None = None,
+        specs: Iterable[ServerSpec] = (),
+    ) -> None:
         self._servers: dict[str, Server] = {}
         self._listeners: list[Listener] = []
         self._region_latency_ms = region_latency_ms
+        self.health = health or HealthSettings()
         self.version = 0
         for spec in specs:
             self._servers[spec.id] = self._new_server(spec)
@@ -83,10 +95,39 @@ class Registry:
     def record_outcome(self, server: Server, outcome: Outcome, latency_s: float | None) -> None:
         """The proxy's report on one forwarded request; `latency_s` is time to response headers."""
         state = server.state
-        if outcome.is_error:
-            state.errors += 1
         if latency_s is not None:
             state.latency_ewma_ms += LATENCY_EWMA_WEIGHT * (latency_s * 1000.0 - state.latency_ewma_ms)
+        if outcome is Outcome.OK:
+            state.passive_failures = 0
+            return
+        if outcome.is_error:
+            state.errors += 1
+        transition = machine.after_outcome(state, outcome, time.monotonic(), self.health, self._may_eject(server))
+        self._announce(server, transition)
+
+    def record_probe(self, server: Server, ok: bool, detail: str) -> None:
+        """An active health check's result."""
+        now = time.monotonic()
+        server.state.last_check_at = now
+        self._announce(server, machine.after_probe(server.state, ok, detail, now, self.health))
+
+    def _may_eject(self, server: Server) -> bool:
+        """Panic guard: passive signals alone never take a region below `panic_threshold` in rotation."""
+        region = [s for s in self._servers.values() if s.spec.region == server.spec.region]
+        in_rotation = sum(1 for s in region if s.state.health.in_rotation)
+        return (in_rotation - 1) >= self.health.panic_threshold * len(region)
+
+    def _announce(self, server: Server, transition: machine.Transition | None) -> None:
+        if transition is not None:
+            level = logging.INFO if transition.new.in_rotation else logging.WARNING
+            log.log(
+                level,
+                "server %s: %s -> %s (%s)",
+                server.id,
+                transition.old.value,
+                transition.new.value,
+                transition.reason,
+            )
 
     def _changed(self) -> None:
         self.version += 1

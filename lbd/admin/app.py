@@ -20,7 +20,7 @@ from aiohttp import web
 from lbd import __version__
 from lbd.balancer import Balancer
 from lbd.config import Config
-from lbd.models import Health
+from lbd.models import Health, Server
 from lbd.proxy.server import ProxyContext
 from lbd.registry import Registry
 from lbd.sessions import SessionTable
@@ -84,6 +84,12 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         return api_error(500, "internal_error", "internal error; see the lbd log")
 
 
+def server_json(server: Server) -> dict[str, Any]:
+    """A server as the API shows it, with its monotonic times turned into Unix times."""
+    now = time.monotonic()
+    return server.to_json(now, time.time() - now)
+
+
 def state_of(request: web.Request) -> AdminState:
     return request.app[ADMIN_STATE]
 
@@ -117,7 +123,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def list_servers(request: web.Request) -> web.Response:
-    servers = [server.to_json() for server in state_of(request).registry.servers()]
+    servers = [server_json(server) for server in state_of(request).registry.servers()]
     return web.json_response({"servers": servers}, dumps=_dumps)
 
 
@@ -126,7 +132,7 @@ async def get_server(request: web.Request) -> web.Response:
     server = state_of(request).registry.get(server_id)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
-    return web.json_response(server.to_json(), dumps=_dumps)
+    return web.json_response(server_json(server), dumps=_dumps)
 
 
 def _dumps(value: object) -> str:

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from lbd.admin.app import ApiError, state_of
+from lbd.admin.app import ApiError, server_json, state_of
 from lbd.config import MODES, Mode, parse_server_list
 from lbd.errors import ValidationError
 from lbd.models import Server, ServerSpec, parse_server
@@ -50,7 +50,7 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
     except RegistryConflict as exc:
         raise ApiError(409, "conflict", str(exc), "id") from None
     created = [spec.id for spec in specs if registry.register(spec)[1]]
-    servers = [cast(Server, registry.get(spec.id)).to_json() for spec in specs]
+    servers = [server_json(cast(Server, registry.get(spec.id))) for spec in specs]
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
 
@@ -100,7 +100,7 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
     server = state_of(request).registry.set_draining(server_id, draining)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
-    return web.json_response(server.to_json())
+    return web.json_response(server_json(server))
 
 
 async def get_mode(request: web.Request) -> web.Response:

@@ -1,0 +1,86 @@
+"""Active health checks: every server's `GET <path>` on its own jittered schedule.
+
+One small task per server, started and stopped as servers come and go, so a round over 1,000
+servers runs concurrently and takes one interval, and a slow server never delays another's check.
+Probes use aiohttp (not the data plane) and report to the registry, which owns the state machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import aiohttp
+
+from lbd.config import HealthSettings
+from lbd.health.machine import probe_due
+from lbd.models import Server
+from lbd.registry import Registry
+
+JITTER = 0.1  # each wait is the interval +-10%, so checks of many servers do not align
+MAX_CONCURRENT_PROBES = 512
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, settings: HealthSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_PROBES, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_ms / 1000.0)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        self.registry.subscribe(self._sync)
+        self._sync()
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    def _sync(self) -> None:
+        """Start a checker for each new server, stop those of removed ones."""
+        current = {server.id: server for server in self.registry.servers()}
+        for server_id in set(self._tasks) - set(current):
+            self._tasks.pop(server_id).cancel()
+        for server_id, server in current.items():
+            task = self._tasks.get(server_id)
+            if task is None or task.done():
+                self._tasks[server_id] = asyncio.get_running_loop().create_task(self._check_forever(server))
+
+    async def _check_forever(self, server: Server) -> None:
+        interval = self.settings.interval_ms / 1000.0
+        await asyncio.sleep(random.uniform(0, interval))  # spread the first round over one interval
+        while True:
+            if probe_due(server.state, time.monotonic()):
+                ok, detail = await self.probe(server)
+                if self.registry.get(server.id) is server:  # not removed meanwhile
+                    self.registry.record_probe(server, ok, detail)
+            await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
+
+    async def probe(self, server: Server) -> tuple[bool, str]:
+        """One check: (passed, what happened). A 2xx passes; anything else fails with its reason."""
+        assert self._session is not None
+        url = server.spec.url + self.settings.path
+        try:
+            async with self._session.get(url, allow_redirects=False) as response:
+                await response.read()
+                return 200 <= response.status < 300, f"HTTP {response.status}"
+        except TimeoutError:
+            return False, f"no answer within {self.settings.timeout_ms} ms"
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return False, "connection refused"
+            return False, f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+        except aiohttp.ClientError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
