@@ -1,0 +1,58 @@
+"""Config resolution: the example documents every key, defaults match the seed, errors are precise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lbd.config import HEALTH_KEYS, TOP_LEVEL_KEYS, Config, load_config, load_servers_file
+from lbd.errors import ConfigError
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    config = load_config(EXAMPLES / "lbd.toml", {})
+    assert config.servers == EXAMPLES / "servers.json"
+    text = (EXAMPLES / "lbd.toml").read_text()
+    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS):
+        assert re.search(rf"^(# )?\[?{key}", text, re.MULTILINE), f"examples/lbd.toml does not mention {key}"
+    assert len(load_servers_file(EXAMPLES / "servers.json", config.regions)) == 3
+
+
+def test_defaults_are_the_seeds() -> None:
+    config = Config()
+    assert dict(config.regions.latency_ms) == {
+        "us-east": 10, "eu-west": 50, "asia-south": 100, "oceania": 150, "ca-central": 30,
+    }  # fmt: skip
+    assert config.regions.proximity["me-central"] == ("eu-west", "asia-south", "us-east", "ca-central", "oceania")
+    assert config.timeout_base_ms == 2000 and config.session_idle_timeout == 9000
+    assert config.upstream_timeout_s("eu-west") == pytest.approx(2.05)
+
+
+def test_flags_override_file_values(tmp_path: Path) -> None:
+    path = tmp_path / "lbd.toml"
+    path.write_text('mode = "static"\nlisten = "127.0.0.1:9000"\n')
+    config = load_config(path, {"mode": "dynamic", "listen": None})
+    assert config.mode == "dynamic" and str(config.listen) == "127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[health]\nfall = 0\n", "health.fall: must be an integer >= 1"),
+        ("[health]\npath = 'health'\n", "health.path: must be a path starting with '/'"),
+        ("[health]\npanic_threshold = 2\n", "panic_threshold: must be a number from 0 to 1"),
+        ("[health]\nbogus = 1\n", "unknown key 'bogus'"),
+        ('admin_listen = "127.0.0.1:8079"\n', "admin_listen needs admin_token"),
+        ('admin_token = "short"\n', "at least 16 characters"),
+        ('default_client_region = "mars"\n', "default_client_region 'mars' is not a client region"),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "lbd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(path, {})
