@@ -28,11 +28,12 @@ class DaemonUnreachable(Exception):
 class ApiError(Exception):
     """lbd answered with its error envelope; `code` is stable, `message` is meant for a person."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.field = field
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -69,12 +70,16 @@ class Client:
     def put(self, path: str, body: Any = None) -> Any:
         return self.request("PUT", path, body)
 
-    def delete(self, path: str) -> Any:
-        return self.request("DELETE", path)
+    def delete(self, path: str, timeout: float | None = None) -> Any:
+        return self.request("DELETE", path, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request; return the parsed JSON answer (None when the answer has no body)."""
-        status, data = self._exchange(method, path, body)
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """Send one request; return the parsed JSON answer (None when the answer has no body).
+
+        `timeout` overrides the client's for calls lbd answers only once it is done waiting
+        (removing a server waits for its requests in flight).
+        """
+        status, data = self._exchange(method, path, body, self.timeout if timeout is None else timeout)
         if status >= 400:
             raise _api_error(status, data)
         if not data:
@@ -84,19 +89,19 @@ class Client:
         except ValueError:
             raise DaemonUnreachable(self.socket_path, "the answer is not JSON; is this an lbd socket?") from None
 
-    def _exchange(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
+    def _exchange(self, method: str, path: str, body: Any, timeout: float) -> tuple[int, bytes]:
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        connection = UnixHTTPConnection(self.socket_path, self.timeout)
+        connection = UnixHTTPConnection(self.socket_path, timeout)
         try:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             return response.status, response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise DaemonUnreachable(self.socket_path, _reason(exc, self.timeout)) from None
+            raise DaemonUnreachable(self.socket_path, _reason(exc, timeout)) from None
         finally:
             connection.close()
 
@@ -117,11 +122,12 @@ def _reason(exc: OSError | http.client.HTTPException, timeout: float) -> str:
 
 
 def _api_error(status: int, data: bytes) -> ApiError:
-    """Read lbd's envelope `{"error": {"code", "message"}}`; anything else still becomes one line."""
+    """Read lbd's envelope `{"error": {"code", "message"[, "field"]}}`; anything else still becomes one line."""
     try:
         error = json.loads(data)["error"]
-        return ApiError(status, str(error["code"]), str(error["message"]))
-    except (ValueError, TypeError, KeyError):
+        field = error.get("field")
+        return ApiError(status, str(error["code"]), str(error["message"]), None if field is None else str(field))
+    except (ValueError, TypeError, KeyError, AttributeError):
         text = data.decode(errors="replace").strip().splitlines()
         detail = f": {text[0][:200]}" if text else ""
         return ApiError(status, "http_error", f"lbd answered HTTP {status}{detail}")

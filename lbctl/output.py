@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console, RenderableType
@@ -16,12 +17,31 @@ from rich.console import Console, RenderableType
 Data = TypeVar("Data")
 
 
-def show(data: Data, as_json: bool, view: Callable[[Data], RenderableType]) -> None:
-    """Print API data as JSON, or through its view for a person."""
+def show(
+    data: Data,
+    as_json: bool,
+    view: Callable[[Data], RenderableType],
+    json_of: Callable[[Data], object] | None = None,
+) -> None:
+    """Print API data as JSON (the part `json_of` picks, if given), or through its view for a person."""
     if as_json:
-        print_json(data)
+        print_json(data if json_of is None else json_of(data))
     else:
         print_renderable(view(data))
+
+
+@contextmanager
+def waiting(message: str) -> Iterator[None]:
+    """A spinner on stderr while a slow call runs, only when a person watches the terminal.
+
+    Nothing is written when stderr is not a terminal, so scripts still see stdout only.
+    """
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
 
 
 def print_json(data: object) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console, ConsoleOptions, JustifyMethod, RenderableType, RenderResult
+from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -25,6 +25,7 @@ HEALTH_STYLES: Mapping[str, str] = {
     "cooldown": "red",
     "degraded": "red",
 }
+OUT_OF_ROTATION = frozenset(("cooldown", "degraded"))
 URL_MIN_WIDTH = 12
 LISTENER_LABELS: Mapping[str, str] = {"admin": "admin socket"}
 
@@ -42,7 +43,8 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("servers", Text(f"{_str(servers.get('total'))} total, {_str(servers.get('in_rotation'))} in rotation")),
         ("health", health_counts(_mapping(servers.get("by_health")))),
         ("clients", Text(f"{_str(_mapping(status.get('clients')).get('connections'))} connections")),
-        ("requests", _text(requests.get("total"))),
+        ("sessions", _text(_mapping(status.get("sessions")).get("total"))),
+        ("requests", request_counts(requests)),
         ("responses", response_counts(_mapping(requests.get("responses")))),
     ]
     return Panel(_key_values(rows), title="lbd status", title_align="left", expand=False)
@@ -108,6 +110,104 @@ def health_counts(by_health: Mapping[str, Any]) -> Text:
         for health, count in by_health.items()
     ]
     return Text(", ").join(parts)
+
+
+def request_counts(requests: Mapping[str, Any]) -> Text:
+    """`120 total, 3 retries, 1 failovers`; non-zero retries and failovers are yellow."""
+    parts = [Text(f"{_str(requests.get('total'))} total")]
+    for key in ("retries", "failovers"):
+        count = requests.get(key)
+        parts.append(Text(f"{_str(count)} {key}", style="yellow" if isinstance(count, int) and count else ""))
+    return Text(", ").join(parts)
+
+
+def registration(answer: Mapping[str, Any]) -> Text:
+    """`POST /v1/servers`: one line per server in the request, new or already there."""
+    created = set(_sequence(answer.get("created")))
+    lines = [
+        Text(
+            f"registered {_str(server.get('id'))} {_str(server.get('url'))} "
+            f"({_str(server.get('region'))}, capacity {_str(server.get('capacity'))})"
+        )
+        if server.get("id") in created
+        else Text(f"{_str(server.get('id'))} already registered (no change)")
+        for server in map(_mapping, _sequence(answer.get("servers")))
+    ]
+    return Text("\n").join(lines) if lines else Text("no servers in the request; nothing changed")
+
+
+def removal(answer: Mapping[str, Any]) -> Text:
+    """`DELETE /v1/servers/{id}`: removed, and whether requests were still running then."""
+    server_id = _str(answer.get("removed"))
+    in_flight = answer.get("in_flight_at_removal")
+    if answer.get("drained") or not in_flight:
+        return Text(f"removed {server_id} (drained in {humanize_ms(answer.get('waited_ms'))})")
+    noun = "request" if in_flight == 1 else "requests"
+    return Text(f"removed {server_id} with {_str(in_flight)} {noun} still in flight", style="yellow")
+
+
+def drain_state(server: Mapping[str, Any]) -> Text:
+    """`POST /v1/servers/{id}/drain|undrain`: the server's rotation as it now stands."""
+    server_id = _str(server.get("id"))
+    if server.get("draining"):
+        return Text(f"{server_id} draining")
+    health = server.get("health")
+    if health in OUT_OF_ROTATION or server.get("in_rotation") is False:
+        return Text.assemble(f"{server_id} no longer draining, but out of rotation while ", health_text(health))
+    return Text(f"{server_id} back in rotation")
+
+
+def mode_line(answer: Mapping[str, Any]) -> Text:
+    """`GET /v1/mode` (`mode: static`) or `PUT /v1/mode` (`mode: dynamic (was static)`)."""
+    mode = _str(answer.get("mode"))
+    if "previous" not in answer:
+        return Text(f"mode: {mode}")
+    previous = _str(answer.get("previous"))
+    return Text(f"mode: {mode} (unchanged)" if previous == mode else f"mode: {mode} (was {previous})")
+
+
+def sessions_table(answer: Mapping[str, Any]) -> RenderableType:
+    """`GET /v1/sessions`: most recently active first, then how many of all sessions are shown.
+
+    The total counts every session in lbd, whatever the filters; only CLIENT folds, so every other
+    value stays whole at 80 columns.
+    """
+    sessions = [_mapping(session) for session in _sequence(answer.get("sessions"))]
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, header_style="bold")
+    for header, justify in SESSION_COLUMNS:
+        folds = header == "CLIENT"
+        table.add_column(header, justify=justify, no_wrap=not folds, overflow="fold" if folds else "ellipsis")
+    for session in sessions:
+        table.add_row(
+            _text(session.get("client_id")),
+            _text(session.get("server")),
+            _text(session.get("region")),
+            _duration(session.get("idle_s")),
+            _duration(session.get("expires_in_s")),
+        )
+    total = answer.get("total")
+    footer = Text(f"{len(sessions)} shown of {_str(total)} {'session' if total == 1 else 'sessions'}", style="dim")
+    return Group(table, footer) if sessions else footer
+
+
+def sessions_cleared(answer: Mapping[str, Any]) -> Text:
+    """`DELETE /v1/sessions/{client_id}` or `DELETE /v1/sessions?server=ID`."""
+    if "server" in answer:
+        count = answer.get("cleared")
+        noun = "session" if count == 1 else "sessions"
+        return Text(f"cleared {_str(count)} {noun} on {_str(answer.get('server'))}")
+    return Text(f"cleared the session of {_str(answer.get('cleared'))}")
+
+
+def humanize_ms(milliseconds: object) -> str:
+    """`120 ms` under a second, else `2.5 s` (or `1m 05s` past a minute)."""
+    if not isinstance(milliseconds, int | float):
+        return _str(milliseconds)
+    if milliseconds < 1000:
+        return f"{milliseconds:.0f} ms"
+    if milliseconds < 60_000:
+        return f"{milliseconds / 1000:.1f} s"
+    return humanize_duration(milliseconds / 1000)
 
 
 def response_counts(responses: Mapping[str, Any]) -> Text:
@@ -198,6 +298,10 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _sequence(value: object) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
 def _str(value: object) -> str:
     if value is None:
         return MISSING
@@ -214,6 +318,11 @@ def _text(value: object) -> Text:
 
 def _uptime(seconds: object) -> Text:
     return Text(humanize_duration(seconds) if isinstance(seconds, int | float) else _str(seconds))
+
+
+def _duration(seconds: object) -> Text:
+    """Humanized, never negative (a session past its expiry is about to go, not owed time)."""
+    return Text(humanize_duration(max(0.0, seconds)) if isinstance(seconds, int | float) else _str(seconds))
 
 
 def _latency(milliseconds: object) -> Text:
@@ -239,6 +348,13 @@ SERVER_COLUMNS: Sequence[Column] = (
     Column("LATENCY", "latency_ewma_ms", _latency),
 )
 IDENTITY_KEYS = frozenset(("region", "url", "capacity"))
+SESSION_COLUMNS: Sequence[tuple[str, JustifyMethod]] = (
+    ("CLIENT", "left"),
+    ("SERVER", "left"),
+    ("REGION", "left"),
+    ("IDLE", "right"),
+    ("EXPIRES IN", "right"),
+)
 
 SERVER_DETAILS: Sequence[tuple[str, str, Callable[[object], Text]]] = (
     ("url", "url", _text),
