@@ -129,24 +129,25 @@ async def list_sessions(request: web.Request) -> web.Response:
     now = time.monotonic()
     idle_timeout = state.sessions.idle_timeout_s
     rows = []
+    matched = 0
     for client_id, session in reversed(list(state.sessions.items(now))):
         if server_filter and session.server_id != server_filter:
             continue
         if region_filter and session.region != region_filter:
             continue
-        idle = now - session.last_seen
-        rows.append(
-            {
-                "client_id": client_id,
-                "server": session.server_id,
-                "region": session.region,
-                "idle_s": round(idle, 3),
-                "expires_in_s": round(idle_timeout - idle, 3),
-            }
-        )
-        if len(rows) >= limit:
-            break
-    return web.json_response({"sessions": rows, "total": len(state.sessions)})
+        matched += 1
+        if len(rows) < limit:
+            idle = now - session.last_seen
+            rows.append(
+                {
+                    "client_id": client_id,
+                    "server": session.server_id,
+                    "region": session.region,
+                    "idle_s": round(idle, 3),
+                    "expires_in_s": round(idle_timeout - idle, 3),
+                }
+            )
+    return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
 
 
 async def clear_session(request: web.Request) -> web.Response:
