@@ -108,7 +108,9 @@ class Lbd:
     def servers(self) -> dict[str, dict[str, Any]]:
         return {server["id"]: server for server in self.get("/v1/servers")["servers"]}
 
-    def lbctl(self, *args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    def lbctl(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 20
+    ) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "lbctl.main", "--socket", str(self.socket), *args]
         full_env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", **(env or {})}
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
