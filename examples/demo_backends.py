@@ -7,6 +7,7 @@ something real to route to on a fresh machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def backend_app(server_id: str, region: str) -> web.Application:
 
     async def hello(request: web.Request) -> web.Response:
         client = request.headers.get("client-id", "-")
-        return web.Response(text=f"hello from {server_id} ({region}) to client {client}: {request.method} {request.path_qs}\n")
+        line = f"hello from {server_id} ({region}) to client {client}: {request.method} {request.path_qs}\n"
+        return web.Response(text=line)
 
     app = web.Application()
     app.router.add_get("/health", health)
@@ -28,10 +30,10 @@ def backend_app(server_id: str, region: str) -> web.Application:
     return app
 
 
-async def serve(servers_file: Path) -> None:
+async def serve(entries: list[dict[str, object]]) -> None:
     runners = []
-    for entry in json.loads(servers_file.read_text()):
-        runner = web.AppRunner(backend_app(entry["id"], entry["region"]), access_log=None)
+    for entry in entries:
+        runner = web.AppRunner(backend_app(str(entry["id"]), str(entry["region"])), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", entry["port"]).start()
         runners.append(runner)
@@ -44,7 +46,6 @@ async def serve(servers_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(serve(Path(sys.argv[1] if len(sys.argv) > 1 else "examples/servers.json")))
-    except KeyboardInterrupt:
-        pass
+    seed = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/servers.json")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(json.loads(seed.read_text())))

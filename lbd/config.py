@@ -116,6 +116,7 @@ class Config:
     admin_token: str | None = None
     timeout_base_ms: int = 2000
     shutdown_grace_ms: int = 10_000
+    client_timeout_ms: int = 60_000
     drain_grace_ms: int = 30_000
     default_client_region: str | None = None
     session_idle_timeout: int = 9000
@@ -137,6 +138,7 @@ TOP_LEVEL_KEYS = (
     "admin_token",
     "timeout_base_ms",
     "shutdown_grace_ms",
+    "client_timeout_ms",
     "drain_grace_ms",
     "default_client_region",
     "session_idle_timeout",
@@ -148,6 +150,7 @@ TOP_LEVEL_KEYS = (
 INTEGER_KEYS = (
     "timeout_base_ms",
     "shutdown_grace_ms",
+    "client_timeout_ms",
     "drain_grace_ms",
     "session_idle_timeout",
     "max_sessions",

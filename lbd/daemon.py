@@ -54,6 +54,7 @@ class Daemon:
             config.timeout_base_ms,
             config.regions.latency_ms,
             config.retry_body_limit_bytes,
+            config.client_timeout_ms / 1000.0,
         )
         proxy = ProxyServer(proxy_ctx)
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)

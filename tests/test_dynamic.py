@@ -53,9 +53,14 @@ def pool() -> Iterator[list[Backend]]:
         yield started
 
 
+FAST_HEALTH = "[health]\ninterval_ms = 100\ntimeout_ms = 80\ncooldown_ms = 300\nrise = 1\n"
+
+
 @pytest.fixture
-def dynamic_lbd() -> Iterator[Lbd]:
-    with running_lbd(["--mode", "dynamic", "--timeout-base-ms", "1000"]) as daemon:
+def dynamic_lbd(tmp_path: Path) -> Iterator[Lbd]:
+    config = tmp_path / "lbd.toml"
+    config.write_text(FAST_HEALTH)
+    with running_lbd(["--mode", "dynamic", "--timeout-base-ms", "1000", "--config", str(config)]) as daemon:
         yield daemon
 
 
@@ -159,8 +164,10 @@ def test_failover_when_pinned_server_dies_get_and_small_post(dynamic_lbd: Lbd, p
     assert (status, backend) == (200, "us2")  # retried on the backup, not a 502
     sessions = {s["client_id"]: s for s in dynamic_lbd.get("/v1/sessions")["sessions"]}
     assert sessions["alice"]["server"] == "us2"  # re-pinned
+    assert dynamic_lbd.servers()["us1"]["health"] in ("cooldown", "degraded")  # passively ejected
     # a small POST pinned to a dead server is replayed too (its body was fully buffered)
     us1.start()
+    wait_until(lambda: dynamic_lbd.servers()["us1"]["health"] == "healthy", timeout=10)
     dynamic_lbd.request("DELETE", "/v1/sessions/bob")
     dynamic_lbd.request("POST", "/v1/servers/us2/drain")
     assert get(dynamic_lbd, "bob")[1] == "us1"
@@ -170,8 +177,10 @@ def test_failover_when_pinned_server_dies_get_and_small_post(dynamic_lbd: Lbd, p
     payload = b"x" * 5000
     connection.request("POST", "/upload", body=payload, headers={"client-id": "bob", "client-region": "us-east"})
     response = connection.getresponse()
-    body = json.loads(response.read())
-    assert response.status == 200 and body["server"] == "us2" and body["length"] == len(payload)
+    raw = response.read()
+    assert response.status == 200, (raw, dynamic_lbd.log()[-3000:])
+    body = json.loads(raw)
+    assert body["server"] == "us2" and body["length"] == len(payload)
     status = dynamic_lbd.get("/v1/status")
     assert status["requests"]["failovers"] >= 2
     assert dynamic_lbd.servers()["us1"]["errors"] >= 2  # reported as passive failures

@@ -9,17 +9,19 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness.backends import Backend, backends
 from tests.harness.clients import RawConnection, build_request, closed_port, curl, raw_exchange, wait_for
-from tests.harness.daemon import Lbd, running_lbd, short_tempdir
+from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
 
 
 def get(daemon: Lbd, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -304,3 +306,17 @@ def test_lbd_still_healthy_after_error_storm(single: tuple[Lbd, Backend]) -> Non
     assert wait_for(lambda: no_active_requests(daemon))
     assert wait_for(lambda: daemon.get("/v1/status")["clients"]["connections"] == 0), daemon.get("/v1/status")
     assert serves(daemon)
+
+
+def test_client_stalling_mid_body_gets_408_and_frees_the_server(tmp_path: Path) -> None:
+    config = tmp_path / "lbd.toml"
+    config.write_text("client_timeout_ms = 400\n")
+    with backends("stall-1") as (backend,), running_lbd(["--config", str(config)], entries=[backend.entry()]) as lbd:
+        with socket.create_connection(("127.0.0.1", lbd.port), timeout=5) as sock:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nclient-id: c\r\nContent-Length: 1000\r\n\r\nhalf")
+            started = time.monotonic()
+            answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert 0.3 < time.monotonic() - started < 3
+        wait_until(lambda: lbd.servers()["stall-1"]["active"] == 0)
+        assert lbd.servers()["stall-1"]["errors"] == 0  # the client's fault, not the server's

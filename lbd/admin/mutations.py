@@ -128,7 +128,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_query", "query parameter 'limit' must be an integer") from None
     now = time.monotonic()
     idle_timeout = state.sessions.idle_timeout_s
-    rows = []
+    rows: list[dict[str, object]] = []
     matched = 0
     for client_id, session in reversed(list(state.sessions.items(now))):
         if server_filter and session.server_id != server_filter:

@@ -204,10 +204,13 @@ class ClientConnection(FlowControlled):
 
     def _malformed(self, error: httptools.HttpParserError) -> None:
         """Bad framing is never guessed at: answer 400 if we can still speak, and close."""
+        broken = self.parsing
         self.parsing = None
+        self.closing = True
+        reason = str(error) or type(error).__name__
         if self.active is None:
-            reason = str(error) or type(error).__name__
             self.write(simple_response(400, f"malformed request: {reason}", close=True))
             self.close()
-        else:
-            self.closing = True  # after the response in progress
+        elif self.active is broken:
+            broken.request_malformed(reason)  # its body broke mid-way: stop it now
+        # else: a pipelined request behind the active one broke; close after the active response

@@ -164,6 +164,8 @@ class Exchange:
             self.upgrade = None
 
     def request_body(self, chunk: bytes) -> None:
+        if self.server is not None:
+            self.last_activity = self.ctx.loop.time()
         if self.request_chunked:
             self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF)
         else:
@@ -242,8 +244,7 @@ class Exchange:
         self.timeout_s = self.ctx.timeout_s(server)
         self.started_at = self.last_activity = self.ctx.loop.time()
         self.head = self._build_head(server)
-        if self.request_complete:
-            self._arm_timer()
+        self._arm_timer()
         connection = None if fresh_connection else self.ctx.pool.acquire(server)
         if connection is not None:
             self._attach(connection)
@@ -370,14 +371,36 @@ class Exchange:
             self.failed_over = self.retried_stale = True  # the server saw the request: no replay
             self._upstream_error(Outcome.BAD_RESPONSE, "sent a malformed response")
 
-    def client_lost(self) -> None:
-        """The client went away: stop the upstream side too (its connection cannot be reused)."""
+    def client_stalled(self) -> None:
+        """The client stopped sending its body, or stopped reading: free the server's slot."""
+        if self.response_started:
+            self._abort(Outcome.CLIENT_ABORTED)
+        else:
+            self._drop_upstream()
+            self.reply(408, "the client sent nothing for too long", Outcome.CLIENT_ABORTED)
+
+    def request_malformed(self, reason: str) -> None:
+        """The request's body framing broke mid-exchange: never guess, stop both sides."""
         if self.finished:
             return
+        if self.response_started:
+            self._abort(Outcome.CLIENT_ABORTED)
+        else:
+            self._drop_upstream()
+            self.reply(400, f"malformed request: {reason}", Outcome.CLIENT_ABORTED)
+
+    def _drop_upstream(self) -> None:
+        """Abandon the upstream connection mid-exchange (it cannot be reused)."""
         if self.upstream is not None:
             self.upstream.exchange = None
             self.upstream.abort()
             self.upstream = None
+
+    def client_lost(self) -> None:
+        """The client went away: stop the upstream side too (its connection cannot be reused)."""
+        if self.finished:
+            return
+        self._drop_upstream()
         self._account(Outcome.CLIENT_ABORTED)
 
     def _upstream_error(self, outcome: Outcome, what: str) -> None:
@@ -394,7 +417,7 @@ class Exchange:
             failed.abort()
         server = self.server
         assert server is not None
-        if self._replayable():
+        if self._replayable(outcome):
             if outcome is Outcome.RESET and failed is not None and failed.reused and not self.retried_stale:
                 self.retried_stale = True
                 self._retry_on(server, None)
@@ -409,11 +432,14 @@ class Exchange:
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self.reply(status, f"upstream {server.id} ({server.spec.url}) {what}", outcome)
 
-    def _replayable(self) -> bool:
-        """Safe to send again: nothing reached the client, and the whole request is at hand;
+    def _replayable(self, outcome: Outcome) -> bool:
+        """Safe to send again: nothing reached the client and every request byte so far is kept.
+        A refused connection means no server saw anything; otherwise the server may have, so
         non-idempotent methods only when their (small) body was completely received."""
         if self.response_started or not self.buffered:
             return False
+        if outcome is Outcome.CONNECT_FAILED:
+            return True
         return self.method in IDEMPOTENT_METHODS or self.request_complete
 
     def _retry_on(self, server: Server, failure: Outcome | None) -> None:
@@ -430,10 +456,7 @@ class Exchange:
 
     def _abort(self, outcome: Outcome) -> None:
         """Mid-response failure: the client can only learn of it from a cut connection."""
-        if self.upstream is not None:
-            self.upstream.exchange = None
-            self.upstream.abort()
-            self.upstream = None
+        self._drop_upstream()
         self.client.abort()
         self._account(outcome)
 
@@ -477,7 +500,11 @@ class Exchange:
         )
         deadline = self.last_activity + self.timeout_s
         if not waiting_on_server:
-            self.timer = self.ctx.loop.call_at(now + self.timeout_s, self._on_timer)
+            stalled_since = self.last_activity + self.ctx.client_timeout_s
+            if now < stalled_since:
+                self.timer = self.ctx.loop.call_at(min(stalled_since, now + self.timeout_s), self._on_timer)
+            else:
+                self.client_stalled()
         elif now < deadline:
             self.timer = self.ctx.loop.call_at(deadline, self._on_timer)
         elif self.response_started:

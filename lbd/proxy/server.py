@@ -28,6 +28,7 @@ class ProxyContext:
         timeout_base_ms: int,
         region_latency_ms: Mapping[str, int],
         retry_body_limit: int,
+        client_timeout_s: float = 60.0,
         client_idle_timeout_s: float = 60.0,
     ) -> None:
         self.loop = loop
@@ -36,6 +37,9 @@ class ProxyContext:
         self.pool = UpstreamPool(loop)
         self.connections: set[ClientConnection] = set()
         self.client_idle_timeout_s = client_idle_timeout_s
+        # a client silent this long mid-request, or not reading its response, is cut (nginx's
+        # client_body_timeout / send_timeout)
+        self.client_timeout_s = client_timeout_s
         self.retry_body_limit = retry_body_limit  # request bytes kept so a failed attempt can be replayed
         self.requests_total = 0
         self.retries = 0
