@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from lbd.errors import ConfigError, ValidationError
 from lbd.models import ServerSpec, parse_server
 
+T = TypeVar("T")
 Mode = Literal["static", "dynamic"]
 MODES: tuple[Mode, ...] = ("static", "dynamic")
 
@@ -227,19 +228,9 @@ def _regions(raw: object, where: str) -> Regions:
     latency: Mapping[str, int] = DEFAULT_LATENCY_MS
     proximity: Mapping[str, tuple[str, ...]] = DEFAULT_PROXIMITY
     if "latency_ms" in raw:
-        table = raw["latency_ms"]
-        if not isinstance(table, dict) or not table:
-            raise ConfigError(f"{where}.latency_ms: must be a non-empty table of region = milliseconds")
-        latency = MappingProxyType(
-            {name: _non_negative_int(value, f"{where}.latency_ms.{name}") for name, value in table.items()}
-        )
+        latency = _region_table(raw["latency_ms"], f"{where}.latency_ms", "milliseconds", _non_negative_int)
     if "proximity" in raw:
-        table = raw["proximity"]
-        if not isinstance(table, dict) or not table:
-            raise ConfigError(f"{where}.proximity: must be a non-empty table of region = [regions, nearest first]")
-        proximity = MappingProxyType(
-            {name: _region_list(value, f"{where}.proximity.{name}") for name, value in table.items()}
-        )
+        proximity = _region_table(raw["proximity"], f"{where}.proximity", "[regions, nearest first]", _region_list)
     for client_region, order in proximity.items():
         unknown = [name for name in order if name not in latency]
         if unknown:
@@ -278,6 +269,13 @@ def _health(raw: object, where: str) -> HealthSettings:
     if settings.max_cooldown_ms < settings.cooldown_ms:
         settings = replace(settings, max_cooldown_ms=settings.cooldown_ms)
     return settings
+
+
+def _region_table(raw: object, where: str, values: str, parse: Callable[[object, str], T]) -> Mapping[str, T]:
+    """A `region = value` table, each value parsed (and its errors named) by `parse`."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: must be a non-empty table of region = {values}")
+    return MappingProxyType({name: parse(value, f"{where}.{name}") for name, value in raw.items()})
 
 
 def _region_list(value: object, where: str) -> tuple[str, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -14,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rich.console import Console, RenderableType
 
 from lbctl import main as lbctl_main
 from lbctl.client import Client
 from lbctl.completions import SCRIPT_FILES, write_completions
 from lbctl.views import humanize_duration, server_panel, servers_table, status_panel
 from tests.harness.backends import Backend
+from tests.harness.cli import assert_one_line_error, render
 from tests.harness.daemon import Lbd, short_tempdir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,17 +32,6 @@ def run_lbctl(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     full_env = {**base, "COLUMNS": "120", "NO_COLOR": "1", **(env or {})}
     command = [sys.executable, "-m", "lbctl.main", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=20, env=full_env, check=False)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lbctl: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.fixture
@@ -208,12 +196,6 @@ def test_usage_errors_exit_2_and_help_documents_exit_codes() -> None:
 
 
 # --- pure pieces -------------------------------------------------------------------------------
-
-
-def render(renderable: RenderableType, width: int = 80) -> str:
-    out = io.StringIO()
-    Console(file=out, width=width, no_color=True).print(renderable)
-    return out.getvalue()
 
 
 def test_views_tolerate_missing_and_extra_fields() -> None:

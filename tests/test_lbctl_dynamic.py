@@ -7,7 +7,6 @@ reads the result back through lbctl's --json output, so a command that only prin
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import subprocess
 import threading
@@ -16,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console, RenderableType
 
 from lbctl.views import removal, sessions_table
 from tests.harness.backends import Backend, backends
+from tests.harness.cli import assert_one_line_error, render
 from tests.harness.daemon import Lbd, running_lbd, wait_until
 
 
@@ -40,19 +39,6 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert result.stderr == ""
     return result.stdout
-
-
-def assert_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
-    """Exit `code`, nothing on stdout, one `lbctl: error:` line holding every fragment."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lbctl: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def register(
@@ -104,14 +90,14 @@ def test_register_conflict_exits_5(lbd: Lbd, two_backends: list[Backend]) -> Non
     a, b = two_backends
     ok(register(lbd, a))
     other_url = ("--id", "a", "--url", b.url, "--region", "us-east", "--capacity", "10")
-    assert_error(lbd.lbctl("register", *other_url), 5, "'a'", "already registered", a.url)
+    assert_one_line_error(lbd.lbctl("register", *other_url), 5, "'a'", "already registered", a.url)
     assert servers(lbd)["a"]["url"] == a.url
 
 
 def test_register_invalid_fields_exit_1_naming_the_field(lbd: Lbd, two_backends: list[Backend]) -> None:
     a = two_backends[0]
-    assert_error(register(lbd, a, capacity=0), 1, "capacity")
-    assert_error(register(lbd, a, region="mars"), 1, "region", "mars")
+    assert_one_line_error(register(lbd, a, capacity=0), 1, "capacity")
+    assert_one_line_error(register(lbd, a, region="mars"), 1, "region", "mars")
     assert servers(lbd) == {}
 
 
@@ -121,7 +107,7 @@ def test_register_from_file_sends_one_all_or_nothing_request(
     a, b = two_backends
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([a.entry(), b.entry(capacity=0)]))
-    assert_error(lbd.lbctl("register", "--from-file", str(bad)), 1, "capacity")
+    assert_one_line_error(lbd.lbctl("register", "--from-file", str(bad)), 1, "capacity")
     assert servers(lbd) == {}, "a list is one request: the valid entry must not be registered alone"
 
     good = tmp_path / "servers.json"
@@ -144,14 +130,14 @@ def test_register_from_file_sends_one_all_or_nothing_request(
 
 def test_register_usage_errors_exit_2(lbd: Lbd, two_backends: list[Backend], tmp_path: Path) -> None:
     missing = tmp_path / "absent.json"
-    assert_error(lbd.lbctl("register", "--from-file", str(missing)), 2, str(missing), "No such file")
+    assert_one_line_error(lbd.lbctl("register", "--from-file", str(missing)), 2, str(missing), "No such file")
     not_json = tmp_path / "servers.txt"
     not_json.write_text("id=a\n")
-    assert_error(lbd.lbctl("register", "--from-file", str(not_json)), 2, str(not_json), "not JSON")
+    assert_one_line_error(lbd.lbctl("register", "--from-file", str(not_json)), 2, str(not_json), "not JSON")
     both = lbd.lbctl("register", "--from-file", str(not_json), "--id", "a", "--capacity", "3")
-    assert_error(both, 2, "--from-file", "--id", "--capacity")
-    assert_error(lbd.lbctl("register", "--id", "a"), 2, "--url", "--region", "--capacity")
-    assert_error(lbd.lbctl("register"), 2, "--id", "--from-file")
+    assert_one_line_error(both, 2, "--from-file", "--id", "--capacity")
+    assert_one_line_error(lbd.lbctl("register", "--id", "a"), 2, "--url", "--region", "--capacity")
+    assert_one_line_error(lbd.lbctl("register"), 2, "--id", "--from-file")
     assert servers(lbd) == {}
 
 
@@ -164,8 +150,8 @@ def test_drain_and_undrain(lbd: Lbd, two_backends: list[Backend]) -> None:
     assert servers(lbd)["a"]["draining"] is True
     assert ok(lbd.lbctl("undrain", "a")) == "a back in rotation\n"
     assert servers(lbd)["a"]["draining"] is False
-    assert_error(lbd.lbctl("drain", "nope"), 4, "nope")
-    assert_error(lbd.lbctl("undrain", "nope"), 4, "nope")
+    assert_one_line_error(lbd.lbctl("drain", "nope"), 4, "nope")
+    assert_one_line_error(lbd.lbctl("undrain", "nope"), 4, "nope")
 
 
 def test_deregister(lbd: Lbd, two_backends: list[Backend]) -> None:
@@ -174,8 +160,8 @@ def test_deregister(lbd: Lbd, two_backends: list[Backend]) -> None:
     out = ok(lbd.lbctl("deregister", "a"))
     assert out.startswith("removed a (drained in ")
     assert list(servers(lbd)) == ["b"]
-    assert_error(lbd.lbctl("deregister", "nope"), 4, "no server with id 'nope'")
-    assert_error(lbd.lbctl("deregister", "a"), 4, "'a'")
+    assert_one_line_error(lbd.lbctl("deregister", "nope"), 4, "no server with id 'nope'")
+    assert_one_line_error(lbd.lbctl("deregister", "a"), 4, "'a'")
 
 
 def test_deregister_waits_for_requests_in_flight(lbd: Lbd, two_backends: list[Backend]) -> None:
@@ -260,24 +246,18 @@ def test_sessions_list_filter_and_clear(lbd: Lbd, two_backends: list[Backend]) -
 
     assert ok(lbd.lbctl("sessions", "clear", "u1")) == "cleared the session of u1\n"
     assert set(sessions(lbd)) == {"u2", "e1"}
-    assert_error(lbd.lbctl("sessions", "clear", "u1"), 4, "u1")
+    assert_one_line_error(lbd.lbctl("sessions", "clear", "u1"), 4, "u1")
 
     assert ok(lbd.lbctl("sessions", "clear", "--server", "a")) == "cleared 1 session on a\n"
     assert set(sessions(lbd)) == {"e1"}
     assert json.loads(ok(lbd.lbctl("sessions", "clear", "--server", "a", "--json"))) == {"cleared": 0, "server": "a"}
 
-    assert_error(lbd.lbctl("sessions", "clear"), 2, "CLIENT_ID", "--server")
-    assert_error(lbd.lbctl("sessions", "clear", "e1", "--server", "b"), 2, "exactly one")
+    assert_one_line_error(lbd.lbctl("sessions", "clear"), 2, "CLIENT_ID", "--server")
+    assert_one_line_error(lbd.lbctl("sessions", "clear", "e1", "--server", "b"), 2, "exactly one")
     assert set(sessions(lbd)) == {"e1"}
 
 
 # --- views -------------------------------------------------------------------------------------
-
-
-def render(renderable: RenderableType, width: int = 80) -> str:
-    out = io.StringIO()
-    Console(file=out, width=width, no_color=True).print(renderable)
-    return out.getvalue()
 
 
 def test_views_of_removal_and_sessions() -> None:
