@@ -38,6 +38,8 @@ class ClientConnection(FlowControlled):
         self.client_ip = b"unknown"
         self.closing = False
         self.write_paused = False
+        self.feeding = False  # parsing our bytes: upstream writes they cause are corked until the end
+        self.corked_upstreams: list[FlowControlled] = []
         self.idle_since = time.monotonic()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -56,6 +58,7 @@ class ClientConnection(FlowControlled):
         if self.upgrading is not None:
             self._keep_early_tunnel_bytes(self.upgrading, data)
             return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -64,6 +67,12 @@ class ClientConnection(FlowControlled):
                 self._keep_early_tunnel_bytes(upgrading, data[upgrade.args[0] :])
         except httptools.HttpParserError as error:
             self._malformed(error)
+        finally:
+            self.feeding = False
+            if self.corked_upstreams:
+                for upstream in self.corked_upstreams:
+                    upstream.flush()
+                self.corked_upstreams.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
@@ -140,11 +149,8 @@ class ClientConnection(FlowControlled):
 
     # --- used by exchanges --------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
     def abort(self) -> None:
+        self._corked = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -183,6 +189,7 @@ class ClientConnection(FlowControlled):
 
     def close(self) -> None:
         self.closing = True
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 

@@ -180,7 +180,8 @@ class Exchange:
             self._to_upstream(CHUNK_END)
         if self.server is not None and not self.finished:
             self.last_activity = self.ctx.loop.time()
-            self._arm_timer()
+            if self.timer is None:
+                self._arm_timer()  # an armed timer fires no later than needed and re-arms itself
 
     def _to_upstream(self, data: bytes) -> None:
         if self.finished:
@@ -280,7 +281,10 @@ class Exchange:
     def _attach(self, connection: UpstreamConnection) -> None:
         self.upstream = connection
         connection.exchange = self
-        if self.client.write_paused:
+        client = self.client
+        if client.feeding and connection.cork():
+            client.corked_upstreams.append(connection)  # the head and a body in the same packet: one write
+        if client.write_paused:
             connection.hold(PEER_WRITE_FULL)
         connection.send(b"".join((self.head, *self.pending)) if self.pending else self.head)
         self.pending = []

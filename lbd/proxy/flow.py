@@ -1,8 +1,12 @@
-"""Reading pauses with reasons: a side resumes only when every reason to hold it has cleared.
+"""Flow control shared by both sides of the proxy.
 
-Both sides of the proxy can be held for several reasons at once (the peer's write buffer is full,
-pipelined requests are queued, a body waits for its upstream connection); a plain
-pause/resume pair would let one reason's resume undo another's pause.
+- Reading pauses with reasons: a side resumes only when every reason to hold it has cleared. Both
+  sides can be held for several reasons at once (the peer's write buffer is full, pipelined
+  requests are queued, a body waits for its upstream connection); a plain pause/resume pair would
+  let one reason's resume undo another's pause.
+- Corked writes: while the peer's bytes are being parsed, what they cause us to write is gathered
+  and sent as one `write` (one syscall) at the end, so a response head and a small body leave
+  together.
 """
 
 from __future__ import annotations
@@ -19,6 +23,26 @@ class FlowControlled(asyncio.Protocol):
 
     transport: asyncio.Transport | None = None
     _held_by = 0
+    _corked: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def cork(self) -> bool:
+        """Start gathering writes; False if already corked (the outer caller will flush)."""
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def flush(self) -> None:
+        corked = self._corked
+        self._corked = None
+        if corked and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def hold(self, reason: int) -> None:
         if not self._held_by and self.transport is not None and not self.transport.is_closing():

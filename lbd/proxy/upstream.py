@@ -58,6 +58,15 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
+        client = exchange.client
+        corked = client.cork()
+        try:
+            self._parse(exchange, data)
+        finally:
+            if corked:
+                client.flush()
+
+    def _parse(self, exchange: Exchange, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -154,14 +163,15 @@ class UpstreamConnection(FlowControlled):
     # --- used by the exchange and the pool ------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self.write(data)
 
     def close(self) -> None:
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._corked = None
         if self.transport is not None:
             self.transport.abort()
 
