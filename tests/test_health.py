@@ -168,3 +168,15 @@ def test_machine_passive_failures_reset_on_success() -> None:
     transition = machine.after_outcome(state, Outcome.RESET, 0.0, SETTINGS, may_eject=True)
     assert transition is not None and transition.new is Health.COOLDOWN
     assert json.dumps(state.health.value) == '"cooldown"'
+
+
+def test_machine_cooldown_straight_back_to_healthy_after_rise_passes() -> None:
+    state = ServerState()
+    for _ in range(3):
+        machine.after_probe(state, False, "x", 0.0, SETTINGS)
+    assert state.health is Health.COOLDOWN
+    machine.after_probe(state, True, "ok", 1.0, SETTINGS)
+    assert state.health is Health.COOLDOWN and not state.health.in_rotation  # rise = 2: not yet
+    transition = machine.after_probe(state, True, "ok", 1.1, SETTINGS)
+    assert transition is not None and (transition.old, transition.new) == (Health.COOLDOWN, Health.HEALTHY)
+    assert state.ejections == 1 and state.last_transition_reason == "2 checks passed"
