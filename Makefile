@@ -22,11 +22,15 @@ run: $(INSTALLED)
 	trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT INT TERM; \
 	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml
 
-# Tools the end-to-end tests drive as a user would (curl); installed from the system's packages.
+# Tools the end-to-end tests drive as a user would (curl; tmux, a real terminal for
+# `lbctl status --watch`); installed from the system's packages when missing.
 system-deps:
 	@command -v curl >/dev/null 2>&1 || { \
 	  echo "installing curl for the end-to-end tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
+	@command -v tmux >/dev/null 2>&1 || { \
+	  echo "installing tmux for the end-to-end tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check lbd lbctl tests bench examples

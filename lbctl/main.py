@@ -1,7 +1,7 @@
 """lbctl: inspect and drive a running lbd through its admin Unix socket.
 
-Each command is parse -> one client call -> render; errors end here as one line on stderr and an
-exit code a script can branch on:
+Each command is parse -> one client call -> render (`status --watch`: the same, once per refresh);
+errors end here as one line on stderr and an exit code a script can branch on:
 
     0  ok
     1  lbd reported an error (or lbctl failed unexpectedly)
@@ -14,7 +14,10 @@ exit code a script can branch on:
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+from collections.abc import Iterator
 from enum import StrEnum
 from operator import itemgetter
 from pathlib import Path
@@ -25,7 +28,8 @@ import typer
 
 from lbctl import views
 from lbctl.client import ApiError, Client, DaemonUnreachable
-from lbctl.output import print_error, show, waiting
+from lbctl.output import print_error, show, show_text, waiting, watch
+from lbctl.watch import Frame, Sample, frame
 from lbd.config import default_admin_socket
 
 EXIT_ERROR = 1
@@ -39,6 +43,8 @@ EXIT_CODES_BY_ERROR_CODE = {
     "not_found": EXIT_NOT_FOUND,
     "conflict": EXIT_CONFLICT,
 }
+# `status --watch` refreshes at least once a second unless told otherwise.
+WATCH_INTERVAL_S = 1.0
 # lbd answers DELETE /v1/servers/{id} once the server's requests in flight are done or its drain
 # grace (drain_grace_ms, 30 s by default) is over; wait well past that before calling lbd gone.
 REMOVE_TIMEOUT_S = 300.0
@@ -84,9 +90,73 @@ def root(
 
 
 @app.command()
-def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Show lbd's mode, listeners, uptime, server health and traffic counters."""
-    show(_client(ctx).get("/v1/status"), as_json, views.status_panel)
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the admin API's JSON (with --watch: one JSON object per line per refresh)."),
+    ] = False,
+    watch_: Annotated[
+        bool,
+        typer.Option("--watch", help="Keep refreshing: a live full-screen view with rates, servers and sessions."),
+    ] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option(
+            "--interval",
+            metavar="S",
+            show_default=False,
+            help=f"With --watch: seconds between refreshes, any number above 0 (default {WATCH_INTERVAL_S:g}).",
+        ),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", metavar="N", show_default=False, help="With --watch: stop after N refreshes."),
+    ] = None,
+) -> None:
+    """Show lbd's mode, listeners, uptime, server health and traffic counters (--watch: live)."""
+    if not watch_:
+        if interval is not None or count is not None:
+            raise UsageProblem("--interval and --count only apply with --watch")
+        show(_client(ctx).get("/v1/status"), as_json, views.status_panel)
+        return
+    if interval is not None and not (math.isfinite(interval) and interval > 0):
+        raise UsageProblem(f"--interval must be a number of seconds above 0; got {interval:g}")
+    if count is not None and count < 1:
+        raise UsageProblem(f"--count must be at least 1; got {count}")
+    frames = _watch_frames(_client(ctx), WATCH_INTERVAL_S if interval is None else interval, count)
+    watch(
+        frames,
+        as_json,
+        lambda f: views.dashboard(f.sample.status, f.sample.servers, f.sample.sessions, f.rates),
+        json_of=Frame.to_json,
+    )
+
+
+@app.command()
+def route(
+    ctx: typer.Context,
+    client_id: Annotated[
+        str, typer.Argument(metavar="CLIENT_ID", help="The client, as its client-id header names it.")
+    ],
+    region: Annotated[
+        str | None,
+        typer.Option(
+            "--region",
+            metavar="REGION",
+            help="The client's region, as its client-region header would say (dynamic mode).",
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show which server lbd would pick for a client now and why, with the ranked candidates; sends nothing.
+
+    Reasons: hash, hash_next (static); sticky, best_in_region, fallback_region, backup_nearly_full, moved (dynamic).
+    """
+    if not client_id:
+        raise UsageProblem("CLIENT_ID must not be empty")
+    answer = _client(ctx).get(f"/v1/route/{_segment(client_id)}{_query(region=region)}")
+    show(answer, as_json, views.route_decision)
 
 
 @app.command()
@@ -216,6 +286,56 @@ def sessions_clear(
     else:
         answer = client.delete(f"/v1/sessions{_query(server=server)}")
     show(answer, as_json, views.sessions_cleared)
+
+
+config_app = typer.Typer(
+    help="The running lbd's configuration.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("dump")
+def config_dump(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Print lbd's effective configuration as TOML that `lbd start --config` accepts back unchanged.
+
+    The admin token is never shown; give it with env LBD_ADMIN_TOKEN when starting from the dump.
+    """
+    show_text(_client(ctx).get("/v1/config"), as_json, views.config_toml)
+
+
+def _watch_frames(client: Client, interval: float, count: int | None) -> Iterator[Frame]:
+    """One frame per `interval` seconds (on a fixed beat: slow answers do not add up), `count` at most."""
+    previous: Sample | None = None
+    due = time.monotonic()
+    taken = 0
+    while count is None or taken < count:
+        if taken:
+            due += interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                due = time.monotonic()  # behind (a slow lbd): start the beat again from now
+        sample = _sample(client)
+        yield frame(previous, sample)
+        previous = sample
+        taken += 1
+
+
+def _sample(client: Client) -> Sample:
+    started = time.monotonic()
+    now = time.time()
+    status = client.get("/v1/status")
+    servers = client.get("/v1/servers")["servers"]
+    try:
+        sessions = client.get("/v1/sessions/summary")
+    except ApiError as exc:
+        if exc.status not in (404, 405):  # an lbd from before the summary: show it as unavailable
+            raise
+        sessions = None
+    return Sample(started, now, status, servers, sessions)
 
 
 def _client(ctx: typer.Context) -> Client:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import tomli_w
 from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.table import Table
@@ -369,3 +370,304 @@ SERVER_DETAILS: Sequence[tuple[str, str, Callable[[object], Text]]] = (
 )
 # The id is the panel's title; hostname and port are already in the URL.
 SERVER_DETAILS_HIDDEN = frozenset(("id", "hostname", "port"))
+
+
+# --- lbctl route -------------------------------------------------------------------------------
+
+ROUTE_CANDIDATES_SHOWN = 10
+
+
+def route_decision(answer: Mapping[str, Any]) -> RenderableType:
+    """`GET /v1/route/{client_id}`: `alice -> s2 (eu-west): best_in_region`, why, then the candidates.
+
+    The candidates are in the balancer's order (rank 1 is its first choice); the chosen one is
+    marked `>` and bold, so it stands out without colour. Only the first ten are listed (and the
+    chosen one wherever it ranks); `--json` has them all.
+    """
+    candidates = [_mapping(candidate) for candidate in _sequence(answer.get("candidates"))]
+    chosen = answer.get("server")
+    region = answer.get("server_region")
+    if region is None:  # static mode: the region is the chosen candidate's
+        region = next((c.get("region") for c in candidates if c.get("server") == chosen), None)
+    headline = Text.assemble(
+        (_str(answer.get("client_id")), "bold"),
+        " -> ",
+        (_str(chosen), "bold"),
+        f" ({_str(region)}): ",
+        (_str(answer.get("reason")), "bold cyan"),
+    )
+    lines: list[RenderableType] = [headline, Text(_str(answer.get("detail")))]
+    facts = [f"mode {_str(answer.get('mode'))}"]
+    if "client_region" in answer:
+        facts.append(f"client region {_str(answer.get('client_region'))}")
+    session = answer.get("session")
+    if isinstance(session, Mapping):
+        facts.append(f"session on {_str(session.get('server'))}, idle {_duration(session.get('idle_s'))}")
+    elif "session" in answer:
+        facts.append("no session")
+    lines.append(Text(", ".join(facts), style="dim"))
+    if candidates:
+        lines.extend((Text(), _candidates_table(candidates, chosen)))
+    else:
+        lines.append(Text("no candidates", style="dim"))
+    return Group(*lines)
+
+
+def _candidates_table(candidates: Sequence[Mapping[str, Any]], chosen: object) -> RenderableType:
+    dynamic = any("score" in candidate for candidate in candidates)
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, header_style="bold")
+    table.add_column("", no_wrap=True)
+    table.add_column("RANK", justify="right", no_wrap=True)
+    table.add_column("SERVER", overflow="fold")
+    table.add_column("REGION", no_wrap=True)
+    if dynamic:
+        table.add_column("SCORE", justify="right", no_wrap=True)
+        table.add_column("LOAD", justify="right", no_wrap=True)
+    else:
+        table.add_column("CAPACITY", justify="right", no_wrap=True)
+    table.add_column("AVAILABLE", no_wrap=True)
+    shown = [
+        (rank, candidate)
+        for rank, candidate in enumerate(candidates, start=1)
+        if rank <= ROUTE_CANDIDATES_SHOWN or candidate.get("server") == chosen
+    ]
+    for rank, candidate in shown:
+        picked = candidate.get("server") == chosen
+        load = [_score(candidate.get("score")), _load(candidate)] if dynamic else [_text(candidate.get("capacity"))]
+        available = candidate.get("available")
+        table.add_row(
+            Text(">" if picked else ""),
+            Text(str(rank)),
+            _text(candidate.get("server")),
+            _text(candidate.get("region")),
+            *load,
+            Text("yes" if available else "no", style="" if available else "yellow")
+            if isinstance(available, bool)
+            else Text(MISSING),
+            style="bold" if picked else None,
+        )
+    hidden = len(candidates) - len(shown)
+    if hidden <= 0:
+        return table
+    return Group(table, Text(f"{hidden} more candidates (--json lists them all)", style="dim"))
+
+
+def _score(score: object) -> Text:
+    return Text(f"{score:.2f}" if isinstance(score, int | float) else _str(score))
+
+
+def _load(server: Mapping[str, Any]) -> Text:
+    """`active/capacity`, e.g. `3/10`."""
+    return Text(f"{_str(server.get('active'))}/{_str(server.get('capacity'))}")
+
+
+# --- lbctl config dump -------------------------------------------------------------------------
+
+CONFIG_DUMP_HEADER = (
+    "# lbd effective configuration (lbctl config dump); admin_token is never shown: set env LBD_ADMIN_TOKEN\n"
+)
+
+
+def config_toml(config: Mapping[str, Any]) -> str:
+    """`GET /v1/config` as the TOML file `lbd start --config` reads back to the same config.
+
+    Plain text, not a renderable: `[health]` must not be read as Rich markup. The comment about
+    the admin token is only there when the config has a TCP admin listener, which needs one.
+    """
+    text = tomli_w.dumps(config)
+    return CONFIG_DUMP_HEADER + text if "admin_listen" in config else text
+
+
+# --- lbctl status --watch ----------------------------------------------------------------------
+
+BAR_STYLES: Sequence[tuple[float, str]] = ((0.7, "green"), (0.9, "yellow"), (float("inf"), "red"))
+
+
+def dashboard(
+    status: Mapping[str, Any],
+    servers: Sequence[Mapping[str, Any]],
+    sessions_summary: Mapping[str, Any] | None,
+    rates: Mapping[str, Any] | None,
+) -> RenderableType:
+    """One frame of `status --watch`: the daemon, its traffic rates, sessions, then a server table.
+
+    `sessions_summary` is `GET /v1/sessions/summary` (None when lbd has none); `rates` are lbctl's
+    per-second rates since the previous frame (None on the first frame: shown as "-"). The table
+    picks the widest layout that fits: with URLs, then without them, then without the load bar
+    (its numbers stay), then without regions; ids and health are in every layout and never cut.
+    """
+    summary = None if sessions_summary is None else _mapping(sessions_summary)
+    rates = _mapping(rates) if rates is not None else None
+    return Group(
+        _dashboard_header(status, summary, rates),
+        Text(),
+        ServerBoard([_mapping(server) for server in servers], summary, rates),
+    )
+
+
+def _dashboard_header(
+    status: Mapping[str, Any], summary: Mapping[str, Any] | None, rates: Mapping[str, Any] | None
+) -> Table:
+    servers = _mapping(status.get("servers"))
+    requests = _mapping(status.get("requests"))
+    rate = None if rates is None else rates.get("requests_per_s")
+    errors = None if rates is None else rates.get("errors_per_s")
+    identity = (
+        f"{_str(status.get('mode'))} mode, version {_str(status.get('version'))}, pid {_str(status.get('pid'))}, "
+        f"up {_uptime(status.get('uptime_s'))}"
+    )
+    connections = _str(_mapping(status.get("clients")).get("connections"))
+    rows: list[tuple[str, RenderableType]] = [
+        ("lbd", Text(identity)),
+        *listener_rows(_mapping(status.get("listeners"))),
+        (
+            "rates",
+            Text.assemble(
+                f"{_per_s(rate)} req/s, ",
+                (f"{_per_s(errors)} 5xx/s", "red" if isinstance(errors, int | float) and errors > 0 else ""),
+            ),
+        ),
+        ("requests", Text.assemble(request_counts(requests), f"; {connections} client connections")),
+        ("servers", Text(f"{_str(servers.get('total'))} total, {_str(servers.get('in_rotation'))} in rotation")),
+        ("health", health_counts(_mapping(servers.get("by_health")))),
+        ("sessions", _sessions_line(status, summary)),
+    ]
+    return _key_values(rows)
+
+
+def _sessions_line(status: Mapping[str, Any], summary: Mapping[str, Any] | None) -> Text:
+    """`12 pinned; by region: eu-west 5, us-east 7` (per server: the table's SESS column)."""
+    if summary is None:
+        total = _mapping(status.get("sessions")).get("total")
+        return Text(f"{_str(total)} pinned (per region and server: unavailable from this lbd)")
+    by_region = _mapping(summary.get("by_region"))
+    regions = ", ".join(f"{region} {_str(count)}" for region, count in sorted(by_region.items()))
+    return Text(f"{_str(summary.get('total'))} pinned" + (f"; by region: {regions}" if regions else ""))
+
+
+def _per_s(rate: object) -> str:
+    return f"{rate:.1f}" if isinstance(rate, int | float) else MISSING
+
+
+@dataclass(frozen=True, slots=True)
+class BoardLayout:
+    keys: Sequence[str]
+    gap: int
+    bar_width: int
+
+
+BOARD_HEADERS: Mapping[str, tuple[str, JustifyMethod]] = {
+    "id": ("ID", "left"),
+    "region": ("REGION", "left"),
+    "url": ("URL", "left"),
+    "health": ("HEALTH", "left"),
+    "draining": ("DRAIN", "left"),
+    "load": ("LOAD", "left"),
+    "score": ("SCORE", "right"),
+    "latency": ("LATENCY", "right"),
+    "rate": ("REQ/S", "right"),
+    "errors": ("ERRORS", "right"),
+    "sessions": ("SESS", "right"),
+}
+_ALL = tuple(BOARD_HEADERS)
+_NO_URL = tuple(key for key in _ALL if key != "url")
+_NARROW = tuple(key for key in _NO_URL if key != "region")
+BOARD_LAYOUTS: Sequence[BoardLayout] = (
+    BoardLayout(_ALL, gap=2, bar_width=10),
+    BoardLayout(_ALL, gap=1, bar_width=6),
+    BoardLayout(_NO_URL, gap=2, bar_width=10),
+    BoardLayout(_NO_URL, gap=1, bar_width=6),
+    BoardLayout(_NO_URL, gap=1, bar_width=0),
+    BoardLayout(_NARROW, gap=1, bar_width=0),
+)
+BOARD_FALLBACK = BoardLayout(("id", "health", "load", "rate"), gap=1, bar_width=0)
+
+
+class ServerBoard:
+    """The server table of the dashboard, laid out for the width (and charset) it is drawn at."""
+
+    def __init__(
+        self,
+        servers: Sequence[Mapping[str, Any]],
+        summary: Mapping[str, Any] | None,
+        rates: Mapping[str, Any] | None,
+    ) -> None:
+        self.servers = servers
+        self.pinned = None if summary is None else _mapping(summary.get("by_server"))
+        self.rates = None if rates is None else _mapping(rates.get("servers"))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self.servers:
+            yield Text("no servers registered", style="dim")
+            return
+        ascii_only = options.ascii_only
+        for layout in BOARD_LAYOUTS:
+            rows = self._rows(layout, ascii_only)
+            if _board_width(layout, rows) <= options.max_width:
+                yield _board_table(layout, rows)
+                return
+        yield _board_table(BOARD_FALLBACK, self._rows(BOARD_FALLBACK, ascii_only))
+
+    def _rows(self, layout: BoardLayout, ascii_only: bool) -> list[list[Text]]:
+        return [
+            [self._cell(key, server, layout.bar_width, ascii_only) for key in layout.keys] for server in self.servers
+        ]
+
+    def _cell(self, key: str, server: Mapping[str, Any], bar_width: int, ascii_only: bool) -> Text:
+        server_id = server.get("id")
+        if key == "health":
+            return health_text(server.get("health"))
+        if key == "draining":
+            return Text("yes", style="yellow") if server.get("draining") else Text(MISSING)
+        if key == "load":
+            return load_bar(server.get("active"), server.get("capacity"), bar_width, ascii_only)
+        if key == "score":
+            return _score(server.get("score"))
+        if key == "latency":
+            return _latency(server.get("latency_ewma_ms"))
+        if key == "rate":
+            rates = None if self.rates is None else _mapping(self.rates.get(str(server_id)))
+            return Text(_per_s(None if rates is None else rates.get("requests_per_s")))
+        if key == "errors":
+            errors = server.get("errors")
+            return Text(_str(errors), style="red" if isinstance(errors, int) and errors else "")
+        if key == "sessions":
+            return Text(MISSING if self.pinned is None else _str(self.pinned.get(str(server_id), 0)))
+        return _text(server.get(key))
+
+
+def load_bar(active: object, capacity: object, width: int, ascii_only: bool = False) -> Text:
+    """`███░░░░░░░ 3/10`: requests in flight against capacity, green, then yellow from 70%, red from 90%.
+
+    The numbers always follow the bar, so it reads without colour; `width` 0 gives the numbers only.
+    """
+    numbers = f"{_str(active)}/{_str(capacity)}"
+    if not (isinstance(active, int) and isinstance(capacity, int) and capacity > 0):
+        return Text(numbers)
+    fraction = min(1.0, max(0.0, active / capacity))
+    style = next(style for limit, style in BAR_STYLES if fraction < limit)
+    if width <= 0:
+        return Text(numbers, style=style if active else "")
+    filled = max(1, round(fraction * width)) if active > 0 else 0
+    full, empty = ("#", ".") if ascii_only else ("█", "░")
+    return Text.assemble((full * filled, style), (empty * (width - filled), "dim"), " ", numbers)
+
+
+def _board_width(layout: BoardLayout, rows: Sequence[Sequence[Text]]) -> int:
+    widths = [
+        max([len(BOARD_HEADERS[key][0])] + [row[index].cell_len for row in rows])
+        for index, key in enumerate(layout.keys)
+    ]
+    return sum(widths) + layout.gap * (len(widths) - 1)
+
+
+def _board_table(layout: BoardLayout, rows: Sequence[Sequence[Text]]) -> Table:
+    table = Table(box=None, padding=(0, layout.gap, 0, 0), pad_edge=False, header_style="bold")
+    for key in layout.keys:
+        header, justify = BOARD_HEADERS[key]
+        # Ids and URLs fold when the terminal is narrower than even the fallback: whole, never cut.
+        folds = key in ("id", "url")
+        table.add_column(header, justify=justify, no_wrap=not folds, overflow="fold" if folds else "ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    return table

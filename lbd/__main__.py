@@ -15,6 +15,7 @@ from lbd.config import Config, load_config, load_servers_file
 from lbd.daemon import Daemon
 from lbd.errors import LbError
 from lbd.models import ServerSpec
+from lbd.state import StateStore
 
 app = typer.Typer(
     name="lbd",
@@ -47,12 +48,27 @@ def start(
             help="Admin API Unix socket [$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock].",
         ),
     ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="Where registrations, drain flags, the run-time mode and sessions survive restarts "
+            "[$XDG_STATE_HOME/lbd, else ~/.local/state/lbd].",
+        ),
+    ] = None,
     admin_listen: Annotated[
         str | None,
         typer.Option(
             "--admin-listen",
             help="Also serve the admin API (and the seed's /register, /deregister) on TCP HOST:PORT; "
             "needs admin_token in the config or env LBD_ADMIN_TOKEN.",
+        ),
+    ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            help="Also serve Prometheus GET /metrics (and nothing else) on TCP HOST:PORT; no token needed.",
         ),
     ] = None,
     timeout_base_ms: Annotated[
@@ -71,7 +87,9 @@ def start(
         "servers": str(servers) if servers is not None else None,
         "listen": listen,
         "admin_socket": str(admin_socket) if admin_socket is not None else None,
+        "state_dir": str(state_dir) if state_dir is not None else None,
         "admin_listen": admin_listen,
+        "metrics_listen": metrics_listen,
         "admin_token": os.environ.get("LBD_ADMIN_TOKEN"),
         "timeout_base_ms": timeout_base_ms,
         "shutdown_grace_ms": shutdown_grace_ms,
@@ -79,12 +97,29 @@ def start(
     try:
         resolved = load_config(config, overrides)
         seed = _seed(resolved)
+        store = StateStore(resolved.state_dir)
+        store.open()  # locked for the process's life: one daemon per state directory
+        persisted = store.load(resolved.regions.server_regions)
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     try:
-        _run(Daemon(resolved, seed))
+        _run(Daemon(resolved, seed, store, persisted))
     except (LbError, OSError) as exc:
         _fail(str(exc), EXIT_RUNTIME)
+
+
+@app.command("check-config")
+def check_config(
+    path: Annotated[Path, typer.Argument(help="The TOML config file to validate (and the servers file it names).")],
+) -> None:
+    """Validate a config file without starting anything: prints what it would run, or the first error."""
+    try:
+        resolved = load_config(path, {"admin_token": os.environ.get("LBD_ADMIN_TOKEN")})
+        seed = _seed(resolved)
+    except LbError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    source = f" from {resolved.servers}" if resolved.servers is not None else ""
+    print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {resolved.listen})")
 
 
 def _seed(config: Config) -> list[ServerSpec]:

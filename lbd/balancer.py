@@ -15,15 +15,24 @@ keep the server they already have.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from lbd.config import Mode, Regions
 from lbd.models import Server
 from lbd.registry import Registry
 from lbd.routing import dynamic
 from lbd.routing.static import RendezvousTable, digest64
-from lbd.sessions import SessionTable
+from lbd.sessions import Session, SessionTable
 
 DECISION_CACHE_SIZE = 65_536
+# Why a server was chosen (the `reason` of `lbctl route`)
+REASON_HASH = "hash"  # static: the client's first choice
+REASON_HASH_NEXT = "hash_next"  # static: the first choice is out; next in the client's order
+REASON_STICKY = "sticky"  # dynamic: the client's live session
+REASON_BACKUP_FULL = "backup_nearly_full"  # dynamic: session server >= 90% full, a backup serves
+REASON_MOVED = "moved"  # dynamic: session server left / draining / out of rotation
+REASON_BEST = "best_in_region"  # dynamic: best score in the client's region
+REASON_FALLBACK = "fallback_region"  # dynamic: nearest region in proximity order with a server
 
 
 class NoServer(Exception):
@@ -72,8 +81,75 @@ class Balancer:
 
     def choose(self, client_id: str, client_region: str | None, now: float) -> Server:
         if self.mode == "static":
-            return self._static_choice(client_id)
-        return self._dynamic_choice(client_id, self.resolve_region(client_region), now)
+            return self._static_choice(client_id)[0]
+        region = self.resolve_region(client_region)
+        server, _, repin = self._dynamic_decision(client_id, region, self.sessions.get(client_id, now))
+        if repin:
+            self.sessions.pin(client_id, server.id, region, now)
+        return server
+
+    def explain(self, client_id: str, client_region: str | None, now: float) -> dict[str, Any]:
+        """What `choose` would do for this client now, and why, without changing anything."""
+        if self.mode == "static":
+            server, reason = self._static_choice(client_id)
+            candidates = [
+                {
+                    "server": s.id,
+                    "region": s.spec.region,
+                    "capacity": s.spec.capacity,
+                    "available": takes_new_requests(s),
+                }
+                for s in (self.registry.get(server_id) for server_id in self._table.rank(client_id))
+                if s is not None
+            ]
+            first = candidates[0]["server"] if candidates else None
+            detail = f"hash of the client id picks {server.id}"
+            if reason == REASON_HASH_NEXT:
+                detail = f"first choice {first} is out of rotation or draining; next in the client's hash order"
+            return {"mode": "static", "client_id": client_id, "server": server.id, "reason": reason,
+                    "detail": detail, "candidates": candidates}  # fmt: skip
+        region = self.resolve_region(client_region)
+        session = self.sessions.peek(client_id, now)
+        server, reason, _ = self._dynamic_decision(client_id, region, session)
+        key = digest64(client_id)
+        candidates = [
+            {
+                "server": s.id,
+                "region": r,
+                "score": round(score, 4),
+                "active": s.state.active,
+                "capacity": s.spec.capacity,
+                "available": dynamic.is_available(s),
+            }
+            for r, s, score in dynamic.ranked(self._index, key, self.regions.proximity[region])
+        ]
+        return {
+            "mode": "dynamic",
+            "client_id": client_id,
+            "client_region": region,
+            "server": server.id,
+            "server_region": server.spec.region,
+            "reason": reason,
+            "detail": self._dynamic_detail(reason, server, region, session),
+            "session": None
+            if session is None
+            else {"server": session.server_id, "idle_s": round(now - session.last_seen, 3)},
+            "candidates": candidates,
+        }
+
+    def _dynamic_detail(self, reason: str, server: Server, region: str, session: Session | None) -> str:
+        pinned = None if session is None else self.registry.get(session.server_id)
+        if reason == REASON_STICKY:
+            return f"live session with {server.id}"
+        if reason == REASON_BACKUP_FULL and pinned is not None:
+            load = f"{pinned.state.active}/{pinned.spec.capacity}"
+            return f"session server {pinned.id} is nearly full ({load}); served by a backup, session kept"
+        if reason == REASON_MOVED and session is not None:
+            why = "left" if pinned is None else "is draining" if pinned.state.draining else "is out of rotation"
+            return f"session server {session.server_id} {why}; moved to {server.id} and re-pinned"
+        if reason == REASON_FALLBACK:
+            return f"no available server in {region}; nearest region with one is {server.spec.region}"
+        return f"best score among available servers in {region}"
 
     def resolve_region(self, client_region: str | None) -> str:
         """The client's region from its header or the configured default; 400 when neither fits."""
@@ -90,7 +166,7 @@ class Balancer:
             )
         return region
 
-    def _static_choice(self, client_id: str) -> Server:
+    def _static_choice(self, client_id: str) -> tuple[Server, str]:
         server_id = self._first_choice.get(client_id)
         if server_id is None:
             server_id = self._table.pick(client_id)
@@ -101,8 +177,8 @@ class Balancer:
             self._first_choice[client_id] = server_id
         server = self.registry.get(server_id)
         if server is not None and takes_new_requests(server):
-            return server
-        return self._static_next(client_id, exclude=None)
+            return server, REASON_HASH
+        return self._static_next(client_id, exclude=None), REASON_HASH_NEXT
 
     def _static_next(self, client_id: str, exclude: Server | None) -> Server:
         def usable(server_id: str) -> bool:
@@ -116,18 +192,18 @@ class Balancer:
         assert chosen is not None
         return chosen
 
-    def _dynamic_choice(self, client_id: str, region: str, now: float) -> Server:
-        session = self.sessions.get(client_id, now)
+    def _dynamic_decision(self, client_id: str, region: str, session: Session | None) -> tuple[Server, str, bool]:
+        """(server, reason, whether the client must be (re-)pinned to it): pure given the session."""
         if session is not None:
             pinned = self.registry.get(session.server_id)
             if pinned is not None and takes_new_requests(pinned):
                 if not dynamic.is_nearly_full(pinned):
-                    return pinned
+                    return pinned, REASON_STICKY, False
                 relief = dynamic.pick(self._index, digest64(client_id), self.regions.proximity[region], pinned)
                 if relief is not None:
-                    return relief.server  # served by a backup; the session stays with its server
+                    return relief.server, REASON_BACKUP_FULL, False  # the session stays with its server
                 if pinned.state.active < pinned.spec.capacity:
-                    return pinned
+                    return pinned, REASON_STICKY, False
                 raise NoServer(f"server {pinned.id} is at capacity and no other server is available")
         choice = dynamic.pick(self._index, digest64(client_id), self.regions.proximity[region])
         if choice is None:
@@ -135,8 +211,9 @@ class Balancer:
                 f"no available server for client region {region} or its fallbacks "
                 f"({', '.join(self.regions.proximity[region][1:]) or 'none'})"
             )
-        self.sessions.pin(client_id, choice.server.id, region, now)
-        return choice.server
+        if session is not None:
+            return choice.server, REASON_MOVED, True
+        return choice.server, REASON_FALLBACK if choice.fallback else REASON_BEST, True
 
     def backup(self, client_id: str, client_region: str | None, failed: Server, now: float) -> Server | None:
         """Where to retry a request whose server failed before answering; re-pins the session."""

@@ -47,6 +47,13 @@ def default_admin_socket() -> Path:
     return Path(f"/tmp/lbd-{os.getuid()}.sock")
 
 
+def default_state_dir() -> Path:
+    """`$XDG_STATE_HOME/lbd`, else `~/.local/state/lbd` (the XDG base directory rule)."""
+    state_home = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state_home) if os.path.isabs(state_home) else Path.home() / ".local" / "state"
+    return base / "lbd"
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     host: str
@@ -113,8 +120,10 @@ class Config:
     servers: Path | None = None
     listen: Address = Address("127.0.0.1", 8080)
     admin_socket: Path = field(default_factory=default_admin_socket)
+    state_dir: Path = field(default_factory=default_state_dir)
     admin_listen: Address | None = None
     admin_token: str | None = None
+    metrics_listen: Address | None = None
     timeout_base_ms: int = 2000
     shutdown_grace_ms: int = 10_000
     client_timeout_ms: int = 60_000
@@ -135,8 +144,10 @@ TOP_LEVEL_KEYS = (
     "servers",
     "listen",
     "admin_socket",
+    "state_dir",
     "admin_listen",
     "admin_token",
+    "metrics_listen",
     "timeout_base_ms",
     "shutdown_grace_ms",
     "client_timeout_ms",
@@ -190,6 +201,8 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         config = replace(config, listen=_address(raw["listen"], f"{where}: listen"))
     if "admin_socket" in raw:
         config = replace(config, admin_socket=_path(raw["admin_socket"], f"{where}: admin_socket", base_dir))
+    if "state_dir" in raw:
+        config = replace(config, state_dir=_path(raw["state_dir"], f"{where}: state_dir", base_dir))
     integers: dict[str, Any] = {
         key: _non_negative_int(raw[key], f"{where}: {key}") for key in INTEGER_KEYS if key in raw
     }
@@ -208,6 +221,8 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         config = replace(config, default_client_region=region)
     if "admin_listen" in raw:
         config = replace(config, admin_listen=_address(raw["admin_listen"], f"{where}: admin_listen"))
+    if "metrics_listen" in raw:
+        config = replace(config, metrics_listen=_address(raw["metrics_listen"], f"{where}: metrics_listen"))
     if "admin_token" in raw:
         token = raw["admin_token"]
         if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
@@ -304,7 +319,7 @@ def _path(value: object, where: str, base_dir: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: must be a path string; got {value!r}")
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base_dir / path
+    return path if path.is_absolute() else base_dir.absolute() / path  # absolute: a dumped config reloads
 
 
 def _address(value: object, where: str) -> Address:
@@ -346,3 +361,26 @@ def parse_server_list(entries: object, known_regions: frozenset[str]) -> list[Se
         seen[spec.id] = index
         specs.append(spec)
     return specs
+
+
+def config_to_mapping(config: Config) -> dict[str, Any]:
+    """The effective config in the TOML file's shape (`lbctl config dump`); `lbd start --config`
+    reads it back to the same config. Unset keys are left out (TOML has no null) and the admin
+    token is never shown (give it again with env LBD_ADMIN_TOKEN)."""
+    return {key: _plain(value) for key, value in _fields(config) if value is not None and key != "admin_token"}
+
+
+def _fields(value: Any) -> list[tuple[str, Any]]:
+    return [(name, getattr(value, name)) for name in value.__dataclass_fields__]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path | Address):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {key: _plain(item) for key, item in _fields(value)}
+    return value

@@ -2,7 +2,8 @@
 
 Three phases, as in uvicorn: startup (bind every listener, or fail with a clear message), serve
 until SIGTERM/SIGINT, shutdown (stop accepting, let requests in flight finish within the grace
-period, remove the socket file).
+period, snapshot the sticky sessions, remove the socket file). State saved in the state directory
+is restored before the listeners open (see lbd/state.py).
 """
 
 from __future__ import annotations
@@ -21,28 +22,45 @@ from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
 from lbd.config import Address, Config
 from lbd.health.active import HealthChecker
+from lbd.metrics import create_metrics_app, metrics_registry
 from lbd.models import ServerSpec
 from lbd.proxy.server import ProxyContext, ProxyServer
 from lbd.registry import Registry
 from lbd.sessions import SessionTable
+from lbd.state import PersistedState, StateKeeper, StateStore
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
 
 
 class Daemon:
-    def __init__(self, config: Config, seed: list[ServerSpec]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        seed: list[ServerSpec],
+        store: StateStore | None = None,
+        persisted: PersistedState | None = None,
+    ) -> None:
         self.config = config
         self.registry = Registry(config.regions.latency_ms, config.health, seed)
         self.sessions = SessionTable(config.session_idle_timeout, config.max_sessions)
         self.balancer = Balancer(
             self.registry, config.mode, config.regions, self.sessions, config.default_client_region
         )
+        self.keeper = None if store is None else StateKeeper(store, self.registry, self.balancer, seed)
+        if self.keeper is not None:
+            self.keeper.restore(persisted)
+            self.keeper.restore_sessions(self.sessions)
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _persist(self) -> None:
+        """The admin API's hook: save the state file after a change, before the change is answered."""
+        if self.keeper is not None:
+            self.keeper.save()
 
     async def run(self) -> None:
         config = self.config
@@ -65,17 +83,25 @@ class Daemon:
             address = await _listen(proxy, config)
             listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
             state = AdminState(
-                config, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic()
+                config,
+                self.registry,
+                self.balancer,
+                self.sessions,
+                proxy_ctx,
+                listeners,
+                time.monotonic(),
+                persist=self._persist,
             )
             runners.append(await _serve(create_admin_app(state), web.SockSite, admin_sock))
             if config.admin_listen is not None:
                 assert config.admin_token is not None
                 tcp_app = create_tcp_admin_app(state, config.admin_token)
-                host, port = config.admin_listen.host, config.admin_listen.port
-                tcp_runner = await _serve(tcp_app, web.TCPSite, host, port)
-                runners.append(tcp_runner)
-                bound_host, bound_port = tcp_runner.addresses[0][:2]
-                listeners["admin_tcp"] = str(Address(bound_host, bound_port))
+                listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, runners, "the admin API")
+            if config.metrics_listen is not None:
+                collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx)
+                metrics_app = create_metrics_app(collectors)
+                listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, runners, "metrics")
+                log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
             sweeper = loop.create_task(self._sweep_sessions())
             await checker.start()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -84,10 +110,7 @@ class Daemon:
                 "proxy listening on http://%s (%s mode, %d servers); admin API on %s",
                 address, self.balancer.mode, len(self.registry), config.admin_socket,
             )  # fmt: skip
-            self.started.set()
-            await self._stop.wait()
-            log.info("stopping: finishing requests in flight (grace %d ms)", config.shutdown_grace_ms)
-            await proxy.stop(config.shutdown_grace_ms / 1000.0)
+            await self._serve_until_stopped(proxy)
         finally:
             await checker.stop()
             if sweeper is not None:
@@ -101,6 +124,18 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
         log.info("stopped")
+
+    async def _serve_until_stopped(self, proxy: ProxyServer) -> None:
+        """The serve phase, once every listener is up: wait for SIGTERM/SIGINT, stop the proxy (requests
+        in flight finish within the grace period), then snapshot the sticky sessions."""
+        if self.keeper is not None:
+            self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
+        self.started.set()
+        await self._stop.wait()
+        log.info("stopping: finishing requests in flight (grace %d ms)", self.config.shutdown_grace_ms)
+        await proxy.stop(self.config.shutdown_grace_ms / 1000.0)
+        if self.keeper is not None:
+            self.keeper.save_sessions(self.sessions)
 
     async def _sweep_sessions(self) -> None:
         """Expire idle sessions in bounded batches so memory follows the live set."""
@@ -116,12 +151,22 @@ async def _listen(proxy: ProxyServer, config: Config) -> object:
         raise OSError(f"cannot listen on {config.listen}: {exc.strerror}") from None
 
 
-async def _serve(app: web.Application, site_type: type[web.BaseSite], *where: object) -> web.AppRunner:
+async def _serve(
+    app: web.Application, site_type: type[web.BaseSite], *where: object, what: str = "the admin API"
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         await site_type(runner, *where).start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(f"cannot serve the admin API on {':'.join(map(str, where))}: {exc.strerror}") from None
+        raise OSError(f"cannot serve {what} on {':'.join(map(str, where))}: {exc.strerror}") from None
     return runner
+
+
+async def _serve_tcp(app: web.Application, address: Address, runners: list[web.AppRunner], what: str) -> str:
+    """Serve `app` on TCP (its runner joins `runners`); returns the bound address (port 0 resolved)."""
+    runner = await _serve(app, web.TCPSite, address.host, address.port, what=what)
+    runners.append(runner)
+    host, port = runner.addresses[0][:2]
+    return str(Address(host, port))

@@ -12,6 +12,9 @@ from lbd.errors import ValidationError
 
 SERVER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_CAPACITY = 1_000_000
+# Upper bounds (seconds) of the per-server upstream latency histogram's buckets, plus +Inf (Prometheus
+# `le` semantics: a value equal to a bound counts in that bucket).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Outcome(StrEnum):
@@ -93,6 +96,11 @@ class ServerState:
     ejections: int = 0
     last_transition_at: float | None = None
     last_transition_reason: str = ""
+    # responses to clients by status class (1xx..5xx), lbd's own 502/504 for this server included
+    responses: list[int] = field(default_factory=lambda: [0] * 5)
+    # time to response headers: counts per LATENCY_BUCKETS_S bucket (not cumulative; last is +Inf)
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
 
     @property
     def health_in_cooldown(self) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from lbd.config import HealthSettings
 from lbd.health import machine
-from lbd.models import Outcome, Server, ServerSpec, ServerState
+from lbd.models import LATENCY_BUCKETS_S, Outcome, Server, ServerSpec, ServerState
 
 log = logging.getLogger("lbd.health")
 
@@ -97,6 +98,8 @@ class Registry:
         state = server.state
         if latency_s is not None:
             state.latency_ewma_ms += LATENCY_EWMA_WEIGHT * (latency_s * 1000.0 - state.latency_ewma_ms)
+            state.latency_buckets[bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+            state.latency_sum_s += latency_s
         if outcome is Outcome.OK:
             state.passive_failures = 0
             return

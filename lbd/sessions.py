@@ -6,13 +6,16 @@ so the oldest-idle entries are always at the front. That gives, with no timer pe
 - expiry by popping from the front, a few entries per call plus a periodic sweep;
 - a hard bound (`max_sessions`): the oldest idle session is evicted first.
 Time is passed in (`now`, seconds on a monotonic clock), so tests need no fake clock.
+`snapshot` / `restore` carry the table across a restart as idle ages, in LRU order (lbd/state.py
+writes them on graceful shutdown).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SWEEP_PER_CALL = 2
 
@@ -24,6 +27,15 @@ class Session:
     last_seen: float
 
 
+class SessionRecord(NamedTuple):
+    """A session as saved across a restart: its idle age, since monotonic clocks do not survive one."""
+
+    client_id: str
+    server_id: str
+    region: str | None
+    idle_s: float
+
+
 class SessionTable:
     def __init__(self, idle_timeout_s: float, max_sessions: int) -> None:
         self.idle_timeout_s = idle_timeout_s
@@ -32,6 +44,8 @@ class SessionTable:
         self.evicted = 0
         self.expired = 0
         self._next_expiry = 0.0  # nothing can expire before this: lets `get` skip the sweep probe
+        self.by_server: Counter[str] = Counter()  # live counts, kept as sessions come and go
+        self.by_region: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._table)
@@ -45,6 +59,7 @@ class SessionTable:
             return None
         if now - session.last_seen >= self.idle_timeout_s:
             del self._table[client_id]
+            self._uncount(session)
             self.expired += 1
             return None
         session.last_seen = now
@@ -62,25 +77,42 @@ class SessionTable:
         """Bind `client_id` to `server_id` (new session, or re-pinned after a move)."""
         session = self._table.get(client_id)
         if session is not None:
+            self._uncount(session)
             session.server_id = server_id
             session.region = region
             session.last_seen = now
             self._table.move_to_end(client_id)
+            self._count(session)
             return
         if len(self._table) >= self.max_sessions:
-            self._table.popitem(last=False)
+            self._uncount(self._table.popitem(last=False)[1])
             self.evicted += 1
-        self._table[client_id] = Session(server_id, region, now)
+        session = self._table[client_id] = Session(server_id, region, now)
+        self._count(session)
 
     def remove(self, client_id: str) -> bool:
-        return self._table.pop(client_id, None) is not None
+        session = self._table.pop(client_id, None)
+        if session is None:
+            return False
+        self._uncount(session)
+        return True
 
     def remove_server(self, server_id: str) -> int:
         """Drop every session on one server (O(n): an operator command, not a request path)."""
         doomed = [client for client, session in self._table.items() if session.server_id == server_id]
         for client in doomed:
-            del self._table[client]
+            self._uncount(self._table.pop(client))
         return len(doomed)
+
+    def _count(self, session: Session) -> None:
+        self.by_server[session.server_id] += 1
+        self.by_region[session.region or "-"] += 1
+
+    def _uncount(self, session: Session) -> None:
+        for counter, key in ((self.by_server, session.server_id), (self.by_region, session.region or "-")):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
 
     def sweep(self, now: float, budget: int = 10_000) -> int:
         """Expire up to `budget` idle sessions; called periodically so memory follows the live set."""
@@ -96,7 +128,7 @@ class SessionTable:
             if oldest.last_seen > cutoff:
                 self._next_expiry = oldest.last_seen + self.idle_timeout_s
                 break
-            table.popitem(last=False)
+            self._uncount(table.popitem(last=False)[1])
             removed += 1
         else:
             if not table:
@@ -108,3 +140,51 @@ class SessionTable:
         """Live sessions, most recently active last."""
         cutoff = now - self.idle_timeout_s
         return ((client, session) for client, session in self._table.items() if session.last_seen > cutoff)
+
+    def snapshot(self, now: float) -> list[SessionRecord]:
+        """Live sessions with their idle age, least recently active first (the table's order)."""
+        return [SessionRecord(client, s.server_id, s.region, now - s.last_seen) for client, s in self.items(now)]
+
+    def restore(
+        self,
+        records: Iterable[SessionRecord],
+        now: float,
+        *,
+        downtime_s: float = 0.0,
+        servers: Container[str] | None = None,
+    ) -> int:
+        """Bring back a snapshot: each record's idle age grows by `downtime_s`; records now past the
+        idle timeout, on a server not in `servers` (when given), or for a client already in the table are
+        dropped. LRU order follows the idle ages, and `max_sessions` still holds (oldest evicted
+        first). Returns how many records were restored."""
+        table = self._table
+        timeout = self.idle_timeout_s
+        downtime_s = max(0.0, downtime_s)
+        restored: dict[str, Session] = {}
+        for client_id, server_id, region, idle_s in records:
+            idle = max(0.0, idle_s) + downtime_s
+            if idle >= timeout or client_id in table:
+                continue
+            if servers is not None and server_id not in servers:
+                continue
+            previous = restored.get(client_id)
+            if previous is not None:
+                if previous.last_seen > now - idle:
+                    continue
+                del restored[client_id]  # a duplicate: the most recent one wins
+            restored[client_id] = Session(server_id, region, now - idle)
+        merged = [*table.items(), *restored.items()]
+        merged.sort(key=_last_seen)  # a snapshot is already in this order: linear
+        overflow = max(0, len(merged) - self.max_sessions)
+        self.evicted += overflow
+        self._table = OrderedDict(merged[overflow:])
+        self.by_server.clear()
+        self.by_region.clear()
+        for session in self._table.values():
+            self._count(session)
+        self._next_expiry = 0.0
+        return len(restored.keys() & self._table.keys())
+
+
+def _last_seen(item: tuple[str, Session]) -> float:
+    return item[1].last_seen

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.harness.backends import Backend, backends
 from tests.harness.daemon import Lbd, running_lbd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """lbd processes started without --state-dir keep state under $XDG_STATE_HOME/lbd: never the user's."""
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
 
 
 @pytest.fixture

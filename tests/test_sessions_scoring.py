@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -69,6 +71,37 @@ def test_table_never_exceeds_its_bound_and_never_returns_expired(events: list[tu
             table.pin(client, "s1", None, now)
         last_seen[client] = now
         assert len(table) <= 4
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["pin", "get", "remove", "clear_server", "sweep"]),
+            st.sampled_from("abcdef"),
+            st.sampled_from(["s1", "s2"]),
+            st.floats(0, 2),
+        ),
+        max_size=80,
+    )
+)
+def test_per_server_and_region_counts_always_match_the_table(ops: list[tuple[str, str, str, float]]) -> None:
+    table = SessionTable(idle_timeout_s=3, max_sessions=4)
+    now = 0.0
+    for op, client, server, step in ops:
+        now += step
+        if op == "pin":
+            table.pin(client, server, "eu-west" if server == "s1" else "us-east", now)
+        elif op == "get":
+            table.get(client, now)
+        elif op == "remove":
+            table.remove(client)
+        elif op == "clear_server":
+            table.remove_server(server)
+        else:
+            table.sweep(now)
+        live = [session for _, session in table._table.items()]
+        assert dict(table.by_server) == dict(Counter(session.server_id for session in live))
+        assert sum(table.by_region.values()) == len(table)
 
 
 def test_repin_moves_the_session() -> None:

@@ -6,6 +6,7 @@ Reads come from registry snapshots and proxy counters; every error is the envelo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,11 +19,13 @@ from typing import Any
 from aiohttp import web
 
 from lbd import __version__
-from lbd.balancer import Balancer
-from lbd.config import Config
+from lbd.balancer import BadRoute, Balancer, NoServer
+from lbd.config import Config, config_to_mapping
+from lbd.metrics import add_metrics_route, metrics_registry
 from lbd.models import Health, Server
 from lbd.proxy.server import ProxyContext
 from lbd.registry import Registry
+from lbd.routing import dynamic
 from lbd.sessions import SessionTable
 
 
@@ -37,6 +40,7 @@ class AdminState:
     proxy: ProxyContext
     listeners: dict[str, str]
     started_at: float
+    persist: Callable[[], None] = lambda: None  # saves the state file; called before answering a change
 
 
 log = logging.getLogger("lbd.admin")
@@ -87,7 +91,7 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
 def server_json(server: Server) -> dict[str, Any]:
     """A server as the API shows it, with its monotonic times turned into Unix times."""
     now = time.monotonic()
-    return server.to_json(now, time.time() - now)
+    return {**server.to_json(now, time.time() - now), "score": round(dynamic.score(server), 4)}
 
 
 def state_of(request: web.Request) -> AdminState:
@@ -105,6 +109,7 @@ async def get_status(request: web.Request) -> web.Response:
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - state.started_at, 3),
         "listeners": state.listeners,
+        "state_dir": str(state.config.state_dir),
         "servers": {
             "total": len(servers),
             "in_rotation": sum(1 for server in servers if server.state.health.in_rotation),
@@ -135,6 +140,25 @@ async def get_server(request: web.Request) -> web.Response:
     return web.json_response(server_json(server), dumps=_dumps)
 
 
+async def explain_route(request: web.Request) -> web.Response:
+    """`lbctl route`: the balancer's decision for a client, with candidates; changes nothing."""
+    state = state_of(request)
+    try:
+        body = state.balancer.explain(request.match_info["client_id"], request.query.get("region"), time.monotonic())
+    except BadRoute as exc:
+        raise ApiError(400, "bad_route", str(exc), "region") from None
+    except NoServer as exc:
+        raise ApiError(503, "no_server", str(exc)) from None
+    return web.json_response(body, dumps=_dumps)
+
+
+async def get_config(request: web.Request) -> web.Response:
+    """The configuration in effect: the file and flags as loaded, with the mode as switched since."""
+    state = state_of(request)
+    effective = dataclasses.replace(state.config, mode=state.balancer.mode)
+    return web.json_response(config_to_mapping(effective), dumps=_dumps)
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -145,8 +169,11 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
 
     app = web.Application(middlewares=[error_envelope, *middlewares], client_max_size=4 * 1024 * 1024)
     app[ADMIN_STATE] = state
+    add_metrics_route(app, metrics_registry(state.registry, state.balancer, state.sessions, state.proxy))
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/servers", list_servers)
     app.router.add_get("/v1/servers/{server_id}", get_server)
+    app.router.add_get("/v1/route/{client_id}", explain_route)
+    app.router.add_get("/v1/config", get_config)
     mutations.add_routes(app)
     return app

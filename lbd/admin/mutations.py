@@ -1,7 +1,9 @@
 """Admin endpoints that change things: registration, draining, removal, mode, sessions.
 
 They act only through the registry, the balancer and the session table, and answer every bad
-input with the error envelope naming the field and what is allowed.
+input with the error envelope naming the field and what is allowed. A change to servers, drain
+flags or the mode is saved to the state file before it is answered (`persist`), so an
+acknowledged change survives a crash.
 """
 
 from __future__ import annotations
@@ -15,11 +17,21 @@ from aiohttp import web
 
 from lbd.admin.app import ApiError, server_json, state_of
 from lbd.config import MODES, Mode, parse_server_list
-from lbd.errors import ValidationError
+from lbd.errors import LbError, ValidationError
 from lbd.models import Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 
 DRAIN_POLL_S = 0.05
+
+
+def persist(request: web.Request) -> None:
+    """Save the state file (write, fsync, rename) before the change is acknowledged."""
+    try:
+        state_of(request).persist()
+    except LbError as exc:
+        raise ApiError(
+            500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"
+        ) from None
 
 
 async def read_json(request: web.Request) -> Any:
@@ -50,6 +62,7 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
     except RegistryConflict as exc:
         raise ApiError(409, "conflict", str(exc), "id") from None
     created = [spec.id for spec in specs if registry.register(spec)[1]]
+    persist(request)  # also when nothing was created: a retry after a failed save gets it saved
     servers = [server_json(cast(Server, registry.get(spec.id))) for spec in specs]
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
@@ -71,6 +84,7 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
         await asyncio.sleep(DRAIN_POLL_S)
     in_flight = server.state.active
     state.registry.deregister(server_id)
+    persist(request)
     state.proxy.pool.close_idle(server_id=server_id)
     return web.json_response(
         {
@@ -100,6 +114,7 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
     server = state_of(request).registry.set_draining(server_id, draining)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    persist(request)
     return web.json_response(server_json(server))
 
 
@@ -115,6 +130,7 @@ async def put_mode(request: web.Request) -> web.Response:
     balancer = state_of(request).balancer
     previous = balancer.mode
     balancer.set_mode(cast(Mode, mode))
+    persist(request)
     return web.json_response({"mode": mode, "previous": previous})
 
 
@@ -150,6 +166,20 @@ async def list_sessions(request: web.Request) -> web.Response:
     return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
 
 
+async def sessions_summary(request: web.Request) -> web.Response:
+    """Counts per server and per client region, kept incrementally (no scan of the table)."""
+    sessions = state_of(request).sessions
+    return web.json_response(
+        {
+            "total": len(sessions),
+            "by_server": dict(sessions.by_server),
+            "by_region": dict(sessions.by_region),
+            "evicted": sessions.evicted,
+            "expired": sessions.expired,
+        }
+    )
+
+
 async def clear_session(request: web.Request) -> web.Response:
     client_id = request.match_info["client_id"]
     if not state_of(request).sessions.remove(client_id):
@@ -172,5 +202,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/mode", get_mode)
     app.router.add_put("/v1/mode", put_mode)
     app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/summary", sessions_summary)
     app.router.add_delete("/v1/sessions", clear_server_sessions)
     app.router.add_delete("/v1/sessions/{client_id}", clear_session)

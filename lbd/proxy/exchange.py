@@ -535,7 +535,7 @@ class Exchange:
             self.timer = None
         if self.server is not None:
             self.ctx.registry.record_outcome(self.server, Outcome.OK, self.latency_s)
-        self.ctx.count_response(101)
+        self.ctx.count_response(101, self.server)
         self.client.start_tunnel(self, connection, upstream_bytes)
 
     def tunnel_closed(self) -> None:
@@ -560,7 +560,7 @@ class Exchange:
         if server is not None:
             server.state.active -= 1
             self.ctx.registry.record_outcome(server, outcome, self.latency_s)
-        self.ctx.count_response(self.status)
+        self.ctx.count_response(self.status, server)
 
     def _finish(self, outcome: Outcome) -> None:
         self._account(outcome)

@@ -52,9 +52,13 @@ class ProxyContext:
         """`timeout_base + latency of the server's region`, precomputed per region."""
         return self._timeouts.get(server.spec.region, self._timeout_base_s)
 
-    def count_response(self, status: int) -> None:
+    def count_response(self, status: int, server: Server | None) -> None:
+        """One response to a client, by status class; also the server's when one was chosen."""
         if 100 <= status < 600:
-            self.responses[STATUS_CLASSES[status // 100 - 1]] += 1
+            index = status // 100 - 1
+            self.responses[STATUS_CLASSES[index]] += 1
+            if server is not None:
+                server.state.responses[index] += 1
 
 
 class ProxyServer:

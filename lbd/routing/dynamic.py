@@ -131,3 +131,13 @@ def tie_break(client_key: int, server_hash: int) -> int:
     mixed = client_key ^ server_hash
     mixed = (mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
     return mixed ^ (mixed >> 27)
+
+
+def ranked(index: RegionIndex, client_key: int, proximity: Sequence[str]) -> list[tuple[str, Server, float]]:
+    """Every server of the regions in `proximity`, best first within each region (for `lbctl route`)."""
+    rows: list[tuple[str, Server, float]] = []
+    for region in proximity:
+        members = index.by_region.get(region, ())
+        ordered = sorted(members, key=lambda member: (score(member[0]), tie_break(client_key, member[1])))
+        rows.extend((region, server, score(server)) for server, _ in ordered)
+    return rows

@@ -60,12 +60,19 @@ class Lbd:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def state_dir(self) -> Path:
+        """Each test daemon keeps its state in its own workdir (unless its args name another)."""
+        return self.workdir / "state"
+
     def start(self, extra: Sequence[str] = ()) -> Lbd:
+        """Start (or, after `stop` or `kill`, restart on the same workdir and state directory)."""
+        state = [] if "--state-dir" in [*self.args, *extra] else ["--state-dir", str(self.state_dir)]
         command = [
             sys.executable, "-m", "lbd", "start",
             "--listen", "127.0.0.1:0",
             "--admin-socket", str(self.socket),
-            *self.args, *extra,
+            *state, *self.args, *extra,
         ]  # fmt: skip
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, env=self.env, cwd=self.workdir)
@@ -118,6 +125,12 @@ class Lbd:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing of lbd's shutdown runs."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code."""

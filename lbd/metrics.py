@@ -1,0 +1,173 @@
+"""Prometheus exposition: a collector that reads lbd's own counters when scraped.
+
+The proxy never touches prometheus_client: it keeps plain integers (in `ServerState`, `ProxyContext`
+and `SessionTable`) that cost a list index increment per request, and this collector turns them into
+metric families only when `/metrics` is fetched. prometheus_client's own Counter and Histogram take a
+lock per update, which the hot path cannot afford.
+
+Served on the admin socket (`GET /metrics`, next to the /v1 API) and, with `metrics_listen`, by a
+separate TCP app that serves nothing else. Names follow HAProxy's and Envoy's exporters with an
+`lbd_` prefix; every per-server series carries `server` and `region` labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lbd.balancer import Balancer
+from lbd.config import MODES
+from lbd.models import LATENCY_BUCKETS_S, Health
+from lbd.proxy.server import STATUS_CLASSES, ProxyContext
+from lbd.registry import Registry
+from lbd.sessions import SessionTable
+
+SERVER_LABELS = ("server", "region")
+BUCKET_BOUNDS = (*(repr(bound) for bound in LATENCY_BUCKETS_S), "+Inf")
+
+
+class LbdCollector(Collector):
+    """Reads the registry, the proxy's counters and the session table at scrape time."""
+
+    def __init__(self, registry: Registry, balancer: Balancer, sessions: SessionTable, proxy: ProxyContext) -> None:
+        self.registry = registry
+        self.balancer = balancer
+        self.sessions = sessions
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._global()
+        yield from self._servers()
+
+    def _global(self) -> Iterator[Metric]:
+        proxy, sessions = self.proxy, self.sessions
+        mode = GaugeMetricFamily("lbd_mode", "Routing mode: 1 for the current one.", labels=["mode"])
+        for each in MODES:
+            mode.add_metric([each], 1.0 if self.balancer.mode == each else 0.0)
+        yield mode
+        yield CounterMetricFamily("lbd_requests", "Requests received from clients.", value=proxy.requests_total)
+        responses = CounterMetricFamily(
+            "lbd_responses", "Responses sent to clients by status class (lbd's own errors included).", labels=["class"]
+        )
+        for name in STATUS_CLASSES:
+            responses.add_metric([name], proxy.responses[name])
+        yield responses
+        yield CounterMetricFamily(
+            "lbd_retries", "Upstream attempts made again (on a backup, or on a fresh connection).", value=proxy.retries
+        )
+        yield CounterMetricFamily("lbd_failovers", "Failed attempts retried on a backup server.", value=proxy.failovers)
+        yield GaugeMetricFamily(
+            "lbd_client_connections", "Open client connections to the proxy.", value=len(proxy.connections)
+        )
+        yield GaugeMetricFamily("lbd_sessions", "Live sticky sessions.", value=len(sessions))
+        yield CounterMetricFamily(
+            "lbd_sessions_evicted", "Sessions evicted because the table was full.", value=sessions.evicted
+        )
+        yield CounterMetricFamily("lbd_sessions_expired", "Sessions ended by inactivity.", value=sessions.expired)
+        yield GaugeMetricFamily("lbd_servers", "Registered servers.", value=len(self.registry))
+
+    def _servers(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "lbd_server_requests", "Attempts forwarded to the server (retries included).", labels=SERVER_LABELS
+        )
+        responses = CounterMetricFamily(
+            "lbd_server_responses",
+            "Responses to clients by status class for requests sent to the server (lbd's 502/504 included).",
+            labels=[*SERVER_LABELS, "class"],
+        )
+        errors = CounterMetricFamily(
+            "lbd_server_errors",
+            "Failed attempts: refused or reset connections, timeouts, malformed responses, 5xx answers.",
+            labels=SERVER_LABELS,
+        )
+        latency = HistogramMetricFamily(
+            "lbd_server_upstream_latency_seconds",
+            "Time from sending the request to the server's response headers.",
+            labels=SERVER_LABELS,
+        )
+        latency_ewma = GaugeMetricFamily(
+            "lbd_server_latency_ewma_seconds", "The latency estimate dynamic mode scores by.", labels=SERVER_LABELS
+        )
+        active = GaugeMetricFamily("lbd_server_active_requests", "Requests in flight.", labels=SERVER_LABELS)
+        capacity = GaugeMetricFamily(
+            "lbd_server_capacity", "Declared capacity (concurrent requests).", labels=SERVER_LABELS
+        )
+        health = GaugeMetricFamily(
+            "lbd_server_health", "Health state: 1 for the current one.", labels=[*SERVER_LABELS, "state"]
+        )
+        up = GaugeMetricFamily(
+            "lbd_server_up", "1 when the server takes new requests (in rotation, not draining).", labels=SERVER_LABELS
+        )
+        draining = GaugeMetricFamily("lbd_server_draining", "1 while the server drains.", labels=SERVER_LABELS)
+        checks = CounterMetricFamily(
+            "lbd_server_checks", "Active health checks by result.", labels=[*SERVER_LABELS, "result"]
+        )
+        ejections = CounterMetricFamily(
+            "lbd_server_ejections", "Times the server was taken out of rotation.", labels=SERVER_LABELS
+        )
+        for server in self.registry.servers():
+            state = server.state
+            labels = [server.id, server.spec.region]
+            requests.add_metric(labels, state.requests)
+            for name, count in zip(STATUS_CLASSES, state.responses, strict=True):
+                responses.add_metric([*labels, name], count)
+            errors.add_metric(labels, state.errors)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip(BUCKET_BOUNDS, state.latency_buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(labels, buckets, state.latency_sum_s)
+            latency_ewma.add_metric(labels, state.latency_ewma_ms / 1000.0)
+            active.add_metric(labels, state.active)
+            capacity.add_metric(labels, server.spec.capacity)
+            for value in Health:
+                health.add_metric([*labels, value.value], 1.0 if state.health is value else 0.0)
+            up.add_metric(labels, 1.0 if state.health.in_rotation and not state.draining else 0.0)
+            draining.add_metric(labels, 1.0 if state.draining else 0.0)
+            checks.add_metric([*labels, "passed"], state.checks_passed)
+            checks.add_metric([*labels, "failed"], state.checks_failed)
+            ejections.add_metric(labels, state.ejections)
+        yield from (requests, responses, errors, latency, latency_ewma, active, capacity, health, up, draining)
+        yield from (checks, ejections)
+
+
+def metrics_registry(
+    registry: Registry, balancer: Balancer, sessions: SessionTable, proxy: ProxyContext
+) -> CollectorRegistry:
+    """A private registry (never prometheus_client's global one): lbd's collector plus process_* metrics."""
+    collectors = CollectorRegistry()
+    collectors.register(LbdCollector(registry, balancer, sessions, proxy))
+    ProcessCollector(registry=collectors)
+    return collectors
+
+
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: the Prometheus text format."""
+    body = generate_latest(request.app[METRICS_REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics_route(app: web.Application, collectors: CollectorRegistry) -> None:
+    app[METRICS_REGISTRY] = collectors
+    app.router.add_get("/metrics", get_metrics)
+
+
+def create_metrics_app(collectors: CollectorRegistry) -> web.Application:
+    """The `metrics_listen` TCP app: `GET /metrics` and nothing else (read-only, so no token)."""
+    app = web.Application()
+    add_metrics_route(app, collectors)
+    return app
