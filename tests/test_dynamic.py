@@ -22,16 +22,7 @@ TOKEN = "test-token-0123456789abcdef"
 
 def get(lbd: Lbd, client: str, region: str | None = "us-east", path: str = "/echo") -> tuple[int, str, bytes]:
     """One request through the proxy: (status, backend id, body)."""
-    headers = {"client-id": client}
-    if region is not None:
-        headers["client-region"] = region
-    connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)
-    try:
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.getheader("X-Backend-Id") or "", response.read()
-    finally:
-        connection.close()
+    return lbd.proxy_get(path, client, region)
 
 
 def register(lbd: Lbd, backend: Backend, capacity: int = 10, region: str | None = None) -> dict[str, Any]:

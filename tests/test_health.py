@@ -3,7 +3,6 @@ the panic guard; and how routing reacts. Real lbd, real backends whose /health c
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,11 +38,7 @@ def health_of(lbd: Lbd, server_id: str) -> str:
 
 
 def route(lbd: Lbd, client: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)
-    connection.request("GET", "/echo", headers={"client-id": client})
-    response = connection.getresponse()
-    response.read()
-    return response.status, response.getheader("X-Backend-Id") or ""
+    return lbd.proxy_get("/echo", client)[:2]
 
 
 @pytest.fixture

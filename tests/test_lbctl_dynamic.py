@@ -6,7 +6,6 @@ reads the result back through lbctl's --json output, so a command that only prin
 
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import threading
@@ -59,13 +58,8 @@ def sessions(lbd: Lbd, *args: str) -> dict[str, dict[str, Any]]:
 
 
 def proxied_get(lbd: Lbd, client_id: str, region: str, path: str = "/echo") -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)
-    try:
-        connection.request("GET", path, headers={"client-id": client_id, "client-region": region})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    status, _, body = lbd.proxy_get(path, client_id, region)
+    return status, body
 
 
 # --- register ----------------------------------------------------------------------------------

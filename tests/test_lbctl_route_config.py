@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import subprocess
@@ -56,18 +55,9 @@ def route(lbd: Lbd, *args: str) -> dict[str, Any]:
 
 def backend_reached(lbd: Lbd, client_id: str, region: str | None = None) -> str:
     """Send one real request through lbd's proxy port; the backend that answered."""
-    headers = {"client-id": client_id}
-    if region is not None:
-        headers["client-region"] = region
-    connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)
-    try:
-        connection.request("GET", "/echo", headers=headers)
-        response = connection.getresponse()
-        body = response.read()
-        assert response.status == 200, (response.status, body)
-        return str(response.getheader("X-Backend-Id"))
-    finally:
-        connection.close()
+    status, backend, body = lbd.proxy_get("/echo", client_id, region)
+    assert status == 200, (status, body)
+    return backend
 
 
 # --- route -------------------------------------------------------------------------------------

@@ -56,17 +56,7 @@ def tcp_get(address: str, path: str) -> tuple[int, str, str]:
 
 
 def proxied(lbd: Lbd, path: str, client: str | None = "alice", region: str | None = None) -> tuple[int, str]:
-    headers = {} if client is None else {"client-id": client}
-    if region is not None:
-        headers["client-region"] = region
-    connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)
-    try:
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        return response.status, response.getheader("X-Backend-Id") or ""
-    finally:
-        connection.close()
+    return lbd.proxy_get(path, client, region)[:2]
 
 
 def checks_agree(lbd: Lbd, server_ids: tuple[str, ...]) -> bool:

@@ -44,15 +44,9 @@ def workdir() -> Iterator[Path]:
 
 def proxied(daemon: Lbd, client: str, region: str = "us-east") -> str:
     """One request through the proxy; returns the id of the backend that answered."""
-    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
-    try:
-        connection.request("GET", "/echo", headers={"client-id": client, "client-region": region})
-        response = connection.getresponse()
-        response.read()
-        assert response.status == 200, response.status
-        return response.getheader("X-Backend-Id") or ""
-    finally:
-        connection.close()
+    status, backend, _ = daemon.proxy_get("/echo", client, region)
+    assert status == 200, status
+    return backend
 
 
 def register(daemon: Lbd, entry: dict[str, Any]) -> int:

@@ -112,6 +112,22 @@ class Lbd:
         assert status == 200, f"GET {path} -> {status}: {body}"
         return body
 
+    def proxy_get(
+        self, path: str = "/echo", client: str | None = "alice", region: str | None = None
+    ) -> tuple[int, str, bytes]:
+        """One GET through the proxy port: (status, the answering backend's id, body)."""
+        headers = {} if client is None else {"client-id": client}
+        if region is not None:
+            headers["client-region"] = region
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            return response.status, response.getheader("X-Backend-Id") or "", body
+        finally:
+            connection.close()
+
     def servers(self) -> dict[str, dict[str, Any]]:
         return {server["id"]: server for server in self.get("/v1/servers")["servers"]}
 
