@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from lbd.errors import ConfigError, ValidationError
 from lbd.models import ServerSpec, parse_server
@@ -190,50 +190,47 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
 
 def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> Config:
     _reject_unknown(raw, TOP_LEVEL_KEYS, where)
-    config = Config()
-    if "mode" in raw:
-        if raw["mode"] not in MODES:
-            raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}; got {raw['mode']!r}")
-        config = replace(config, mode=cast(Mode, raw["mode"]))
-    if "servers" in raw:
-        config = replace(config, servers=_path(raw["servers"], f"{where}: servers", base_dir))
-    if "listen" in raw:
-        config = replace(config, listen=_address(raw["listen"], f"{where}: listen"))
-    if "admin_socket" in raw:
-        config = replace(config, admin_socket=_path(raw["admin_socket"], f"{where}: admin_socket", base_dir))
-    if "state_dir" in raw:
-        config = replace(config, state_dir=_path(raw["state_dir"], f"{where}: state_dir", base_dir))
-    integers: dict[str, Any] = {
-        key: _non_negative_int(raw[key], f"{where}: {key}") for key in INTEGER_KEYS if key in raw
+    parsers: dict[str, Callable[[object, str], Any]] = {
+        "mode": _mode,
+        "servers": lambda value, at: _path(value, at, base_dir),
+        "admin_socket": lambda value, at: _path(value, at, base_dir),
+        "state_dir": lambda value, at: _path(value, at, base_dir),
+        "listen": _address,
+        "admin_listen": _address,
+        "metrics_listen": _address,
+        "admin_token": _token,
+        "regions": _regions,
+        "health": _health,
+        **dict.fromkeys(INTEGER_KEYS, _non_negative_int),
     }
-    config = replace(config, **integers)
+    values = {key: parse(raw[key], f"{where}: {key}") for key, parse in parsers.items() if key in raw}
+    config = replace(Config(), **values)
     if config.max_sessions < 1:
         raise ConfigError(f"{where}: max_sessions must be at least 1")
-    if "regions" in raw:
-        config = replace(config, regions=_regions(raw["regions"], f"{where}: regions"))
-    if "health" in raw:
-        config = replace(config, health=_health(raw["health"], f"{where}: health"))
-    if "default_client_region" in raw:
+    if "default_client_region" in raw:  # after regions: it must be one of them
         region = raw["default_client_region"]
         if region not in config.regions.proximity:
             known = ", ".join(sorted(config.regions.proximity))
             raise ConfigError(f"{where}: default_client_region {region!r} is not a client region; known: {known}")
         config = replace(config, default_client_region=region)
-    if "admin_listen" in raw:
-        config = replace(config, admin_listen=_address(raw["admin_listen"], f"{where}: admin_listen"))
-    if "metrics_listen" in raw:
-        config = replace(config, metrics_listen=_address(raw["metrics_listen"], f"{where}: metrics_listen"))
-    if "admin_token" in raw:
-        token = raw["admin_token"]
-        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(f"{where}: admin_token must be a string of at least {MIN_TOKEN_LENGTH} characters")
-        config = replace(config, admin_token=token)
     if config.admin_listen is not None and config.admin_token is None:
         raise ConfigError(
             f"{where}: admin_listen needs admin_token (or env LBD_ADMIN_TOKEN): "
             "the TCP admin listener never runs without authentication"
         )
     return config
+
+
+def _mode(value: object, where: str) -> Mode:
+    if value not in MODES:
+        raise ConfigError(f"{where}: must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def _token(value: object, where: str) -> str:
+    if not isinstance(value, str) or len(value) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{where}: must be a string of at least {MIN_TOKEN_LENGTH} characters")
+    return value
 
 
 def _regions(raw: object, where: str) -> Regions:

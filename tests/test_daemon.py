@@ -82,7 +82,7 @@ def test_a_stale_socket_from_a_crash_is_replaced() -> None:
 
 def test_config_errors_name_the_key_and_exit_2(tmp_path: Path) -> None:
     cases = {
-        'mode = "fast"\n': "mode must be one of static, dynamic",
+        'mode = "fast"\n': "mode: must be one of static, dynamic",
         "timeout_base_ms = -5\n": "timeout_base_ms: must be a non-negative integer",
         'listen = "nowhere"\n': "listen: 'nowhere' is not HOST:PORT",
         "colour = 1\n": "unknown key 'colour'",
