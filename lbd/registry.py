@@ -105,7 +105,9 @@ class Registry:
             return
         if outcome.is_error:
             state.errors += 1
-        transition = machine.after_outcome(state, outcome, time.monotonic(), self.health, self._may_eject(server))
+        transition = machine.after_outcome(
+            state, outcome, time.monotonic(), self.health, lambda: self._may_eject(server)
+        )
         self._announce(server, transition)
 
     def record_probe(self, server: Server, ok: bool, detail: str) -> None:

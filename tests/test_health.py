@@ -156,11 +156,11 @@ def test_machine_cooldown_doubles_up_to_the_cap() -> None:
 def test_machine_passive_failures_reset_on_success() -> None:
     state = ServerState()
     for _ in range(2):
-        machine.after_outcome(state, Outcome.TIMEOUT, 0.0, SETTINGS, may_eject=True)
-    machine.after_outcome(state, Outcome.OK, 0.0, SETTINGS, may_eject=True)
+        machine.after_outcome(state, Outcome.TIMEOUT, 0.0, SETTINGS, may_eject=lambda: True)
+    machine.after_outcome(state, Outcome.OK, 0.0, SETTINGS, may_eject=lambda: True)
     for _ in range(2):
-        assert machine.after_outcome(state, Outcome.RESET, 0.0, SETTINGS, may_eject=True) is None
-    transition = machine.after_outcome(state, Outcome.RESET, 0.0, SETTINGS, may_eject=True)
+        assert machine.after_outcome(state, Outcome.RESET, 0.0, SETTINGS, may_eject=lambda: True) is None
+    transition = machine.after_outcome(state, Outcome.RESET, 0.0, SETTINGS, may_eject=lambda: True)
     assert transition is not None and transition.new is Health.COOLDOWN
     assert json.dumps(state.health.value) == '"cooldown"'
 
@@ -175,3 +175,18 @@ def test_machine_cooldown_straight_back_to_healthy_after_rise_passes() -> None:
     transition = machine.after_probe(state, True, "ok", 1.1, SETTINGS)
     assert transition is not None and (transition.old, transition.new) == (Health.COOLDOWN, Health.HEALTHY)
     assert state.ejections == 1 and state.last_transition_reason == "2 checks passed"
+
+
+def test_machine_consults_the_panic_guard_only_when_it_would_eject() -> None:
+    state = ServerState()
+    asked: list[int] = []
+
+    def guard() -> bool:
+        asked.append(state.passive_failures)
+        return False
+
+    for _ in range(2):
+        assert machine.after_outcome(state, Outcome.TIMEOUT, 0.0, SETTINGS, guard) is None
+    assert asked == []  # below passive_fall: no region scan
+    assert machine.after_outcome(state, Outcome.TIMEOUT, 0.0, SETTINGS, guard) is None
+    assert asked == [3] and state.health is Health.HEALTHY  # asked once, and it refused

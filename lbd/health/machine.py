@@ -14,6 +14,7 @@ Times are seconds on a monotonic clock, passed in by the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lbd.config import HealthSettings
@@ -64,9 +65,12 @@ def after_probe(state: ServerState, ok: bool, detail: str, now: float, settings:
 
 
 def after_outcome(
-    state: ServerState, outcome: Outcome, now: float, settings: HealthSettings, may_eject: bool
+    state: ServerState, outcome: Outcome, now: float, settings: HealthSettings, may_eject: Callable[[], bool]
 ) -> Transition | None:
-    """Passive outlier detection from what the proxy saw on a real request."""
+    """Passive outlier detection from what the proxy saw on a real request.
+
+    `may_eject` (the panic guard, which looks at the whole region) is asked only when this failure
+    would eject the server, so ordinary error responses cost no scan."""
     failed = outcome in PASSIVE_FAILURES or (settings.passive_5xx and outcome is Outcome.STATUS_5XX)
     if not failed:
         if outcome is not Outcome.CLIENT_ABORTED:
@@ -74,7 +78,7 @@ def after_outcome(
         return None
     state.passive_failures += 1
     threshold = 1 if outcome is Outcome.CONNECT_FAILED else settings.passive_fall
-    if state.passive_failures < threshold or not state.health.in_rotation or not may_eject:
+    if state.passive_failures < threshold or not state.health.in_rotation or not may_eject():
         return None
     state.passive_failures = 0
     return _start_cooldown(state, Health.COOLDOWN, f"{threshold} request(s) failed: {outcome.value}", now, settings)
