@@ -30,7 +30,7 @@ from lbctl import views
 from lbctl.client import ApiError, Client, DaemonUnreachable
 from lbctl.output import print_error, show, show_text, waiting, watch
 from lbctl.watch import Frame, Sample, frame
-from lbd.config import default_admin_socket
+from lbd.config import MODES, default_admin_socket
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -66,9 +66,8 @@ class UsageProblem(Exception):
     """A usage error lbctl finds beyond what Typer checks; reported as one line, exit 2."""
 
 
-class Mode(StrEnum):
-    STATIC = "static"
-    DYNAMIC = "dynamic"
+# The daemon's mode names, as a choice Typer validates (a typo is a usage error, exit 2).
+Mode = StrEnum("Mode", {mode.upper(): mode for mode in MODES})  # type: ignore[misc]
 
 
 @app.callback()
