@@ -174,6 +174,22 @@ def test_failover_when_pinned_server_dies_get_and_small_post(dynamic_lbd: Lbd, p
     assert dynamic_lbd.servers()["us1"]["errors"] >= 2  # reported as passive failures
 
 
+def test_a_server_that_times_out_is_not_retried_elsewhere(dynamic_lbd: Lbd, pool: list[Backend]) -> None:
+    """The deadline is the request's budget: a silent server costs a 504 at the deadline, not a second
+    full wait on a backup (retrying on timeouts is opt-in in HAProxy and Envoy)."""
+    us1, us2, _, _ = pool
+    register(dynamic_lbd, us1)
+    assert get(dynamic_lbd, "carol")[1] == "us1"
+    register(dynamic_lbd, us2)
+    started = time.monotonic()
+    status, _, body = get(dynamic_lbd, "carol", path="/slow/3000")
+    elapsed = time.monotonic() - started
+    assert status == 504 and b"us1" in body, body
+    assert 1.0 <= elapsed < 2.0, f"504 after {elapsed:.2f} s; the timeout is 1 s + 10 ms"
+    assert us2.hits["/slow/3000"] == 0
+    assert dynamic_lbd.get("/v1/status")["requests"]["failovers"] == 0
+
+
 def _load(lbd: Lbd, stop: threading.Event, results: Counter[int], clients: int = 8) -> None:
     """Steady traffic from several clients over keep-alive connections, bounded by `stop` and 2,000 requests."""
     connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)

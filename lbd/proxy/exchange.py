@@ -412,7 +412,9 @@ class Exchange:
 
         A pooled connection the server had already closed (the keep-alive race) is retried once on
         a fresh connection to the same server: the request never reached it. Any other failure is
-        retried once on a backup server, and the client's session moves there.
+        retried once on a backup server, and the client's session moves there, except a server
+        that timed out after receiving the request: its deadline was the request's budget (as
+        HAProxy's default `retry-on conn-failure`), so the client gets its 504 at the deadline.
         """
         failed = self.upstream
         self.upstream = None
@@ -421,7 +423,7 @@ class Exchange:
             failed.abort()
         server = self.server
         assert server is not None
-        if self._replayable(outcome):
+        if self._replayable(outcome, reached_server=failed is not None):
             if outcome is Outcome.RESET and failed is not None and failed.reused and not self.retried_stale:
                 self.retried_stale = True
                 self._retry_on(server, None)
@@ -436,14 +438,16 @@ class Exchange:
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self.reply(status, f"upstream {server.id} ({server.spec.url}) {what}", outcome)
 
-    def _replayable(self, outcome: Outcome) -> bool:
-        """Safe to send again: nothing reached the client and every request byte so far is kept.
-        A refused connection means no server saw anything; otherwise the server may have, so
+    def _replayable(self, outcome: Outcome, reached_server: bool) -> bool:
+        """Safe and worth sending again: nothing reached the client and every request byte so far is
+        kept. A refused connection means no server saw anything; otherwise the server may have, so
         non-idempotent methods only when their (small) body was completely received."""
         if self.response_started or not self.buffered:
             return False
-        if outcome is Outcome.CONNECT_FAILED:
+        if outcome is Outcome.CONNECT_FAILED or (outcome is Outcome.TIMEOUT and not reached_server):
             return True
+        if outcome is Outcome.TIMEOUT:
+            return False
         return self.method in IDEMPOTENT_METHODS or self.request_complete
 
     def _retry_on(self, server: Server, failure: Outcome | None) -> None:
