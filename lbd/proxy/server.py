@@ -48,6 +48,16 @@ class ProxyContext:
         self._timeouts = {region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()}
         self._timeout_base_s = timeout_base_ms / 1000.0
 
+    def apply(
+        self, timeout_base_ms: int, region_latency_ms: Mapping[str, int], retry_body_limit: int, client_timeout_s: float
+    ) -> None:
+        """Reloaded settings for the attempts that start from now on; an attempt in flight keeps the
+        upstream timeout it started with (the exchange copied it)."""
+        self._timeouts = {region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()}
+        self._timeout_base_s = timeout_base_ms / 1000.0
+        self.retry_body_limit = retry_body_limit
+        self.client_timeout_s = client_timeout_s
+
     def timeout_s(self, server: Server) -> float:
         """`timeout_base + latency of the server's region`, precomputed per region."""
         return self._timeouts.get(server.spec.region, self._timeout_base_s)
