@@ -8,7 +8,6 @@ beyond the bound). After a `101 Switching Protocols` the connection becomes a ra
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -16,7 +15,7 @@ import httptools
 
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled
-from lbd.proxy.headers import simple_response
+from lbd.proxy.headers import CRLF, REQUEST_HEADERS, SEP, simple_response
 
 if TYPE_CHECKING:
     from lbd.proxy.server import ProxyContext
@@ -40,7 +39,7 @@ class ClientConnection(FlowControlled):
         self.write_paused = False
         self.feeding = False  # parsing our bytes: upstream writes they cause are corked until the end
         self.corked_upstreams: list[FlowControlled] = []
-        self.idle_since = time.monotonic()
+        self.idle_since = ctx.loop.time()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -118,8 +117,13 @@ class ClientConnection(FlowControlled):
         self.parsing.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.add_header(name, value)
+        exchange = self.parsing
+        assert exchange is not None
+        kind = REQUEST_HEADERS.get(name.lower())
+        if kind is None:
+            exchange.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
+        else:
+            exchange.special_header(kind, name, value)
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
@@ -163,7 +167,7 @@ class ClientConnection(FlowControlled):
         if not keep_alive or self.closing or self.upgrading is exchange or self.parsing is exchange:
             self.close()
             return
-        self.idle_since = time.monotonic()
+        self.idle_since = self.ctx.loop.time()
         if self.queue:
             following = self.queue.popleft()
             if len(self.queue) < MAX_PIPELINED:

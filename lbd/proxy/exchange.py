@@ -16,14 +16,27 @@ from lbd.balancer import BadRoute, NoServer
 from lbd.models import Outcome, Server
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL
 from lbd.proxy.headers import (
-    Header,
+    CLIENT_ID,
+    CLIENT_REGION,
+    CONNECTION,
+    CONNECTION_OPTIONS,
+    CONTENT_LENGTH,
+    CRLF,
+    HOST,
+    SEP,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    VIA,
+    VIA_LINE,
+    VIA_VALUE,
+    X_FORWARDED_FOR,
     connection_tokens,
-    forwarded_headers,
-    response_header_lines,
-    scan_response,
+    is_chunked,
+    merged_line,
     simple_response,
     status_line,
     wants_keep_alive,
+    without_named,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +46,7 @@ if TYPE_CHECKING:
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 PENDING_LIMIT = 256 * 1024  # request bytes buffered while no upstream connection is attached
 CHUNK_END = b"0\r\n\r\n"
-CRLF = b"\r\n"
+X_FORWARDED_PROTO_LINE = b"X-Forwarded-Proto: http\r\n"
 
 
 class Exchange:
@@ -47,6 +60,7 @@ class Exchange:
         "conn_tokens",
         "connecting",
         "ctx",
+        "deadline",
         "deferred_reply",
         "early_tunnel",
         "failed_over",
@@ -54,7 +68,7 @@ class Exchange:
         "forwarded_for",
         "has_body",
         "head",
-        "headers",
+        "header_pieces",
         "host",
         "is_head",
         "keep_alive",
@@ -73,7 +87,6 @@ class Exchange:
         "started_at",
         "status",
         "timeout_s",
-        "timer",
         "tunnel_open",
         "until_close",
         "upgrade",
@@ -90,7 +103,7 @@ class Exchange:
         self.method = b""
         self.url = b""
         self.version = "1.1"
-        self.headers: list[Header] = []
+        self.header_pieces: list[bytes] = []  # forwarded headers: name, ": ", value, CRLF, ...
         self.client_id: bytes | None = None
         self.client_region: bytes | None = None
         self.host: bytes | None = None
@@ -124,7 +137,7 @@ class Exchange:
         self.last_activity = 0.0
         self.latency_s: float | None = None
         self.timeout_s = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0  # the deadline wheel's handle, 0 when none is armed
         self.upstream_write_full = False
         self.retried_stale = False
         self.failed_over = False
@@ -132,28 +145,36 @@ class Exchange:
 
     # --- request side, fed by the client connection's parser ----------------------------------
 
-    def add_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower == b"client-id":
+    def special_header(self, kind: int, name: bytes, value: bytes) -> None:
+        """A request header lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`); the client
+        connection appends every other header to `header_pieces` itself."""
+        if kind == CLIENT_ID:
             self.client_id = value
-        elif lower == b"client-region":
+        elif kind == CLIENT_REGION:
             self.client_region = value
-        elif lower == b"host":
+        elif kind == HOST:
             self.host = value
-        elif lower == b"connection":
+        elif kind == CONNECTION:
             self.conn_tokens = self.conn_tokens | connection_tokens(value)
-        elif lower == b"transfer-encoding":
-            self.request_chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            return
+        elif kind == TRANSFER_ENCODING:
+            self.request_chunked = is_chunked(value)
             self.has_body = True
-        elif lower == b"content-length":
+            return
+        elif kind == CONTENT_LENGTH:
             self.has_body = value.strip() != b"0"
-        elif lower == b"upgrade":
+        elif kind == UPGRADE:
             self.upgrade = value
-        elif lower == b"x-forwarded-for":
+            return
+        elif kind == X_FORWARDED_FOR:
             self.forwarded_for = value if self.forwarded_for is None else self.forwarded_for + b", " + value
-        elif lower == b"via":
+            return
+        elif kind == VIA:
             self.via = value if self.via is None else self.via + b", " + value
-        self.headers.append((name, value))
+            return
+        else:
+            return  # dropped
+        self.header_pieces += (name, SEP, value, CRLF)
 
     def headers_complete(self, method: bytes, version: str) -> None:
         self.method = method
@@ -180,8 +201,8 @@ class Exchange:
             self._to_upstream(CHUNK_END)
         if self.server is not None and not self.finished:
             self.last_activity = self.ctx.loop.time()
-            if self.timer is None:
-                self._arm_timer()  # an armed timer fires no later than needed and re-arms itself
+            if not self.deadline:
+                self._arm_timer()  # an armed deadline fires no later than needed and re-arms itself
 
     def _to_upstream(self, data: bytes) -> None:
         if self.finished:
@@ -254,15 +275,25 @@ class Exchange:
             self.connecting.add_done_callback(self._connected)
 
     def _build_head(self, server: Server) -> bytes:
-        drop = self.conn_tokens - {b"close", b"keep-alive", b"upgrade"}
-        lines = forwarded_headers(self.headers, drop, self.host, self.client.client_ip, self.forwarded_for, self.via)
-        if self.host is None:
-            lines.append(b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port))
+        """The request head for `server`: end-to-end headers as they came, then X-Forwarded-*,
+        Via and the framing lbd chose."""
+        pieces = self.header_pieces
+        if self.conn_tokens and (named := self.conn_tokens - CONNECTION_OPTIONS):
+            pieces = without_named(pieces, named)
+        host = self.host
+        lines = [
+            merged_line(b"X-Forwarded-For", self.forwarded_for, self.client.client_ip),
+            X_FORWARDED_PROTO_LINE,
+            b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port)
+            if host is None
+            else b"X-Forwarded-Host: " + host + CRLF,
+            VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
+        ]
         if self.request_chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if self.upgrade is not None:
             lines.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)
-        return b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, self.url, b"".join(lines))
+        return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\n", *pieces, *lines, CRLF))
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         self.connecting = None
@@ -293,20 +324,19 @@ class Exchange:
 
     # --- response side, fed by the upstream connection's parser ------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header], upstream_version: str) -> None:
+    def response_head(self, upstream: UpstreamConnection) -> None:
         self.response_started = True
-        self.status = status
+        self.status = status = upstream.status
         now = self.ctx.loop.time()
         self.latency_s = now - self.started_at
         self.last_activity = now
-        has_length, chunked, tokens, upgrade = scan_response(headers)
-        lines = response_header_lines(headers, tokens - {b"close", b"keep-alive", b"upgrade"})
+        lines = _response_header_pieces(upstream)
         bodyless = self.is_head or status in (204, 304)
-        if status == 101 and upgrade is not None:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + CRLF)
+        if status == 101 and upstream.upgrade is not None:
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + upstream.upgrade + CRLF)
         else:
-            if not bodyless and not has_length:
-                self.until_close = not chunked
+            if not bodyless and not upstream.has_length:
+                self.until_close = not upstream.chunked
                 if self.version == "1.1":
                     self.chunked_to_client = True
                     lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -318,10 +348,7 @@ class Exchange:
                 lines.append(b"Connection: close\r\n")
             elif self.version == "1.0":
                 lines.append(b"Connection: keep-alive\r\n")
-        self.client.write(b"".join((status_line(status, reason), *lines, CRLF)))
-
-    def upstream_keeps_alive(self, upstream_version: str, headers: list[Header]) -> bool:
-        return wants_keep_alive(upstream_version, scan_response(headers)[2])
+        self.client.write(b"".join((status_line(status, upstream.reason), *lines, CRLF)))
 
     def response_body(self, body: bytes) -> None:
         self.last_activity = self.ctx.loop.time()
@@ -330,13 +357,12 @@ class Exchange:
         else:
             self.client.write(body)
 
-    def interim_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
+    def interim_response(self, upstream: UpstreamConnection) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         self.last_activity = self.ctx.loop.time()
         if self.version == "1.1":
-            self.client.write(
-                b"".join((status_line(status, reason), *response_header_lines(headers, frozenset()), CRLF))
-            )
+            lines = _response_header_pieces(upstream)
+            self.client.write(b"".join((status_line(upstream.status, upstream.reason), *lines, CRLF)))
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
@@ -479,9 +505,10 @@ class Exchange:
     # --- timing -----------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.ctx.loop.call_at(self.last_activity + self.timeout_s, self._on_timer)
+        deadlines = self.ctx.deadlines
+        if self.deadline:
+            deadlines.cancel(self, self.deadline)
+        self.deadline = deadlines.arm(self, self.last_activity + self.timeout_s)
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.upstream_write_full = paused
@@ -492,13 +519,13 @@ class Exchange:
         else:
             self.client.release(PEER_WRITE_FULL)
 
-    def _on_timer(self) -> None:
-        """Fire only while lbd is waiting on the server, and only after `timeout_s` of its silence.
+    def deadline_reached(self) -> None:
+        """Act only while lbd is waiting on the server, and only after `timeout_s` of its silence.
 
         Time spent waiting on the client (a slow upload, a slow reader holding the upstream) does
         not count against the server.
         """
-        self.timer = None
+        self.deadline = 0
         if self.finished:
             return
         now = self.ctx.loop.time()
@@ -510,11 +537,11 @@ class Exchange:
         if not waiting_on_server:
             stalled_since = self.last_activity + self.ctx.client_timeout_s
             if now < stalled_since:
-                self.timer = self.ctx.loop.call_at(min(stalled_since, now + self.timeout_s), self._on_timer)
+                self.deadline = self.ctx.deadlines.arm(self, min(stalled_since, now + self.timeout_s))
             else:
                 self.client_stalled()
         elif now < deadline:
-            self.timer = self.ctx.loop.call_at(deadline, self._on_timer)
+            self.deadline = self.ctx.deadlines.arm(self, deadline)
         elif self.response_started:
             self._abort(Outcome.TIMEOUT)
         else:
@@ -534,9 +561,9 @@ class Exchange:
         connection.exchange = None
         self.finished = True
         self.tunnel_open = True  # the server keeps counting this connection as active until it closes
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.ctx.deadlines.cancel(self, self.deadline)
+            self.deadline = 0
         if self.server is not None:
             self.ctx.registry.record_outcome(self.server, Outcome.OK, self.latency_s)
         self.ctx.count_response(101, self.server)
@@ -554,9 +581,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.ctx.deadlines.cancel(self, self.deadline)
+            self.deadline = 0
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -569,6 +596,14 @@ class Exchange:
     def _finish(self, outcome: Outcome) -> None:
         self._account(outcome)
         self.client.exchange_finished(self, self.keep_alive and not self.close_after)
+
+
+def _response_header_pieces(upstream: UpstreamConnection) -> list[bytes]:
+    """The response's end-to-end headers as the client gets them, ending with our Via."""
+    pieces = upstream.header_pieces
+    if upstream.conn_tokens and (named := upstream.conn_tokens - CONNECTION_OPTIONS):
+        pieces = without_named(pieces, named)
+    return [*pieces, VIA_LINE if upstream.via is None else merged_line(b"Via", upstream.via, VIA_VALUE)]
 
 
 def _describe_connect_error(error: BaseException) -> str:

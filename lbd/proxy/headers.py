@@ -5,31 +5,63 @@ Everything here works on raw bytes so the hot path never decodes a header it onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from http import HTTPStatus
 
-Header = tuple[bytes, bytes]
+# What lbd does with a header, by its lower-cased name; a name not listed is forwarded as it came.
+# Headers are gathered as they are parsed into flat lists of pieces (name, ": ", value, CRLF), so a
+# message's head is built with one join and no header is looked at twice.
+DROP = 0  # hop-by-hop (RFC 9110 §7.6.1), or replaced by lbd's own
+CONNECTION = 1
+TRANSFER_ENCODING = 2
+CONTENT_LENGTH = 3  # forwarded; its presence decides the framing of a response
+UPGRADE = 4
+VIA = 5  # merged into lbd's own
+X_FORWARDED_FOR = 6  # merged into lbd's own
+HOST = 7  # forwarded; also named in X-Forwarded-Host
+CLIENT_ID = 8  # forwarded; routes the request
+CLIENT_REGION = 9  # forwarded; routes the request in dynamic mode
 
-# Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones this proxy
-# sets itself on each side.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-REPLACED_ON_REQUEST = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
-VIA = b"1.1 lbd"
+_HOP_BY_HOP = {b"keep-alive": DROP, b"proxy-connection": DROP, b"te": DROP, b"trailer": DROP}
+RESPONSE_HEADERS = {
+    **_HOP_BY_HOP,
+    b"connection": CONNECTION,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"content-length": CONTENT_LENGTH,
+    b"upgrade": UPGRADE,
+    b"via": VIA,
+}
+REQUEST_HEADERS = {
+    **RESPONSE_HEADERS,
+    b"x-forwarded-for": X_FORWARDED_FOR,
+    b"x-forwarded-proto": DROP,
+    b"x-forwarded-host": DROP,
+    b"host": HOST,
+    b"client-id": CLIENT_ID,
+    b"client-region": CLIENT_REGION,
+}
+SEP = b": "
+CRLF = b"\r\n"
+VIA_VALUE = b"1.1 lbd"
+VIA_LINE = b"Via: " + VIA_VALUE + CRLF
+# Connection options that are not header names (RFC 9110 §7.6.1)
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_COMMON_CONNECTION_VALUES = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """Lower-cased options of a `Connection` header: `close`, `keep-alive`, `upgrade`, or header names."""
+    common = _COMMON_CONNECTION_VALUES.get(value)
+    if common is not None:
+        return common
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
+def is_chunked(transfer_encoding: bytes) -> bool:
+    """Chunked framing applies when `chunked` is the final coding (RFC 9112 §6.1)."""
+    return transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
 
 def wants_keep_alive(version: str, tokens: frozenset[bytes]) -> bool:
@@ -39,62 +71,18 @@ def wants_keep_alive(version: str, tokens: frozenset[bytes]) -> bool:
     return version != "1.0" or b"keep-alive" in tokens
 
 
-def forwarded_headers(
-    headers: Iterable[Header],
-    drop: frozenset[bytes],
-    host: bytes | None,
-    client_ip: bytes,
-    prior_forwarded_for: bytes | None,
-    prior_via: bytes | None,
-) -> list[bytes]:
-    """Header lines for the upstream request: end-to-end headers plus X-Forwarded-* and Via."""
-    lines = [
-        name + b": " + value + b"\r\n"
-        for name, value in headers
-        if (lower := name.lower()) not in HOP_BY_HOP and lower not in drop and lower not in _REQUEST_REWRITTEN
-    ]
-    forwarded_for = prior_forwarded_for + b", " + client_ip if prior_forwarded_for else client_ip
-    lines.append(b"X-Forwarded-For: " + forwarded_for + b"\r\n")
-    lines.append(b"X-Forwarded-Proto: http\r\n")
-    if host is not None:
-        lines.append(b"X-Forwarded-Host: " + host + b"\r\n")
-    lines.append(b"Via: " + (prior_via + b", " + VIA if prior_via else VIA) + b"\r\n")
-    return lines
+def without_named(pieces: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """The header pieces minus the headers `Connection` names as hop-by-hop (rare: a slow path)."""
+    kept: list[bytes] = []
+    for i in range(0, len(pieces), 4):
+        if pieces[i].lower() not in names:
+            kept += pieces[i : i + 4]
+    return kept
 
 
-_REQUEST_REWRITTEN = REPLACED_ON_REQUEST | {b"x-forwarded-for", b"via"}
-
-
-def response_header_lines(headers: Iterable[Header], drop: frozenset[bytes]) -> list[bytes]:
-    """End-to-end response headers, plus our Via."""
-    lines = []
-    prior_via = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"via":
-            prior_via = value
-        elif lower not in HOP_BY_HOP and lower not in drop:
-            lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"Via: " + (prior_via + b", " + VIA if prior_via else VIA) + b"\r\n")
-    return lines
-
-
-def scan_response(headers: Iterable[Header]) -> tuple[bool, bool, frozenset[bytes], bytes | None]:
-    """(has Content-Length, is chunked, Connection options, Upgrade value) of an upstream response."""
-    has_length = chunked = False
-    tokens: frozenset[bytes] = frozenset()
-    upgrade = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"content-length":
-            has_length = True
-        elif lower == b"transfer-encoding":
-            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif lower == b"connection":
-            tokens = tokens | connection_tokens(value)
-        elif lower == b"upgrade":
-            upgrade = value
-    return has_length, chunked, tokens, upgrade
+def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:
+    """`Via` / `X-Forwarded-For`: what earlier hops said, then this hop."""
+    return name + SEP + (ours if prior is None else prior + b", " + ours) + CRLF
 
 
 def status_line(status: int, reason: bytes) -> bytes:

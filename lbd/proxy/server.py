@@ -11,6 +11,7 @@ from lbd.balancer import Balancer
 from lbd.config import Address
 from lbd.models import Server
 from lbd.proxy.client import ClientConnection
+from lbd.proxy.deadlines import DeadlineWheel
 from lbd.proxy.upstream import UpstreamPool
 from lbd.registry import Registry
 
@@ -35,6 +36,7 @@ class ProxyContext:
         self.registry = registry
         self.balancer = balancer
         self.pool = UpstreamPool(loop)
+        self.deadlines = DeadlineWheel(loop)
         self.connections: set[ClientConnection] = set()
         self.client_idle_timeout_s = client_idle_timeout_s
         # a client silent this long mid-request, or not reading its response, is cut (nginx's
@@ -95,7 +97,7 @@ class ProxyServer:
         period = min(1.0, self.ctx.client_idle_timeout_s / 4, pool.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
-            cutoff = time.monotonic() - self.ctx.client_idle_timeout_s
+            cutoff = self.ctx.loop.time() - self.ctx.client_idle_timeout_s
             for connection in [c for c in self.ctx.connections if c.idle and c.idle_since < cutoff]:
                 connection.close()
             pool.close_idle(older_than_s=pool.idle_timeout_s)

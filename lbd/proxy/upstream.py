@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from lbd.models import Server
 from lbd.proxy.flow import PEER_WRITE_FULL, FlowControlled
-from lbd.proxy.headers import Header
+from lbd.proxy.headers import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CRLF,
+    RESPONSE_HEADERS,
+    SEP,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    VIA,
+    connection_tokens,
+    is_chunked,
+    wants_keep_alive,
+)
 
 if TYPE_CHECKING:
     from lbd.proxy.exchange import Exchange
@@ -35,9 +46,15 @@ class UpstreamConnection(FlowControlled):
         self.parser = httptools.HttpResponseParser(self)
         self.reused = False
         self.idle_since = 0.0
+        # the response being parsed: its status line and what its headers say
         self.status = 0
         self.reason = b""
-        self.headers: list[Header] = []
+        self.header_pieces: list[bytes] = []  # forwarded headers: name, ": ", value, CRLF, ...
+        self.has_length = False
+        self.chunked = False
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.upgrade: bytes | None = None
+        self.via: bytes | None = None
         self.done = False
         self.keep_alive = False
         self.broken = False
@@ -61,13 +78,6 @@ class UpstreamConnection(FlowControlled):
         client = exchange.client
         corked = client.cork()
         try:
-            self._parse(exchange, data)
-        finally:
-            if corked:
-                client.flush()
-
-    def _parse(self, exchange: Exchange, data: bytes) -> None:
-        try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             if self.status == 101:
@@ -79,6 +89,9 @@ class UpstreamConnection(FlowControlled):
             if not self.done:
                 exchange.upstream_failed_bad_response()
                 return
+        finally:
+            if corked:
+                client.flush()
         if self.done:
             self.done = False
             exchange.response_complete(self.keep_alive and not self.broken)
@@ -119,13 +132,29 @@ class UpstreamConnection(FlowControlled):
             self.broken = True
         self.status = 0
         self.reason = b""
-        self.headers = []
+        self.header_pieces = []
+        self.has_length = self.chunked = False
+        self.conn_tokens = frozenset()
+        self.upgrade = self.via = None
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        kind = RESPONSE_HEADERS.get(name.lower())
+        if kind is None:
+            self.header_pieces += (name, SEP, value, CRLF)
+        elif kind == CONTENT_LENGTH:
+            self.has_length = True
+            self.header_pieces += (name, SEP, value, CRLF)
+        elif kind == CONNECTION:
+            self.conn_tokens |= connection_tokens(value)
+        elif kind == TRANSFER_ENCODING:
+            self.chunked = is_chunked(value)
+        elif kind == UPGRADE:
+            self.upgrade = value
+        elif kind == VIA:
+            self.via = value if self.via is None else self.via + b", " + value
 
     def on_headers_complete(self) -> None:
         if self.done or self.exchange is None:
@@ -135,11 +164,11 @@ class UpstreamConnection(FlowControlled):
         if 100 <= self.status < 200 and self.status != 101:
             return  # interim response: relayed whole at its message end
         exchange = self.exchange
-        exchange.response_head(self.status, self.reason, self.headers, self.parser.get_http_version())
+        exchange.response_head(self)
         if exchange.is_head:
             # httptools cannot be told a HEAD response has no body; end it here, and give the
             # connection a fresh parser for its next response.
-            self.keep_alive = exchange.upstream_keeps_alive(self.parser.get_http_version(), self.headers)
+            self.keep_alive = wants_keep_alive(self.parser.get_http_version(), self.conn_tokens)
             self.done = True
             self.parser = httptools.HttpResponseParser(self)
 
@@ -153,7 +182,7 @@ class UpstreamConnection(FlowControlled):
         if self.done or self.exchange is None:
             return
         if 100 <= self.status < 200 and self.status != 101:
-            self.exchange.interim_response(self.status, self.reason, self.headers)
+            self.exchange.interim_response(self)
             return
         if self.status == 101:
             return  # the upgrade exception from feed_data takes it from here
@@ -214,7 +243,7 @@ class UpstreamPool:
         if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
             connection.close()
             return
-        connection.idle_since = time.monotonic()
+        connection.idle_since = self.loop.time()
         idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
@@ -224,7 +253,7 @@ class UpstreamPool:
 
     def close_idle(self, older_than_s: float | None = None, server_id: str | None = None) -> None:
         """Close idle connections: all, those of one server, or those idle too long."""
-        now = time.monotonic()
+        now = self.loop.time()
         for sid, idle in list(self._idle.items()):
             if server_id is not None and sid != server_id:
                 continue
