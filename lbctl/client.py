@@ -25,6 +25,16 @@ class DaemonUnreachable(Exception):
         self.reason = reason
 
 
+class PermissionDenied(DaemonUnreachable):
+    """The socket is there but not ours to use: lbd makes it owner-only (mode 0600)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        super().__init__(
+            socket_path,
+            "permission denied: the admin socket is owner-only; run lbctl as the user lbd runs as",
+        )
+
+
 class ApiError(Exception):
     """lbd answered with its error envelope; `code` is stable, `message` is meant for a person."""
 
@@ -100,6 +110,8 @@ class Client:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             return response.status, response.read()
+        except PermissionError:
+            raise PermissionDenied(self.socket_path) from None
         except (OSError, http.client.HTTPException) as exc:
             raise DaemonUnreachable(self.socket_path, _reason(exc, timeout)) from None
         finally:

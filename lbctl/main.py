@@ -27,7 +27,7 @@ from urllib.parse import quote, urlencode
 import typer
 
 from lbctl import views
-from lbctl.client import ApiError, Client, DaemonUnreachable
+from lbctl.client import ApiError, Client, DaemonUnreachable, PermissionDenied
 from lbctl.output import print_error, show, show_text, waiting, watch
 from lbctl.watch import Frame, Sample, frame
 from lbd.config import MODES, default_admin_socket
@@ -42,6 +42,7 @@ EXIT_CODES_BY_ERROR_CODE = {
     "session_not_found": EXIT_NOT_FOUND,
     "not_found": EXIT_NOT_FOUND,
     "conflict": EXIT_CONFLICT,
+    "no_config_file": EXIT_CONFLICT,
 }
 # `status --watch` refreshes at least once a second unless told otherwise.
 WATCH_INTERVAL_S = 1.0
@@ -287,6 +288,16 @@ def sessions_clear(
     show(answer, as_json, views.sessions_cleared)
 
 
+@app.command()
+def reload(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Make lbd re-read its config file and apply the changes live, dropping no connection; prints what changed.
+
+    An invalid file changes nothing (exit 1, its error on one line); so does a change to a key bound at start
+    (listen, admin_socket, admin_listen, metrics_listen, state_dir), which needs a restart.
+    """
+    show(_client(ctx).post("/v1/reload"), as_json, views.reload_report)
+
+
 config_app = typer.Typer(
     help="The running lbd's configuration.",
     no_args_is_help=True,
@@ -389,6 +400,8 @@ def main() -> None:
         app(prog_name="lbctl")
     except UsageProblem as exc:
         _fail(str(exc), EXIT_USAGE)
+    except PermissionDenied as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
     except DaemonUnreachable as exc:
         _fail(f"{exc}; is lbd running? start it with 'lbd start' or pass --socket", EXIT_UNREACHABLE)
     except ApiError as exc:

@@ -47,8 +47,20 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("sessions", _text(_mapping(status.get("sessions")).get("total"))),
         ("requests", request_counts(requests)),
         ("responses", response_counts(_mapping(requests.get("responses")))),
+        ("config", config_line(_mapping(status.get("reload")))),
     ]
     return Panel(_key_values(rows), title="lbd status", title_align="left", expand=False)
+
+
+def config_line(reload: Mapping[str, Any]) -> Text:
+    """The config file and how its last reload went (a refused one in red, since lbd runs the old config)."""
+    source = reload.get("config_file") or ("no --config" if "config_file" in reload else MISSING)
+    last = _mapping(reload.get("last"))
+    if not last:
+        return Text(str(source))
+    if last.get("ok"):
+        return Text(f"{source}, last reload ok")
+    return Text.assemble(f"{source}, ", (f"last reload refused: {_str(last.get('error'))}", "red"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +177,29 @@ def mode_line(answer: Mapping[str, Any]) -> Text:
         return Text(f"mode: {mode}")
     previous = _str(answer.get("previous"))
     return Text(f"mode: {mode} (unchanged)" if previous == mode else f"mode: {mode} (was {previous})")
+
+
+def reload_report(answer: Mapping[str, Any]) -> Text:
+    """`POST /v1/reload`: one line per changed key (`timeout_base_ms: 2000 -> 100`), per servers
+    file change, and per warning; or that nothing changed."""
+    lines = [
+        f"  {_str(change.get('key'))}: {_setting(change.get('old'))} -> {_setting(change.get('new'))}"
+        for change in map(_mapping, _sequence(answer.get("changed")))
+    ]
+    servers = _mapping(answer.get("servers"))
+    lines += [
+        f"  servers {what}: {', '.join(map(str, _sequence(servers.get(what))))}"
+        for what in ("added", "replaced", "removed")
+        if _sequence(servers.get(what))
+    ]
+    lines += [f"  warning: {warning}" for warning in map(str, _sequence(answer.get("warnings")))]
+    head = f"reloaded {_str(answer.get('config_file'))}"
+    return Text("\n".join([head, *lines]) if lines else f"{head}: nothing changed")
+
+
+def _setting(value: object) -> str:
+    """A config value as the TOML file spells it (lists and strings in JSON's quoting), unset as "unset"."""
+    return "unset" if value is None else json.dumps(value)
 
 
 def sessions_table(answer: Mapping[str, Any]) -> RenderableType:

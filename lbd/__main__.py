@@ -11,10 +11,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from lbd.config import Config, load_config, load_servers_file
+from lbd.config import ConfigSource
 from lbd.daemon import Daemon
 from lbd.errors import LbError
-from lbd.models import ServerSpec
 from lbd.state import StateStore
 
 app = typer.Typer(
@@ -80,30 +79,30 @@ def start(
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the load balancer in the foreground until SIGTERM or SIGINT."""
+    """Run the load balancer in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     _setup_logging(log_level)
-    overrides: dict[str, Any] = {
+    overrides: dict[str, Any] = {  # paths from the working directory (the file's are from the file's directory)
         "mode": mode,
-        "servers": str(servers) if servers is not None else None,
+        "servers": _absolute(servers),
         "listen": listen,
-        "admin_socket": str(admin_socket) if admin_socket is not None else None,
-        "state_dir": str(state_dir) if state_dir is not None else None,
+        "admin_socket": _absolute(admin_socket),
+        "state_dir": _absolute(state_dir),
         "admin_listen": admin_listen,
         "metrics_listen": metrics_listen,
         "admin_token": os.environ.get("LBD_ADMIN_TOKEN"),
         "timeout_base_ms": timeout_base_ms,
         "shutdown_grace_ms": shutdown_grace_ms,
     }
+    source = ConfigSource(config, overrides)
     try:
-        resolved = load_config(config, overrides)
-        seed = _seed(resolved)
+        resolved, seed = source.load()
         store = StateStore(resolved.state_dir)
         store.open()  # locked for the process's life: one daemon per state directory
         persisted = store.load(resolved.regions.server_regions)
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     try:
-        _run(Daemon(resolved, seed, store, persisted))
+        _run(Daemon(resolved, seed, store, persisted, source))
     except (LbError, OSError) as exc:
         _fail(str(exc), EXIT_RUNTIME)
 
@@ -114,18 +113,15 @@ def check_config(
 ) -> None:
     """Validate a config file without starting anything: prints what it would run, or the first error."""
     try:
-        resolved = load_config(path, {"admin_token": os.environ.get("LBD_ADMIN_TOKEN")})
-        seed = _seed(resolved)
+        resolved, seed = ConfigSource(path, {"admin_token": os.environ.get("LBD_ADMIN_TOKEN")}).load()
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     source = f" from {resolved.servers}" if resolved.servers is not None else ""
     print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {resolved.listen})")
 
 
-def _seed(config: Config) -> list[ServerSpec]:
-    if config.servers is None:
-        return []
-    return load_servers_file(config.servers, config.regions)
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.absolute())
 
 
 def _run(daemon: Daemon) -> None:

@@ -77,6 +77,11 @@ class Balancer:
     def set_mode(self, mode: Mode) -> None:
         self.mode = mode
 
+    def configure(self, regions: Regions, default_client_region: str | None) -> None:
+        """Reloaded regions (proximity orders) and default client region, used from the next choice on."""
+        self.regions = regions
+        self.default_client_region = default_client_region
+
     # --- choosing ---------------------------------------------------------------------------------
 
     def choose(self, client_id: str, client_region: str | None, now: float) -> Server:

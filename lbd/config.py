@@ -170,6 +170,23 @@ INTEGER_KEYS = (
 )
 MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
+# Bound to a socket or a directory when lbd starts: a reload that changes one is refused (restart lbd).
+RESTART_KEYS = ("listen", "admin_socket", "admin_listen", "metrics_listen", "state_dir")
+HIDDEN = "(hidden)"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where the running config comes from, so a reload reads it exactly as the start did: the file,
+    then the command-line flags (and env) that override it."""
+
+    path: Path | None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> tuple[Config, list[ServerSpec]]:
+        """The config and the servers file it names, validated; ConfigError naming the first problem."""
+        config = load_config(self.path, self.overrides)
+        return config, load_seed(config)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
@@ -327,6 +344,11 @@ def _address(value: object, where: str) -> Address:
     return parse_address(value, where)
 
 
+def load_seed(config: Config) -> list[ServerSpec]:
+    """The entries of the config's servers file (none without one), placed in its regions."""
+    return [] if config.servers is None else load_servers_file(config.servers, config.regions)
+
+
 def load_servers_file(path: Path, regions: Regions) -> list[ServerSpec]:
     """Read a seed-format servers.json; one precise message for the first problem found."""
     try:
@@ -365,6 +387,27 @@ def config_to_mapping(config: Config) -> dict[str, Any]:
     reads it back to the same config. Unset keys are left out (TOML has no null) and the admin
     token is never shown (give it again with env LBD_ADMIN_TOKEN)."""
     return {key: _plain(value) for key, value in _fields(config) if value is not None and key != "admin_token"}
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every setting that differs, in the file's order (`regions.latency_ms.us-east`);
+    None stands for unset. The admin token's values are never shown."""
+    before, after = _flatten(config_to_mapping(old)), _flatten(config_to_mapping(new))
+    keys = dict.fromkeys([*before, *after])
+    changes = [(key, before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)]
+    if old.admin_token != new.admin_token:
+        changes.append(("admin_token", HIDDEN if old.admin_token else None, HIDDEN if new.admin_token else None))
+    return changes
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _fields(value: Any) -> list[tuple[str, Any]]:

@@ -3,7 +3,8 @@
 Three phases, as in uvicorn: startup (bind every listener, or fail with a clear message), serve
 until SIGTERM/SIGINT, shutdown (stop accepting, let requests in flight finish within the grace
 period, snapshot the sticky sessions, remove the socket file). State saved in the state directory
-is restored before the listeners open (see lbd/state.py).
+is restored before the listeners open (see lbd/state.py). SIGHUP reloads the config file, like
+`lbctl reload` (see lbd/reload.py).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from lbd.admin.app import AdminState, create_admin_app
 from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
-from lbd.config import Address, Config
+from lbd.config import Address, Config, ConfigSource
 from lbd.health.active import HealthChecker
 from lbd.metrics import create_metrics_app, metrics_registry
 from lbd.models import ServerSpec
 from lbd.proxy.server import ProxyContext, ProxyServer
 from lbd.registry import Registry
+from lbd.reload import Reloader, ReloadError
 from lbd.sessions import SessionTable
 from lbd.state import PersistedState, StateKeeper, StateStore
 
@@ -40,8 +42,11 @@ class Daemon:
         seed: list[ServerSpec],
         store: StateStore | None = None,
         persisted: PersistedState | None = None,
+        source: ConfigSource | None = None,
     ) -> None:
-        self.config = config
+        self.config = config  # as started; a reload's config in effect is the reloader's
+        self.seed = seed
+        self.source = source or ConfigSource(None)
         self.registry = Registry(config.regions.latency_ms, config.health, seed)
         self.sessions = SessionTable(config.session_idle_timeout, config.max_sessions)
         self.balancer = Balancer(
@@ -53,6 +58,7 @@ class Daemon:
             self.keeper.restore_sessions(self.sessions)
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        self._signal_reloads: set[asyncio.Task[None]] = set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -61,6 +67,15 @@ class Daemon:
         """The admin API's hook: save the state file after a change, before the change is answered."""
         if self.keeper is not None:
             self.keeper.save()
+
+    def _reload_on_sighup(self, reloader: Reloader) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_logged(reloader))
+        self._signal_reloads.add(task)
+        task.add_done_callback(self._signal_reloads.discard)
+
+    async def _reload_logged(self, reloader: Reloader) -> None:
+        with contextlib.suppress(ReloadError):  # the reloader logged why; the running config stays
+            await reloader.reload()
 
     async def run(self) -> None:
         config = self.config
@@ -79,11 +94,18 @@ class Daemon:
         runners: list[web.AppRunner] = []
         sweeper: asyncio.Task[None] | None = None
         checker = HealthChecker(self.registry, config.health)
+        reloader = Reloader(
+            self.source, config, self.seed,
+            registry=self.registry, balancer=self.balancer, sessions=self.sessions,
+            proxy=proxy_ctx, checker=checker, state=self.keeper,
+        )  # fmt: skip
+        signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                   signal.SIGHUP: lambda: self._reload_on_sighup(reloader)}  # fmt: skip
         try:
             address = await _listen(proxy, config)
             listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
             state = AdminState(
-                config,
+                reloader,
                 self.registry,
                 self.balancer,
                 self.sessions,
@@ -94,23 +116,22 @@ class Daemon:
             )
             runners.append(await _serve(create_admin_app(state), web.SockSite, admin_sock))
             if config.admin_listen is not None:
-                assert config.admin_token is not None
-                tcp_app = create_tcp_admin_app(state, config.admin_token)
+                tcp_app = create_tcp_admin_app(state)
                 listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, runners, "the admin API")
             if config.metrics_listen is not None:
-                collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx)
+                collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats)
                 metrics_app = create_metrics_app(collectors)
                 listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, runners, "metrics")
                 log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
             sweeper = loop.create_task(self._sweep_sessions())
             await checker.start()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self.request_stop)
+            for signum, handler in signals.items():
+                loop.add_signal_handler(signum, handler)
             log.info(
                 "proxy listening on http://%s (%s mode, %d servers); admin API on %s",
                 address, self.balancer.mode, len(self.registry), config.admin_socket,
             )  # fmt: skip
-            await self._serve_until_stopped(proxy)
+            await self._serve_until_stopped(proxy, reloader)
         finally:
             await checker.stop()
             if sweeper is not None:
@@ -121,19 +142,20 @@ class Daemon:
                 await runner.cleanup()
             admin_sock.close()
             remove_socket(config.admin_socket, admin_inode)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in signals:
                 loop.remove_signal_handler(signum)
         log.info("stopped")
 
-    async def _serve_until_stopped(self, proxy: ProxyServer) -> None:
+    async def _serve_until_stopped(self, proxy: ProxyServer, reloader: Reloader) -> None:
         """The serve phase, once every listener is up: wait for SIGTERM/SIGINT, stop the proxy (requests
-        in flight finish within the grace period), then snapshot the sticky sessions."""
+        in flight finish within the grace period in effect), then snapshot the sticky sessions."""
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
         await self._stop.wait()
-        log.info("stopping: finishing requests in flight (grace %d ms)", self.config.shutdown_grace_ms)
-        await proxy.stop(self.config.shutdown_grace_ms / 1000.0)
+        grace_ms = reloader.config.shutdown_grace_ms
+        log.info("stopping: finishing requests in flight (grace %d ms)", grace_ms)
+        await proxy.stop(grace_ms / 1000.0)
         if self.keeper is not None:
             self.keeper.save_sessions(self.sessions)
 

@@ -30,6 +30,7 @@ from lbd.config import MODES
 from lbd.models import LATENCY_BUCKETS_S, Health
 from lbd.proxy.server import STATUS_CLASSES, ProxyContext
 from lbd.registry import Registry
+from lbd.reload import ReloadStats
 from lbd.sessions import SessionTable
 
 SERVER_LABELS = ("server", "region")
@@ -37,13 +38,21 @@ BUCKET_BOUNDS = (*(repr(bound) for bound in LATENCY_BUCKETS_S), "+Inf")
 
 
 class LbdCollector(Collector):
-    """Reads the registry, the proxy's counters and the session table at scrape time."""
+    """Reads the registry, the proxy's counters, the session table and the reloads at scrape time."""
 
-    def __init__(self, registry: Registry, balancer: Balancer, sessions: SessionTable, proxy: ProxyContext) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        balancer: Balancer,
+        sessions: SessionTable,
+        proxy: ProxyContext,
+        reloads: ReloadStats | None = None,
+    ) -> None:
         self.registry = registry
         self.balancer = balancer
         self.sessions = sessions
         self.proxy = proxy
+        self.reloads = reloads or ReloadStats()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._global()
@@ -75,6 +84,17 @@ class LbdCollector(Collector):
         )
         yield CounterMetricFamily("lbd_sessions_expired", "Sessions ended by inactivity.", value=sessions.expired)
         yield GaugeMetricFamily("lbd_servers", "Registered servers.", value=len(self.registry))
+        reloads = CounterMetricFamily(
+            "lbd_config_reloads", "Config reloads (lbctl reload, SIGHUP) by result.", labels=["result"]
+        )
+        reloads.add_metric(["ok"], self.reloads.succeeded)
+        reloads.add_metric(["failed"], self.reloads.failed)
+        yield reloads
+        yield GaugeMetricFamily(
+            "lbd_config_last_reload_successful",
+            "0 when the last reload was refused (the running config is not the file's), else 1.",
+            value=0.0 if self.reloads.last_ok is False else 1.0,
+        )
 
     def _servers(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -143,11 +163,15 @@ class LbdCollector(Collector):
 
 
 def metrics_registry(
-    registry: Registry, balancer: Balancer, sessions: SessionTable, proxy: ProxyContext
+    registry: Registry,
+    balancer: Balancer,
+    sessions: SessionTable,
+    proxy: ProxyContext,
+    reloads: ReloadStats | None = None,
 ) -> CollectorRegistry:
     """A private registry (never prometheus_client's global one): lbd's collector plus process_* metrics."""
     collectors = CollectorRegistry()
-    collectors.register(LbdCollector(registry, balancer, sessions, proxy))
+    collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads))
     ProcessCollector(registry=collectors)
     return collectors
 

@@ -45,6 +45,12 @@ class Registry:
         """A fresh server whose latency estimate starts at its region's configured latency."""
         return Server(spec, ServerState(latency_ewma_ms=float(self._region_latency_ms.get(spec.region, 0))))
 
+    def configure(self, region_latency_ms: Mapping[str, int], health: HealthSettings) -> None:
+        """Reloaded settings: servers added from now on start at the new region latencies, and every
+        server's next check or outcome follows the new health thresholds."""
+        self._region_latency_ms = region_latency_ms
+        self.health = health
+
     def subscribe(self, listener: Listener) -> None:
         """Call `listener` after every membership change."""
         self._listeners.append(listener)

@@ -90,6 +90,16 @@ class SessionTable:
         session = self._table[client_id] = Session(server_id, region, now)
         self._count(session)
 
+    def configure(self, idle_timeout_s: float, max_sessions: int) -> None:
+        """Reloaded limits: a shorter idle timeout expires sessions from the next sweep on; a smaller
+        bound evicts the oldest idle sessions at once."""
+        self.idle_timeout_s = idle_timeout_s
+        self.max_sessions = max_sessions
+        while len(self._table) > max_sessions:
+            self._uncount(self._table.popitem(last=False)[1])
+            self.evicted += 1
+        self._next_expiry = 0.0  # computed with the old timeout: probe again
+
     def remove(self, client_id: str) -> bool:
         session = self._table.pop(client_id, None)
         if session is None:

@@ -268,14 +268,29 @@ class StateKeeper:
             where, added, len(drained), f", mode {state.mode}" if state.mode else "",
         )  # fmt: skip
 
+    def mode_switched(self) -> bool:
+        """Whether the operator switched the mode at run time (now or before a restart): that choice
+        outlives the config's mode, across restarts and reloads alike."""
+        if self.balancer.mode != self._start_mode:
+            self._mode_decided = True
+        return self._mode_decided
+
+    def follow_config(self, seed: Iterable[ServerSpec], mode: Mode) -> bool:
+        """After a reload: the servers file's entries are config from now on (not saved as
+        registrations). Returns whether the config's `mode` applies (the caller switches to it): not
+        when the operator switched the mode at run time."""
+        self._seed = {spec.id: spec for spec in seed}
+        if self.mode_switched():
+            return False
+        self._start_mode = mode
+        return True
+
     def current(self) -> PersistedState:
         servers = self.registry.servers()
-        if not self._mode_decided and self.balancer.mode != self._start_mode:
-            self._mode_decided = True
         return PersistedState(
             servers=tuple(s.spec for s in servers if self._seed.get(s.id) != s.spec),
             draining=frozenset(s.id for s in servers if s.state.draining),
-            mode=self.balancer.mode if self._mode_decided else None,
+            mode=self.balancer.mode if self.mode_switched() else None,
         )
 
     def save(self) -> None:

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from lbd.metrics import add_metrics_route, metrics_registry
 from lbd.models import Health, Server
 from lbd.proxy.server import ProxyContext
 from lbd.registry import Registry
+from lbd.reload import Reloader
 from lbd.routing import dynamic
 from lbd.sessions import SessionTable
 
@@ -33,7 +35,7 @@ from lbd.sessions import SessionTable
 class AdminState:
     """Everything the admin handlers may read (and, through the registry and balancer, change)."""
 
-    config: Config
+    reloader: Reloader
     registry: Registry
     balancer: Balancer
     sessions: SessionTable
@@ -41,6 +43,11 @@ class AdminState:
     listeners: dict[str, str]
     started_at: float
     persist: Callable[[], None] = lambda: None  # saves the state file; called before answering a change
+
+    @property
+    def config(self) -> Config:
+        """The configuration in effect: a reload replaces it."""
+        return self.reloader.config
 
 
 log = logging.getLogger("lbd.admin")
@@ -123,8 +130,13 @@ async def get_status(request: web.Request) -> web.Response:
             "failovers": proxy.failovers,
         },
         "sessions": {"total": len(state.sessions)},
+        "reload": {"config_file": _optional_str(state.reloader.source.path), **state.reloader.stats.to_json()},
     }
     return web.json_response(body, dumps=_dumps)
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 async def list_servers(request: web.Request) -> web.Response:
@@ -159,6 +171,14 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response(config_to_mapping(effective), dumps=_dumps)
 
 
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3 description of this API, as kept in lbd/admin/openapi.json."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -169,11 +189,15 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
 
     app = web.Application(middlewares=[error_envelope, *middlewares], client_max_size=4 * 1024 * 1024)
     app[ADMIN_STATE] = state
-    add_metrics_route(app, metrics_registry(state.registry, state.balancer, state.sessions, state.proxy))
+    app[OPENAPI] = resources.files("lbd.admin").joinpath("openapi.json").read_bytes()
+    add_metrics_route(
+        app, metrics_registry(state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats)
+    )
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/servers", list_servers)
     app.router.add_get("/v1/servers/{server_id}", get_server)
     app.router.add_get("/v1/route/{client_id}", explain_route)
     app.router.add_get("/v1/config", get_config)
+    app.router.add_get("/v1/openapi.json", get_openapi)
     mutations.add_routes(app)
     return app

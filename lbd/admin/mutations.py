@@ -1,4 +1,4 @@
-"""Admin endpoints that change things: registration, draining, removal, mode, sessions.
+"""Admin endpoints that change things: registration, draining, removal, mode, sessions, reload.
 
 They act only through the registry, the balancer and the session table, and answer every bad
 input with the error envelope naming the field and what is allowed. A change to servers, drain
@@ -20,6 +20,7 @@ from lbd.config import MODES, Mode, parse_server_list
 from lbd.errors import LbError, ValidationError
 from lbd.models import Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
+from lbd.reload import ReloadError
 
 DRAIN_POLL_S = 0.05
 
@@ -41,6 +42,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "request body is not usable JSON: nested too deeply") from None
 
 
 def parse_registration(payload: object, known_regions: frozenset[str]) -> list[ServerSpec]:
@@ -194,6 +197,14 @@ async def clear_server_sessions(request: web.Request) -> web.Response:
     return web.json_response({"cleared": state_of(request).sessions.remove_server(server_id), "server": server_id})
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """Re-read the config file and apply it live; an invalid one changes nothing (422, its message)."""
+    try:
+        return web.json_response(await state_of(request).reloader.reload())
+    except ReloadError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/servers", register)
     app.router.add_delete("/v1/servers/{server_id}", deregister)
@@ -205,3 +216,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions/summary", sessions_summary)
     app.router.add_delete("/v1/sessions", clear_server_sessions)
     app.router.add_delete("/v1/sessions/{client_id}", clear_session)
+    app.router.add_post("/v1/reload", reload_config)

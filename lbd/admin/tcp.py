@@ -14,13 +14,14 @@ from lbd.admin.app import AdminState, ApiError, Handler, api_error, create_admin
 from lbd.admin.mutations import read_json, register, remove_server
 
 
-def bearer_token_required(token: str) -> object:
-    expected = f"Bearer {token}".encode()
+def bearer_token_required(state: AdminState) -> object:
+    """The token in effect (a reload may rotate it), compared in constant time: no timing oracle."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        presented = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(presented, expected):  # constant time: no token oracle
+        token = state.config.admin_token
+        presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if token is None or not hmac.compare_digest(presented, f"Bearer {token}".encode()):
             response = api_error(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>'")
             response.headers["WWW-Authenticate"] = 'Bearer realm="lbd"'
             return response
@@ -43,8 +44,8 @@ async def seed_deregister(request: web.Request) -> web.Response:
     return await remove_server(request, server.id, wait=True)
 
 
-def create_tcp_admin_app(state: AdminState, token: str) -> web.Application:
-    app = create_admin_app(state, middlewares=(bearer_token_required(token),))
+def create_tcp_admin_app(state: AdminState) -> web.Application:
+    app = create_admin_app(state, middlewares=(bearer_token_required(state),))
     app.router.add_post("/register", register)
     app.router.add_post("/deregister", seed_deregister)
     return app

@@ -31,22 +31,37 @@ class HealthChecker:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_PROBES, force_close=True)
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_ms / 1000.0)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        self._session = self._new_session()
         self.registry.subscribe(self._sync)
         self._sync()
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(tasks)
         if self._session is not None:
             await self._session.close()
+
+    async def apply(self, settings: HealthSettings) -> None:
+        """Reloaded settings. The prober itself uses only the interval, timeout and path: when one of
+        them changed, every server's checker starts again with them (the thresholds live in the registry)."""
+        previous, self.settings = self.settings, settings
+        if (settings.interval_ms, settings.timeout_ms, settings.path) == (
+            previous.interval_ms, previous.timeout_ms, previous.path,
+        ):  # fmt: skip
+            return
+        session, tasks = self._session, list(self._tasks.values())
+        self._tasks.clear()
+        self._session = self._new_session()  # before anything awaits: new checkers never see the old one
+        self._sync()
+        await _cancel(tasks)
+        if session is not None:
+            await session.close()
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_PROBES, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_ms / 1000.0)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
     def _sync(self) -> None:
         """Start a checker for each new server, stop those of removed ones."""
@@ -84,3 +99,11 @@ class HealthChecker:
             return False, f"cannot connect ({exc.os_error.strerror or exc.os_error})"
         except aiohttp.ClientError as exc:
             return False, f"{type(exc).__name__}: {exc}"
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,241 @@
+"""Reloading the config file into the running daemon: `lbctl reload`, `POST /v1/reload`, SIGHUP.
+
+A reload reads the file lbd was started with (`--config`) exactly as the start did (the flags still
+override it) and checks everything before it changes anything: an invalid file, or a change to a key
+bound at start (`RESTART_KEYS`), is refused with one precise message and the running config stays.
+Otherwise the rest applies live, and no connection is dropped: requests in flight keep the server
+and the upstream timeout they started with, new ones follow the new settings.
+
+The servers file is applied as an edit, not as a reset: entries new or changed in the file are
+added (or replace the server of that id, the file winning as at start), entries gone from the file
+are removed, and what run time did to entries the file did not touch (a registration, a
+deregistration, a drain flag) stands. The mode switched at run time outlives the file's mode, as it
+does across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from lbd.balancer import Balancer
+from lbd.config import RESTART_KEYS, Config, ConfigSource, Mode, config_changes
+from lbd.errors import LbError
+from lbd.health.active import HealthChecker
+from lbd.models import ServerSpec
+from lbd.proxy.server import ProxyContext
+from lbd.registry import Registry
+from lbd.sessions import SessionTable
+
+log = logging.getLogger("lbd.reload")
+
+
+class ReloadError(LbError):
+    """The reload changed nothing; `status` and `code` are the admin API's answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class StateFollower(Protocol):
+    """The state keeper's part in a reload (lbd/state.py's StateKeeper)."""
+
+    def follow_config(self, seed: Iterable[ServerSpec], mode: Mode) -> bool: ...
+
+    def save(self) -> None: ...
+
+
+@dataclass(slots=True)
+class ReloadStats:
+    """Reloads so far and how the last one went (`GET /v1/status`, `lbd_config_reloads_total`)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    last_at: float | None = None  # Unix time
+    last_ok: bool | None = None
+    last_error: str | None = None
+
+    def record(self, error: str | None) -> None:
+        self.last_at, self.last_ok, self.last_error = round(time.time(), 3), error is None, error
+        if error is None:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+
+    def to_json(self) -> dict[str, Any]:
+        last = None if self.last_at is None else {"at": self.last_at, "ok": self.last_ok, "error": self.last_error}
+        return {"succeeded": self.succeeded, "failed": self.failed, "last": last}
+
+
+@dataclass(frozen=True, slots=True)
+class SeedPlan:
+    """What an edit of the servers file does to the running membership."""
+
+    added: tuple[ServerSpec, ...] = ()
+    replaced: tuple[ServerSpec, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+def plan_seed(old: Mapping[str, ServerSpec], new: Mapping[str, ServerSpec], live: Mapping[str, ServerSpec]) -> SeedPlan:
+    """Entries new or changed in the file are added, or replace the live server of that id when it
+    differs; entries gone from the file are removed unless the live server of that id differs from
+    the old entry (it was registered again at run time); untouched entries leave the live set alone."""
+    added: list[ServerSpec] = []
+    replaced: list[ServerSpec] = []
+    for server_id, spec in new.items():
+        if old.get(server_id) == spec or live.get(server_id) == spec:
+            continue
+        (added if server_id not in live else replaced).append(spec)
+    removed = [server_id for server_id, spec in old.items() if server_id not in new and live.get(server_id) == spec]
+    return SeedPlan(tuple(added), tuple(replaced), tuple(removed))
+
+
+class Reloader:
+    """Owns the configuration in effect; `reload` is the only way it changes."""
+
+    def __init__(
+        self,
+        source: ConfigSource,
+        config: Config,
+        seed: Iterable[ServerSpec],
+        *,
+        registry: Registry,
+        balancer: Balancer,
+        sessions: SessionTable,
+        proxy: ProxyContext,
+        checker: HealthChecker,
+        state: StateFollower | None = None,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.stats = ReloadStats()
+        self._seed = {spec.id: spec for spec in seed}
+        self._registry = registry
+        self._balancer = balancer
+        self._sessions = sessions
+        self._proxy = proxy
+        self._checker = checker
+        self._state = state
+        self._lock = asyncio.Lock()  # one reload at a time: each one compares with the config in effect
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read and apply the config file; returns what changed. ReloadError: nothing changed."""
+        async with self._lock:
+            try:
+                report = await self._reload()
+            except ReloadError as exc:
+                self.stats.record(str(exc))
+                log.error("config not reloaded, the running config stays: %s", exc)
+                raise
+        self.stats.record(None)
+        summary = ", ".join(change["key"] for change in report["changed"]) or "no setting changed"
+        servers = report["servers"]
+        log.info(
+            "config reloaded from %s: %s; servers added %d, replaced %d, removed %d",
+            self.source.path, summary, len(servers["added"]), len(servers["replaced"]), len(servers["removed"]),
+        )  # fmt: skip
+        for warning in report["warnings"]:
+            log.warning("reload: %s", warning)
+        return report
+
+    async def _reload(self) -> dict[str, Any]:
+        path = self.source.path
+        if path is None:
+            raise ReloadError(
+                409, "no_config_file", "lbd was started without --config, so there is no file to re-read; "
+                "restart it with --config FILE to reload settings",
+            )  # fmt: skip
+        try:
+            new, seed = self.source.load()
+        except LbError as exc:
+            raise ReloadError(422, "invalid_config", str(exc)) from None
+        old = self.config
+        for key in RESTART_KEYS:
+            if getattr(old, key) != getattr(new, key):
+                raise ReloadError(
+                    422, "restart_required", f"{path}: {key} changed from {_shown(getattr(old, key))} to "
+                    f"{_shown(getattr(new, key))}, which only a restart of lbd can apply (it is bound at start); "
+                    "nothing was reloaded",
+                )  # fmt: skip
+        new_seed = {spec.id: spec for spec in seed}
+        plan = plan_seed(self._seed, new_seed, {server.id: server.spec for server in self._registry.servers()})
+        self._check_regions(new, plan)
+        # Checked: from here on nothing fails, so a reload applies whole or not at all.
+        mode_before = self._balancer.mode
+        self._registry.configure(new.regions.latency_ms, new.health)
+        self._balancer.configure(new.regions, new.default_client_region)
+        self._sessions.configure(new.session_idle_timeout, new.max_sessions)
+        self._proxy.apply(
+            new.timeout_base_ms, new.regions.latency_ms, new.retry_body_limit_bytes, new.client_timeout_ms / 1000.0
+        )
+        self._apply_seed(plan)
+        self._seed = new_seed
+        warnings = self._apply_mode(old, new, seed)
+        self.config = new
+        await self._checker.apply(new.health)
+        if self._state is not None:
+            try:
+                self._state.save()
+            except LbError as exc:
+                warnings.append(f"the state file was not saved: {exc}")
+        changes = config_changes(replace(old, mode=mode_before), replace(new, mode=self._balancer.mode))
+        return {
+            "config_file": str(path),
+            "changed": [{"key": key, "old": was, "new": now} for key, was, now in changes],
+            "servers": {
+                "added": [spec.id for spec in plan.added],
+                "replaced": [spec.id for spec in plan.replaced],
+                "removed": list(plan.removed),
+            },
+            "mode": self._balancer.mode,
+            "warnings": warnings,
+        }
+
+    def _check_regions(self, new: Config, plan: SeedPlan) -> None:
+        """Every server that stays must be in a region the new config still has (as at start)."""
+        leaving = {*plan.removed, *(spec.id for spec in plan.replaced)}
+        for server in self._registry.servers():
+            if server.id not in leaving and server.spec.region not in new.regions.latency_ms:
+                raise ReloadError(
+                    422, "invalid_config", f"{self.source.path}: regions.latency_ms: region {server.spec.region!r} "
+                    f"is gone but server {server.id!r} is in it; deregister the server first or keep the region",
+                )  # fmt: skip
+
+    def _apply_seed(self, plan: SeedPlan) -> None:
+        """Requests in flight to a replaced or removed server finish where they are."""
+        registry, pool = self._registry, self._proxy.pool
+        for spec in plan.added:
+            registry.register(spec)
+        for spec in plan.replaced:
+            previous = registry.deregister(spec.id)
+            registry.register(spec)
+            if previous is not None and previous.state.draining:
+                registry.set_draining(spec.id, True)
+            pool.close_idle(server_id=spec.id)
+        for server_id in plan.removed:
+            registry.deregister(server_id)
+            pool.close_idle(server_id=server_id)
+
+    def _apply_mode(self, old: Config, new: Config, seed: Iterable[ServerSpec]) -> list[str]:
+        """The file's mode applies unless the operator switched the mode at run time (that choice
+        stands, as across restarts). Returns the warnings for the answer."""
+        applies = True if self._state is None else self._state.follow_config(seed, new.mode)
+        if applies:
+            self._balancer.set_mode(new.mode)
+            return []
+        if new.mode not in (old.mode, self._balancer.mode):
+            return [
+                f"mode: the file now says {new.mode}, but the mode was switched to {self._balancer.mode} at run "
+                f"time and that choice stands; 'lbctl mode {new.mode}' switches it"
+            ]
+        return []
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else str(value)
