@@ -13,6 +13,7 @@ Endpoints:
   /upload          reads the body as a stream; JSON: length and sha256
   /ws              websocket echo
   /close           answers with Connection: close
+  /hits            JSON: hits by path so far (not counted itself; for backends in another process)
   /*               like /echo
 """
 
@@ -30,6 +31,18 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 CHUNK = 64 * 1024
+
+
+def server_entry(server_id: str, port: int, region: str = "us-east", capacity: int = 10) -> dict[str, Any]:
+    """A loopback backend as a servers.json / registration entry (seed format)."""
+    return {
+        "id": server_id,
+        "hostname": "127.0.0.1",
+        "port": port,
+        "region": region,
+        "capacity": capacity,
+        "url": f"http://127.0.0.1:{port}",
+    }
 
 
 class BackendLoop:
@@ -67,14 +80,7 @@ class Backend:
 
     def entry(self, capacity: int = 10, region: str | None = None) -> dict[str, Any]:
         """This backend as a servers.json / registration entry."""
-        return {
-            "id": self.id,
-            "hostname": "127.0.0.1",
-            "port": self.port,
-            "region": region or self.region,
-            "capacity": capacity,
-            "url": self.url,
-        }
+        return server_entry(self.id, self.port, region or self.region, capacity)
 
     @property
     def total_hits(self) -> int:
@@ -96,15 +102,14 @@ class Backend:
         app.router.add_route("*", "/upload", self._upload)
         app.router.add_get("/ws", self._ws)
         app.router.add_route("*", "/close", self._close)
+        app.router.add_get("/hits", self._hits)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
         if self.port == 0:
-            server = site._server
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = server.sockets[0].getsockname()[1]
+            self.port = int(self._runner.addresses[0][1])
 
     async def _stop(self) -> None:
         if self._runner is not None:
@@ -175,6 +180,9 @@ class Backend:
         response = web.Response(text=f"closing from {self.id}\n", headers=self._headers())
         response.force_close()
         return response
+
+    async def _hits(self, request: web.Request) -> web.Response:
+        return web.json_response(dict(self.hits), headers=self._headers())
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         await self._count(request)

@@ -277,14 +277,20 @@ class RssWatcher:
         self.peak = max(self.peak, rss_bytes(self.pid))
 
 
-def connections_to_port(port: int) -> set[int]:
-    """Client-side ports of every TCP connection (any state, TIME_WAIT included) to 127.0.0.1:`port`,
-    seen from both ends in /proc/net/tcp: how many connections were ever opened to a fresh backend."""
+TCP_TIME_WAIT = "06"  # the state column of /proc/net/tcp
+
+
+def connections_to_port(port: int, state: str | None = None) -> set[int]:
+    """Client-side ports of every TCP connection (any state, TIME_WAIT included; or only `state`) to
+    127.0.0.1:`port`, seen from both ends in /proc/net/tcp: how many connections were ever opened to
+    a fresh backend."""
     peers: set[int] = set()
     with open("/proc/net/tcp", encoding="ascii") as table:
         next(table)
         for line in table:
             fields = line.split()
+            if state is not None and fields[3] != state:
+                continue
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
             remote_port = int(fields[2].rsplit(":", 1)[1], 16)
             if remote_port == port:
