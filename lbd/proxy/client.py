@@ -163,7 +163,8 @@ class ClientConnection(FlowControlled):
         if exchange is not self.active:
             return
         self.active = None
-        self.release(PEER_WRITE_FULL | BUFFER_FULL)
+        if self.held_by:
+            self.release(PEER_WRITE_FULL | BUFFER_FULL)
         if not keep_alive or self.closing or self.upgrading is exchange or self.parsing is exchange:
             self.close()
             return
@@ -184,7 +185,7 @@ class ClientConnection(FlowControlled):
         upstream.tunnel = self.transport
         self.release(BUFFER_FULL | PEER_WRITE_FULL)
         if exchange.early_tunnel:
-            upstream.send(exchange.early_tunnel)
+            upstream.write(exchange.early_tunnel)
             exchange.early_tunnel = b""
         if upstream_bytes:
             self.write(upstream_bytes)

@@ -215,7 +215,7 @@ class Exchange:
                 self.buffered = False
                 self.replay = []
         if self.upstream is not None:
-            self.upstream.send(data)
+            self.upstream.write(data)
             return
         self.pending.append(data)
         self.pending_size += len(data)
@@ -317,10 +317,12 @@ class Exchange:
             client.corked_upstreams.append(connection)  # the head and a body in the same packet: one write
         if client.write_paused:
             connection.hold(PEER_WRITE_FULL)
-        connection.send(b"".join((self.head, *self.pending)) if self.pending else self.head)
-        self.pending = []
-        self.pending_size = 0
-        self.client.release(BUFFER_FULL)
+        connection.write(b"".join((self.head, *self.pending)) if self.pending else self.head)
+        if self.pending:
+            self.pending = []
+            self.pending_size = 0
+        if client.held_by:
+            client.release(BUFFER_FULL)
 
     # --- response side, fed by the upstream connection's parser ------------------------------
 

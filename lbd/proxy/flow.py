@@ -22,7 +22,7 @@ class FlowControlled(asyncio.Protocol):
     """Base of both proxy protocols: transport bookkeeping and reasoned read pauses."""
 
     transport: asyncio.Transport | None = None
-    _held_by = 0
+    held_by = 0  # the reasons reading is paused for (hot paths test it before calling `release`)
     _corked: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
@@ -45,17 +45,17 @@ class FlowControlled(asyncio.Protocol):
             self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def hold(self, reason: int) -> None:
-        if not self._held_by and self.transport is not None and not self.transport.is_closing():
+        if not self.held_by and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
-        self._held_by |= reason
+        self.held_by |= reason
 
     def release(self, reason: int) -> None:
-        if not self._held_by & reason:
+        if not self.held_by & reason:
             return
-        self._held_by &= ~reason
-        if not self._held_by and self.transport is not None and not self.transport.is_closing():
+        self.held_by &= ~reason
+        if not self.held_by and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     @property
     def held(self) -> bool:
-        return bool(self._held_by)
+        return bool(self.held_by)

@@ -191,9 +191,6 @@ class UpstreamConnection(FlowControlled):
 
     # --- used by the exchange and the pool ------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        self.write(data)
-
     def close(self) -> None:
         self.flush()
         if self.transport is not None:
@@ -238,7 +235,8 @@ class UpstreamPool:
     def release(self, connection: UpstreamConnection) -> None:
         """Keep a connection whose exchange ended cleanly; close it if the pool is full."""
         connection.exchange = None
-        connection.release(PEER_WRITE_FULL)
+        if connection.held_by:
+            connection.release(PEER_WRITE_FULL)
         idle = self._idle.setdefault(connection.server.id, [])
         if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
             connection.close()
