@@ -81,6 +81,7 @@ def root(
             envvar="LBD_SOCKET",
             metavar="PATH",
             show_default=False,
+            readable=False,  # a socket lbctl may not use is the client's to explain (one line, exit 3)
             help="lbd's admin socket (default: $XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock).",
         ),
     ] = None,

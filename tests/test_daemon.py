@@ -1,10 +1,12 @@
-"""The daemon's lifecycle and listeners: socket permissions, graceful stop, config errors."""
+"""The daemon's lifecycle and listeners: socket permissions (another user is refused, a directory
+others can write is refused), graceful stop, config errors."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -14,8 +16,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness.backends import Backend
+from tests.harness.cli import assert_one_line_error
 from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
+
+NOBODY = 65534  # the unprivileged user and group every Debian-like system has
 
 
 def lbd_command(*args: str) -> subprocess.CompletedProcess[str]:
@@ -27,6 +34,70 @@ def test_admin_socket_is_owner_only_and_removed_on_sigterm(static_lbd: Lbd) -> N
     assert mode == 0o600
     assert static_lbd.stop() == 0
     assert not static_lbd.socket.exists()
+
+
+def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    """Run as uid/gid 65534 with no supplementary groups and no capabilities. setpriv drops them only
+    at exec, so an interpreter under a root-only directory (pyenv in /root) can still be started."""
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    env = {**os.environ, "NO_COLOR": "1", "HOME": "/nonexistent"}
+    return subprocess.run(
+        [*setpriv, *command], cwd="/", capture_output=True, text=True, timeout=20, check=False, env=env
+    )
+
+
+def test_lbctl_as_another_user_is_refused_by_the_owner_only_socket(static_lbd: Lbd) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux): it runs lbctl as the user nobody against a root-owned lbd")
+    probe = as_nobody(sys.executable, "-c", "import lbctl.main")
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this Python and import lbctl: {probe.stderr.strip()[-200:]}")
+    os.chmod(static_lbd.socket.parent, 0o755)  # others may reach the socket: only its own 0600 refuses them
+    assert stat.S_IMODE(os.stat(static_lbd.socket).st_mode) == 0o600
+    refused = as_nobody(sys.executable, "-m", "lbctl.main", "--socket", str(static_lbd.socket), "status")
+    assert_one_line_error(refused, 3, f"cannot reach lbd at {static_lbd.socket}", "permission denied", "owner-only")
+    assert static_lbd.lbctl("status", "--json").returncode == 0  # its owner is served
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_socket_directory_others_can_write_is_refused(mode: int) -> None:
+    directory = short_tempdir()
+    os.chmod(directory, mode)  # others could replace the socket and answer lbctl in lbd's place
+    done = lbd_command(
+        "start", "--listen", "127.0.0.1:0", "--admin-socket", str(directory / "lbd.sock"),
+        "--state-dir", str(directory / "state"),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"lbd: error: admin socket directory {directory} is writable by others (mode {mode:o}), who could replace "
+        "the socket; remove their write permission (chmod go-w) or use a directory that is not shared "
+        "(e.g. $XDG_RUNTIME_DIR)"
+    ]
+    assert not (directory / "lbd.sock").exists()
+
+
+def test_a_sticky_shared_directory_like_tmp_is_accepted() -> None:
+    workdir = short_tempdir()
+    os.chmod(workdir, 0o1777)  # only a file's owner may remove or rename it there
+    daemon = Lbd(workdir, [])
+    try:
+        daemon.start()
+        assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
+    finally:
+        daemon.stop()
+
+
+def test_a_socket_directory_of_another_user_is_refused() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory to another user")
+    directory = short_tempdir()
+    os.chown(directory, NOBODY, NOBODY)
+    done = lbd_command("start", "--listen", "127.0.0.1:0", "--admin-socket", str(directory / "lbd.sock"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"lbd: error: admin socket directory {directory} belongs to uid {NOBODY}, who could replace the socket; "
+        "use a directory owned by lbd's user or root (e.g. $XDG_RUNTIME_DIR)"
+    ]
 
 
 def test_admin_api_is_not_on_the_proxy_port(static_lbd: Lbd) -> None:
