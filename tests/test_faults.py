@@ -291,6 +291,11 @@ def test_restart_under_load_fails_no_request_of_a_client_retrying_refused_connec
         with load, RawConnection(port) as slow:
             start = time.monotonic()
             wait_until(lambda: len(load.results_since(start)) >= rate // 2, timeout=5)
+            with RawConnection(port) as closing:  # closed by lbd first, so lbd's end lingers in TIME_WAIT
+                closing.send(
+                    build_request("GET", "/echo", {"Host": "lb.test", "client-id": "c", "Connection": "close"})
+                )
+                assert closing.read_response().status == 200 and closing.closed_by_peer()
             slow.send(slow_request(1500))
             wait_until(lambda: sum(proc.hits().get("/slow/1500", 0) for proc in procs) == 1)
             lbd.signal(signal.SIGTERM)

@@ -115,7 +115,7 @@ class _Connection:
         self.used = False
 
     def close(self) -> None:
-        self.writer.transport.abort()
+        self.writer.close()
 
 
 class _NoResponse(Exception):
