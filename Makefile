@@ -42,6 +42,12 @@ typecheck: $(INSTALLED)
 test: $(INSTALLED) system-deps lint typecheck
 	$(BIN)/pytest
 
+# `make soak`: ten minutes of mixed load through lbd while a backend flaps every 30 s, checking lbd's
+# RSS, open fds and errors (bench/soak.py; SOAK_ARGS='--duration 60' for a short run).
+.PHONY: soak
+soak: $(INSTALLED)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
 # lbctl's bash, zsh and fish completion scripts, generated from the Typer app (a test fails on drift).
 completions: $(INSTALLED)
 	$(BIN)/python -m lbctl.completions completions

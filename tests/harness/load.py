@@ -182,6 +182,10 @@ class LoadGenerator:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def results_since(self, since: float) -> list[Result]:
         """Results of requests started at or after `since` (time.monotonic()), while running too."""
         return [result for result in list(self.report.results) if result.started >= since]
