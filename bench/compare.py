@@ -1,0 +1,289 @@
+"""`make bench`: lbd against HAProxy and nginx straight, in one run on loopback (issue #6).
+
+    .venv/bin/python bench/compare.py                  # every row, 10 s each (about 4 minutes)
+    .venv/bin/python bench/compare.py --quick          # a smoke run, a few seconds per row
+    .venv/bin/python bench/compare.py --only haproxy,lbd-static --responses tiny --conns 64
+
+Three nginx backends (one worker) and wrk run on CPU 1, the proxy under test alone on CPU 0. Every
+row sends the same requests (bench/wrk/clients.lua: 10,000 client ids with fixed regions), so
+HAProxy's and lbd's hashing and lbd's sticky sessions see the same mix. After the rows, a fresh lbd
+(static) holds many idle keep-alive connections, then streams a large body each way, with its RSS
+measured. Prints one table and the targets' verdicts, and writes the same as JSON under
+bench/results/. Exit 0 when everything ran (FAILs included; --strict makes a FAIL exit 1), 1 when a
+row or check could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+import memcheck
+from loadgen import run_observed, run_wrk
+from report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
+from stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
+
+PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic")
+PHASES = (*PROXIES, "memory")
+PATHS = {"tiny": "/tiny", "64k": "/64k"}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s rows, 1 s warm-up, 2,000 idle, 256 MiB")
+    parser.add_argument("--duration", type=float, help="seconds per measured row [10; --quick 3]")
+    parser.add_argument("--repeat", type=int, default=1, help="measured runs per row, the median kept [1]")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up before each row [2; --quick 1]")
+    parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases to run [{','.join(PHASES)}]")
+    parser.add_argument("--responses", default="tiny,64k", help="comma-separated: tiny, 64k [both]")
+    parser.add_argument("--conns", default="64,8", help="comma-separated wrk connection counts [64,8]")
+    parser.add_argument("--idle-connections", type=int, help="idle keep-alive clients held open [10000; --quick 2000]")
+    parser.add_argument("--stream-mib", type=int, help="body streamed each way through lbd [1024; --quick 256]")
+    parser.add_argument("--proxy-cpu", type=int, default=0, help="CPU of the proxy under test [0]")
+    parser.add_argument("--load-cpu", type=int, default=1, help="CPU of wrk, nginx and this script [1]")
+    parser.add_argument("--no-pin", action="store_true", help="no CPU pinning (automatic on fewer than 2 CPUs)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    parser.add_argument("--note", default="", help="free text saved with the results (e.g. 'machine busy')")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--lbd-cmd", default=str(VENV_BIN / "lbd"), help="command that runs lbd [.venv/bin/lbd]")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.idle_connections = args.idle_connections or (2000 if args.quick else 10_000)
+    args.stream_mib = args.stream_mib or (256 if args.quick else 1024)
+    args.repeat = max(1, args.repeat)
+    args.phases = split(args.only, PHASES, "--only")
+    args.response_list = split(args.responses, tuple(PATHS), "--responses")
+    args.conn_list = [int(value) for value in args.conns.split(",") if value]
+    return args
+
+
+def split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    chosen = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return [item for item in allowed if item in chosen]  # the canonical order: direct first, memory last
+
+
+def prepare_process(args: argparse.Namespace) -> None:
+    """Enough descriptors for 10,000 clients (children inherit the limit); SIGTERM unwinds like Ctrl-C."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < args.idle_connections + 1000:
+        print(f"warning: RLIMIT_NOFILE hard limit {hard} is low for {args.idle_connections} connections")
+    if args.no_pin or (os.cpu_count() or 1) < 2:
+        args.proxy_cpu = args.load_cpu = None
+    else:
+        os.sched_setaffinity(0, {args.load_cpu})  # the memory checks' client stays off the proxy's CPU
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+
+@contextlib.contextmanager
+def proxy(stack: Stack, name: str) -> Iterator[tuple[Child | None, int, Path | None]]:
+    """The proxy under test (with its stats or admin socket), started for its rows and stopped after them.
+
+    `direct` is the first nginx backend itself.
+    """
+    if name == "direct":
+        yield None, stack.backend_ports[0], None
+        return
+    if name == "haproxy":
+        child, port, socket_path = stack.start_haproxy()
+    else:
+        child, port, socket_path = stack.start_lbd(name.removeprefix("lbd-"))
+    try:
+        yield child, port, socket_path
+    finally:
+        stack.stop(child)
+
+
+def measure(args: argparse.Namespace, name: str, child: Child | None, port: int, response: str, conns: int) -> Row:
+    """A warm-up run, then the measured one(s), the median by req/s kept (--repeat, against a noisy machine).
+
+    A dead proxy or a failed wrk becomes the row's failure.
+    """
+    row = Row(name, response, conns)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if child is not None:
+            child.check_alive()
+        if args.warmup > 0:
+            run_wrk(url, PATHS[response], conns, args.warmup, args.load_cpu)
+        loads = []
+        for _ in range(args.repeat):
+            pid = child.pid if child is not None else None
+            loads.append(run_observed(url, PATHS[response], conns, args.duration, args.load_cpu, pid))
+            if child is not None:
+                child.check_alive()
+        row.load = sorted(loads, key=lambda load: load.rps)[len(loads) // 2]
+    except (StartError, RuntimeError, OSError) as error:
+        row.failure = str(error).splitlines()[0]
+        print(f"  {name} {response} c{conns}: {error}", file=sys.stderr)
+    return row
+
+
+def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[str, object]]:
+    """Every selected proxy's rows, and what each proxy counted (a check that traffic spread as meant)."""
+    rows: list[Row] = []
+    counted: dict[str, object] = {}
+    for name in (phase for phase in args.phases if phase in PROXIES):
+        plan = [(response, conns) for response in args.response_list for conns in args.conn_list]
+        try:
+            with proxy(stack, name) as (child, port, socket_path):
+                for response, conns in plan:
+                    print(f"  {name:<12} {response:<5} c{conns:<3} ...", end=" ", flush=True)
+                    row = measure(args, name, child, port, response, conns)
+                    rows.append(row)
+                    print(f"{row.load.rps:,.0f} req/s" if row.load else "failed", flush=True)
+                if socket_path is not None and child is not None and child.process.poll() is None:
+                    counted[name] = stats = haproxy_stats(socket_path) if name == "haproxy" else lbd_stats(socket_path)
+                    print(f"  {name} counted: {stats_line(stats)}", flush=True)
+        except StartError as error:
+            print(f"  {name}: {error}", file=sys.stderr)
+            done = {(row.response, row.conns) for row in rows if row.proxy == name}
+            failure = str(error).splitlines()[0]
+            rows += [Row(name, r, c, failure=failure) for r, c in plan if (r, c) not in done]
+    return rows, counted
+
+
+def stats_line(stats: dict[str, object]) -> str:
+    """The proxy's own counters in one line: did the traffic spread over the backends (and stick, for lbd)?"""
+    requests, per_server = stats.get("requests"), stats.get("per_server")
+    if not isinstance(requests, dict) or not isinstance(per_server, dict):
+        return "unavailable"
+    classes = ", ".join(f"{name} {count:,}" for name, count in requests["responses"].items() if count)
+    servers = ", ".join(f"{name} {count:,}" for name, count in per_server.items())
+    sessions = f"; sessions {stats['sessions']:,}" if isinstance(stats.get("sessions"), int) else ""
+    return f"{requests['total']:,} requests ({classes}); per server: {servers}{sessions}"
+
+
+def run_memory(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
+    """Idle connections, then a download (nginx) and an upload (bench/sink.py) on a fresh lbd (static).
+
+    The sink is one more server of that lbd; GET /v1/route picks client ids hashed to each backend.
+    A check that cannot run is recorded as a string saying why; the other checks still run.
+    """
+    size = args.stream_mib << 20
+    timeout_s = max(60.0, args.stream_mib / 10)  # 10 MiB/s at the very least
+    memory: dict[str, object] = {"stream_bytes": size}
+    try:
+        sink, sink_port = stack.start_sink()
+        sink_server = {"id": "sink", "url": f"http://127.0.0.1:{sink_port}", "region": "us-east", "capacity": CAPACITY}
+        child, port, socket_path = stack.start_lbd("static", extra=[sink_server])
+        to_nginx, to_sink = client_routed_to(socket_path, "s1"), client_routed_to(socket_path, "sink")
+    except (StartError, OSError) as error:
+        memory["failure"] = f"failed to start: {error}".splitlines()[0]
+        return memory
+    checks = (
+        ("idle", partial(memcheck.idle_connections, port, child.pid, socket_path, to_nginx, args.idle_connections)),
+        ("download", partial(memcheck.stream_download, port, child.pid, to_nginx, size)),
+        ("upload", partial(memcheck.stream_upload, port, child.pid, to_sink, size)),
+    )
+    labels = {"idle": f"{args.idle_connections:,} idle keep-alive connections", "download": "", "upload": ""}
+    try:
+        for key, check in checks:
+            print(f"  memory: {labels[key] or f'{args.stream_mib} MiB {key}'} ...", flush=True)
+            try:
+                child.check_alive()
+                memory[key] = check(timeout_s)
+            except (StartError, OSError) as error:  # OSError includes timeouts and cut connections
+                memory[key] = f"failed: {type(error).__name__}: {error}".splitlines()[0]
+                print(f"  memory: {memory[key]}", file=sys.stderr)
+    finally:
+        stack.stop(child)
+        stack.stop(sink)
+    memory["verdicts"] = memory_verdicts(memory)
+    return memory
+
+
+def build_report(
+    args: argparse.Namespace, rows: list[Row], targets: list[dict[str, object]], memory: dict[str, object] | None
+) -> dict[str, object]:
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+        "note": args.note,
+        "machine": machine(),
+        "setup": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "repeat": args.repeat,
+            "proxy_cpu": args.proxy_cpu,
+            "load_cpu": args.load_cpu,
+            "lbd_command": args.lbd_cmd,
+            "wrk": "-t1 --latency -s bench/wrk/clients.lua (10,000 client ids, 7 client regions)",
+            "backends": "3 server blocks of one nginx (1 worker), /tiny = 3 bytes, /64k = 65536 bytes",
+        },
+        "rows": [row_dict(row, rows) for row in rows],
+        "targets": targets,
+        "memory": memory,
+    }
+
+
+def save(report: dict[str, object], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path = directory / f"{stamp}.json"
+    text = json.dumps(report, indent=2) + "\n"
+    path.write_text(text)
+    (directory / "latest.json").write_text(text)
+    return path
+
+
+def main() -> int:
+    args = parse_args()
+    prepare_process(args)
+    workdir = Path(tempfile.mkdtemp(prefix="lbbench-"))
+    stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd))
+    rows: list[Row] = []
+    counted: dict[str, object] = {}
+    memory = None
+    started = time.monotonic()
+    try:
+        stack.start_nginx(args.stream_mib << 20)
+        rows, counted = run_rows(args, stack)
+        if "memory" in args.phases:
+            memory = run_memory(args, stack)
+    except StartError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every child stopped, nothing saved", file=sys.stderr)
+        return 130
+    finally:
+        stack.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    targets = verdicts(rows)
+    report = build_report(args, rows, targets, memory) | {"lbd_counted": counted}
+    print(f"\n{table(report)}\n\n{targets_text(report)}\n\n{memory_text(report)}\n")
+    print(f"saved {save(report, args.results_dir)} ({time.monotonic() - started:.0f} s)")
+    memory_results = memory_verdicts(memory) if memory else []
+    failed = any(v["verdict"] == "FAIL" for v in [*targets, *memory_results])
+    failed_to_run = any(row.failure for row in rows) or any(isinstance(v, str) for v in (memory or {}).values())
+    return 1 if failed_to_run or (args.strict and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

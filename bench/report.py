@@ -1,0 +1,219 @@
+"""What `bench/compare.py` prints and saves: the table, the targets' verdicts, memory, the machine.
+
+Pure functions of the measured rows, so the table and the JSON always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadgen import Load
+from stack import ROOT, tool
+
+TARGET_CONNS = 64
+STREAM_LIMIT_MIB = 32.0
+
+
+@dataclass
+class Row:
+    """One (proxy, response, connections) measurement, or why it could not be made."""
+
+    proxy: str
+    response: str
+    conns: int
+    load: Load | None = None
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """`proxy`'s `metric` against HAProxy's in the same run: at least (rps) or at most (p99) `factor` times."""
+
+    label: str
+    proxy: str
+    response: str
+    metric: str  # "rps" or "p99"
+    factor: float
+
+
+TARGETS = (
+    Target("lbd static tiny req/s >= 0.60 x HAProxy", "lbd-static", "tiny", "rps", 0.60),
+    Target("lbd static tiny p99 <= 2 x HAProxy", "lbd-static", "tiny", "p99", 2.0),
+    Target("lbd static 64k req/s >= 1.0 x HAProxy", "lbd-static", "64k", "rps", 1.0),
+    Target("lbd dynamic tiny req/s >= 0.50 x HAProxy", "lbd-dynamic", "tiny", "rps", 0.50),
+)
+
+
+def find(rows: list[Row], proxy: str, response: str, conns: int) -> Load | None:
+    for row in rows:
+        if (row.proxy, row.response, row.conns) == (proxy, response, conns):
+            return row.load
+    return None
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
+def rps(load: Load | None) -> float | None:
+    return load.rps if load else None
+
+
+def p99(load: Load | None) -> float | None:
+    return load.p99_ms if load else None
+
+
+def row_dict(row: Row, rows: list[Row]) -> dict[str, object]:
+    """The row's figures and its ratios to HAProxy and to nginx straight (same response and connections)."""
+    haproxy = find(rows, "haproxy", row.response, row.conns)
+    direct = find(rows, "direct", row.response, row.conns)
+    return {
+        "proxy": row.proxy,
+        "response": row.response,
+        "conns": row.conns,
+        **(row.load.as_dict() if row.load else {}),
+        "x_haproxy_rps": ratio(rps(row.load), rps(haproxy)),
+        "x_direct_rps": ratio(rps(row.load), rps(direct)),
+        "x_haproxy_p99": ratio(p99(row.load), p99(haproxy)),
+        "failure": row.failure,
+    }
+
+
+def verdicts(rows: list[Row]) -> list[dict[str, object]]:
+    """Each target at 64 connections: PASS, FAIL (also when lbd's row had errors) or n/a (not measured)."""
+    results: list[dict[str, object]] = []
+    for target in TARGETS:
+        mine = find(rows, target.proxy, target.response, TARGET_CONNS)
+        haproxy = find(rows, "haproxy", target.response, TARGET_CONNS)
+        pick = rps if target.metric == "rps" else p99
+        value = ratio(pick(mine), pick(haproxy))
+        if value is None or mine is None:
+            verdict, note = "n/a", "not measured"
+        else:
+            ok = value >= target.factor if target.metric == "rps" else value <= target.factor
+            verdict = "PASS" if ok and not mine.errors else "FAIL"
+            note = f"{value:.2f}" + (f" ({mine.errors} errors)" if mine.errors else "")
+        results.append({"target": target.label, "ratio": value, "verdict": verdict, "note": note})
+    return results
+
+
+def memory_verdicts(memory: dict[str, object]) -> list[dict[str, object]]:
+    results = []
+    for key in ("download", "upload"):
+        figures = memory.get(key)
+        if isinstance(figures, dict) and isinstance(figures.get("growth_mib"), float | int):
+            growth = float(figures["growth_mib"])
+            verdict = "PASS" if growth < STREAM_LIMIT_MIB else "FAIL"
+            label = f"{mib_label(figures['bytes'])} {key} through lbd: RSS growth < {STREAM_LIMIT_MIB:.0f} MiB"
+            results.append({"target": label, "growth_mib": growth, "verdict": verdict, "note": f"{growth:.1f} MiB"})
+    return results
+
+
+def mib_label(size: object) -> str:
+    mib = int(size) // (1 << 20) if isinstance(size, int) else 0
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def fmt(value: object, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(report: dict[str, object]) -> str:
+    """The rows as fixed-width text (pasted as is into the README's Performance section).
+
+    cpu% is the proxy's own CPU use over the run (100 = its whole core); wait% the time it was
+    runnable but waiting for its CPU: alone on that CPU it is about 0, so more means other load.
+    """
+    header = f"{'proxy':<12} {'response':<8} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
+    header += f" {'xHAProxy':>8} {'xdirect':>7} {'p99 xHAProxy':>12} {'cpu%':>5} {'wait%':>5}  flags"
+    lines = [header]
+    rows = report["rows"]
+    assert isinstance(rows, list)
+    for row in rows:
+        flag = shorten(row["failure"] or (f"{row['errors']} errors" if row.get("errors") else ""), 72)
+        lines.append(
+            f"{row['proxy']:<12} {row['response']:<8} {row['conns']:>5} {fmt(row.get('rps'), ',.0f'):>9}"
+            f" {fmt(row.get('p50_ms'), '.2f'):>7} {fmt(row.get('p99_ms'), '.2f'):>7}"
+            f" {fmt(row['x_haproxy_rps'], '.2f'):>8} {fmt(row['x_direct_rps'], '.2f'):>7}"
+            f" {fmt(row['x_haproxy_p99'], '.2f'):>12} {fmt(row.get('proxy_cpu_pct'), '.0f'):>5}"
+            f" {fmt(row.get('proxy_wait_pct'), '.0f'):>5}  {flag}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def targets_text(report: dict[str, object]) -> str:
+    lines = [f"targets ({TARGET_CONNS} connections, ratios to HAProxy in this run)"]
+    targets = report["targets"]
+    assert isinstance(targets, list)
+    lines += [f"  {t['verdict']:<4}  {t['target']}: {t['note']}" for t in targets]
+    return "\n".join(lines)
+
+
+def memory_text(report: dict[str, object]) -> str:
+    memory = report.get("memory")
+    if not isinstance(memory, dict):
+        return "memory: not measured"
+    lines = ["memory (lbd static, fresh process)"]
+    if memory.get("failure"):
+        lines.append(f"  {memory['failure']}")
+    idle = memory.get("idle")
+    if isinstance(idle, dict):
+        lines.append(
+            f"  {idle['opened']:,} of {idle['connections']:,} idle keep-alive connections open"
+            f" (lbd counts {idle['lbd_reported_connections']}): RSS {idle['rss_before_mib']} -> {idle['rss_after_mib']}"
+            f" MiB, +{idle['growth_mib']} MiB, {idle['kib_per_connection']} KiB per connection"
+            + (f"  [{idle['problem']}]" if idle.get("problem") else "")
+        )
+    elif isinstance(idle, str):
+        lines.append(f"  idle connections: {idle}")
+    for key in ("download", "upload"):
+        figures = memory.get(key)
+        if isinstance(figures, dict):
+            lines.append(
+                f"  {mib_label(figures['bytes'])} {key}: RSS {figures['rss_before_mib']} MiB, max growth"
+                f" {figures['growth_mib']} MiB, {figures['seconds']} s ({figures['mib_per_s']} MiB/s)"
+            )
+        elif isinstance(figures, str):
+            lines.append(f"  {key}: {figures}")
+    verdicts = memory.get("verdicts")
+    if isinstance(verdicts, list):
+        lines += [f"  {v['verdict']:<4}  {v['target']}: {v['note']}" for v in verdicts]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    """Where and with what the numbers were measured."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "haproxy": first_line([tool("haproxy"), "-v"]),
+        "nginx": first_line([tool("nginx"), "-v"]),
+        "wrk": first_line([tool("wrk"), "-v"]),
+        "lbd_commit": first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "lbd_uncommitted_changes": bool(first_line(["git", "-C", str(ROOT), "status", "--porcelain", "lbd"])),
+    }
+
+
+def first_line(argv: list[str]) -> str:
+    """A tool's first line of output (stdout or stderr: nginx -v writes to stderr)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as error:
+        return f"unavailable ({error})"
+    return next(iter((done.stdout.strip() or done.stderr.strip()).splitlines()), "")

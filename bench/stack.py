@@ -1,0 +1,369 @@
+"""The processes `bench/compare.py` measures: nginx backends, HAProxy and lbd, with generated configs.
+
+Every child runs in its own process group, pinned with `taskset`, logging to a file in the run's
+temporary directory; `Stack.close()` ends them all (SIGTERM, then SIGKILL) whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+SERVER_REGIONS = ("us-east", "eu-west", "asia-south")  # one nginx backend in each
+CAPACITY = 1000  # far above 64 connections, so lbd's 90%-full backup rule never applies
+BIG_FILE = "big.bin"
+TINY_BODY = "ok\n"
+
+
+class StartError(RuntimeError):
+    """A child did not come up; the message carries the tail of its log."""
+
+
+def tool(name: str) -> str:
+    """A system binary's path; nginx and haproxy live in /usr/sbin, often not on a user's PATH."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise StartError(f"{name} not found: run `make bench-deps` (or apt-get install {name})")
+    return found
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel's choice for port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def pin(cpu: int | None) -> list[str]:
+    """The `taskset` prefix for a CPU, or nothing when pinning is off."""
+    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
+@dataclass
+class Child:
+    """One started process; `log` is where its stdout and stderr went."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            last = self.tail(1).strip() or "no output"
+            raise StartError(f"{self.name} exited with {self.process.returncode}: {last}\n{self.tail()}")
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the whole group, SIGKILL it after `grace_s`."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError):  # stray grandchildren, e.g. nginx's worker
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def http_get(port: int, path: str, headers: dict[str, str], timeout: float = 2.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over lbd's admin Unix socket."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def admin(socket_path: Path, method: str, path: str, body: object = None) -> tuple[int, object]:
+    """One admin API call; returns the status and the decoded JSON answer."""
+    connection = UnixHTTPConnection(str(socket_path))
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+@dataclass
+class Stack:
+    """The run's temporary directory and every child started in it."""
+
+    workdir: Path
+    proxy_cpu: int | None
+    load_cpu: int | None
+    lbd_command: list[str] = field(default_factory=lambda: [str(VENV_BIN / "lbd")])
+    children: list[Child] = field(default_factory=list)
+    backend_ports: list[int] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], cpu: int | None) -> Child:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [*pin(cpu), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: Ctrl-C reaches us, and we end the group
+                cwd=self.workdir,
+            )
+        child = Child(name, process, log)
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        if child in self.children:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def wait_http(self, child: Child, port: int, path: str, headers: dict[str, str], timeout_s: float = 20.0) -> None:
+        """Poll until GET `path` answers 200, the child dies, or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            child.check_alive()
+            try:
+                status, body = http_get(port, path, headers)
+                if status == 200:
+                    return
+                last = f"HTTP {status}: {body[:200]!r}"
+            except OSError as error:
+                last = str(error)
+            time.sleep(0.1)
+        raise StartError(
+            f"{child.name} not answering {path} on port {port} after {timeout_s:.0f} s ({last}):\n{child.tail()}"
+        )
+
+    # -- nginx -----------------------------------------------------------------------------------
+
+    def start_nginx(self, big_bytes: int, count: int = 3) -> Child:
+        """One nginx master, one worker, `count` server blocks: /tiny, /64k, /big, /health, /sink."""
+        self.workdir.chmod(0o755)  # nginx started as root serves files as `nobody`
+        docroot = self.workdir / "www"
+        docroot.mkdir(mode=0o755, exist_ok=True)
+        (docroot / "64k").write_bytes(os.urandom(65536))
+        with (docroot / BIG_FILE).open("wb") as big:
+            big.truncate(big_bytes)  # sparse: zeros that cost no disk
+        self.backend_ports = [free_port() for _ in range(count)]
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(nginx_conf(self.workdir, docroot, self.backend_ports))
+        child = self.spawn("nginx", [tool("nginx"), "-p", str(self.workdir), "-c", str(conf)], self.load_cpu)
+        for port in self.backend_ports:
+            self.wait_http(child, port, "/health", {})
+        return child
+
+    # -- HAProxy ---------------------------------------------------------------------------------
+
+    def start_haproxy(self) -> tuple[Child, int, Path]:
+        """HAProxy in the foreground (-db); returns it, its port and its stats socket."""
+        port = free_port()
+        conf = self.workdir / "haproxy.cfg"
+        stats_socket = self.workdir / "haproxy.sock"
+        conf.write_text(haproxy_conf(port, self.backend_ports, stats_socket))
+        child = self.spawn("haproxy", [tool("haproxy"), "-db", "-f", str(conf)], self.proxy_cpu)
+        self.wait_http(child, port, "/tiny", {"client-id": "warmup"})
+        return child, port, stats_socket
+
+    # -- lbd -------------------------------------------------------------------------------------
+
+    def servers_json(self) -> list[dict[str, object]]:
+        return [
+            {"id": f"s{i + 1}", "url": f"http://127.0.0.1:{port}", "region": region, "capacity": CAPACITY}
+            for i, (port, region) in enumerate(zip(self.backend_ports, SERVER_REGIONS, strict=False))
+        ]
+
+    def start_sink(self) -> tuple[Child, int]:
+        """bench/sink.py: a backend that reads whole bodies (for the upload check)."""
+        port = free_port()
+        child = self.spawn(
+            "sink", [str(VENV_BIN / "python"), str(ROOT / "bench" / "sink.py"), str(port)], self.load_cpu
+        )
+        self.wait_http(child, port, "/health", {})
+        return child, port
+
+    def start_lbd(self, mode: str, extra: list[dict[str, object]] | None = None) -> tuple[Child, int, Path]:
+        """lbd in `mode`; static gets the servers from --servers, dynamic has them registered over the API."""
+        port = free_port()
+        rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
+        socket_path = rundir / "lbd.sock"
+        servers_file = rundir / "servers.json"
+        servers_file.write_text(json.dumps(self.servers_json() + (extra or [])))
+        argv = [*self.lbd_command, "start", "--listen", f"127.0.0.1:{port}", "--mode", mode]
+        argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
+        if mode == "static":
+            argv += ["--servers", str(servers_file)]
+        child = self.spawn(f"lbd-{mode}", argv, self.proxy_cpu)
+        if mode == "dynamic":
+            self._register(child, socket_path, json.loads(servers_file.read_text()))
+        self.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"})
+        return child, port, socket_path
+
+    def _register(self, child: Child, socket_path: Path, servers: list[dict[str, object]]) -> None:
+        """Wait for the admin socket, then register the backends in one all-or-nothing call."""
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            child.check_alive()
+            if time.monotonic() > deadline:
+                raise StartError(f"{child.name}: no admin socket after 20 s:\n{child.tail()}")
+            time.sleep(0.1)
+        status, answer = admin(socket_path, "POST", "/v1/servers", servers)
+        if status not in (200, 201):
+            raise StartError(f"{child.name}: registering the backends answered {status}: {answer}")
+
+
+def client_routed_to(socket_path: Path, server_id: str, tries: int = 500) -> str:
+    """A client id that lbd's static hash sends to `server_id` (asked through GET /v1/route)."""
+    for i in range(tries):
+        client_id = f"route-{i}"
+        status, answer = admin(socket_path, "GET", f"/v1/route/{client_id}")
+        if status == 200 and isinstance(answer, dict) and answer.get("server") == server_id:
+            return client_id
+    raise StartError(f"none of {tries} client ids routes to {server_id}")
+
+
+def lbd_stats(socket_path: Path) -> dict[str, object]:
+    """What lbd counted: requests and responses by class, sessions, and requests per server."""
+    _, status = admin(socket_path, "GET", "/v1/status")
+    _, answer = admin(socket_path, "GET", "/v1/servers")
+    servers = answer.get("servers") if isinstance(answer, dict) else None
+    if not isinstance(status, dict) or not isinstance(servers, list):
+        return {}
+    return {
+        "requests": status["requests"],
+        "sessions": status["sessions"]["total"],
+        "per_server": {server["id"]: server["requests"] for server in servers},
+        "health": {server["id"]: server["health"] for server in servers},
+    }
+
+
+def haproxy_stats(stats_socket: Path) -> dict[str, object]:
+    """HAProxy's counters in lbd_stats' shape: requests per server (`show stat` on its stats socket)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(stats_socket))
+        sock.sendall(b"show stat\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    columns = lines[0].lstrip("# ").split(",")
+    records = [dict(zip(columns, line.split(","), strict=False)) for line in lines[1:] if line]
+    backend = next((r for r in records if r["pxname"] == "nginx" and r["svname"] == "BACKEND"), {})
+    classes = {f"{n}xx": int(backend.get(f"hrsp_{n}xx") or 0) for n in range(1, 6)}
+    return {
+        "requests": {"total": int(backend.get("stot") or 0), "responses": classes},
+        "per_server": {
+            r["svname"]: int(r["stot"]) for r in records if r["pxname"] == "nginx" and r["svname"][0] == "s"
+        },
+    }
+
+
+def nginx_conf(workdir: Path, docroot: Path, ports: list[int]) -> str:
+    servers = "\n".join(
+        f"""
+    server {{
+        listen 127.0.0.1:{port};
+        root {docroot};
+        location = /tiny {{ return 200 "{TINY_BODY.strip()}\\n"; }}
+        location = /health {{ return 200 "{TINY_BODY.strip()}\\n"; }}
+        location = /64k {{ try_files /64k =404; }}
+        location = /big {{ try_files /{BIG_FILE} =404; }}
+        location = /sink {{ client_max_body_size 0; return 200 "{TINY_BODY.strip()}\\n"; }}
+    }}"""
+        for port in ports
+    )
+    return f"""# generated by bench/stack.py
+daemon off;
+master_process on;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {workdir}/nginx-body;
+    proxy_temp_path {workdir}/nginx-proxy;
+    fastcgi_temp_path {workdir}/nginx-fastcgi;
+    uwsgi_temp_path {workdir}/nginx-uwsgi;
+    scgi_temp_path {workdir}/nginx-scgi;
+{servers}
+}}
+"""
+
+
+def haproxy_conf(port: int, backend_ports: list[int], stats_socket: Path) -> str:
+    """One thread, consistent hashing on client-id, keep-alive both ways, health checks like lbd's."""
+    servers = "\n".join(
+        f"    server s{i + 1} 127.0.0.1:{backend} check inter 2s" for i, backend in enumerate(backend_ports)
+    )
+    return f"""# generated by bench/stack.py
+global
+    nbthread 1
+    stats socket {stats_socket} mode 600
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend nginx
+backend nginx
+    balance hdr(client-id)
+    hash-type consistent
+    option httpchk GET /health
+{servers}
+"""
