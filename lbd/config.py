@@ -115,6 +115,31 @@ HEALTH_KEYS = (*HEALTH_INT_KEYS, "path", "passive_5xx", "panic_threshold")
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client may send or hold open; each breach is answered (status in the comment), the
+    connection closed and the breach counted. Defaults follow HAProxy, Envoy and nginx."""
+
+    max_connections: int = 16_384  # client connections open at once; beyond it, 503 (HAProxy maxconn)
+    max_request_line_bytes: int = 8192  # 414 (nginx large_client_header_buffers: 8k)
+    max_header_bytes: int = 65_536  # request line + headers; 431 (Envoy max_request_headers_kb: 60)
+    max_headers: int = 100  # header fields; 431 (Envoy max_headers_count: 100, HAProxy maxhdr: 101)
+    max_body_bytes: int = 1 << 30  # 413; 0 means no limit (nginx client_max_body_size)
+    header_timeout_ms: int = 10_000  # to receive a request head; 408 (HAProxy timeout http-request)
+    keepalive_timeout_ms: int = 60_000  # idle between requests, then closed (nginx keepalive_timeout)
+
+
+LIMIT_KEYS = {  # key: smallest allowed value
+    "max_connections": 1,
+    "max_request_line_bytes": 64,
+    "max_header_bytes": 1024,
+    "max_headers": 8,
+    "max_body_bytes": 0,
+    "header_timeout_ms": 100,
+    "keepalive_timeout_ms": 100,
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Mode = "static"
     servers: Path | None = None
@@ -134,6 +159,7 @@ class Config:
     retry_body_limit_bytes: int = 64 * 1024
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
+    limits: ClientLimits = field(default_factory=ClientLimits)
 
     def upstream_timeout_s(self, region: str) -> float:
         return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
@@ -158,6 +184,7 @@ TOP_LEVEL_KEYS = (
     "retry_body_limit_bytes",
     "regions",
     "health",
+    "limits",
 )
 INTEGER_KEYS = (
     "timeout_base_ms",
@@ -218,6 +245,7 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "admin_token": _token,
         "regions": _regions,
         "health": _health,
+        "limits": _limits,
         **dict.fromkeys(INTEGER_KEYS, _non_negative_int),
     }
     values = {key: parse(raw[key], f"{where}: {key}") for key, parse in parsers.items() if key in raw}
@@ -274,13 +302,7 @@ def _health(raw: object, where: str) -> HealthSettings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table with keys {', '.join(HEALTH_KEYS)}")
     _reject_unknown(raw, HEALTH_KEYS, where)
-    values: dict[str, Any] = {}
-    for key, minimum in HEALTH_INT_KEYS.items():
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{where}.{key}: must be an integer >= {minimum}; got {value!r}")
-            values[key] = value
+    values = _bounded_ints(raw, HEALTH_INT_KEYS, where)
     if "path" in raw:
         if not isinstance(raw["path"], str) or not raw["path"].startswith("/"):
             raise ConfigError(f"{where}.path: must be a path starting with '/'; got {raw['path']!r}")
@@ -298,6 +320,25 @@ def _health(raw: object, where: str) -> HealthSettings:
     if settings.max_cooldown_ms < settings.cooldown_ms:
         settings = replace(settings, max_cooldown_ms=settings.cooldown_ms)
     return settings
+
+
+def _limits(raw: object, where: str) -> ClientLimits:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(LIMIT_KEYS)}")
+    _reject_unknown(raw, tuple(LIMIT_KEYS), where)
+    return replace(ClientLimits(), **_bounded_ints(raw, LIMIT_KEYS, where))
+
+
+def _bounded_ints(raw: Mapping[str, Any], minimums: Mapping[str, int], where: str) -> dict[str, Any]:
+    """The integer keys of a table that are present, each checked against its smallest allowed value."""
+    values: dict[str, Any] = {}
+    for key, minimum in minimums.items():
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{where}.{key}: must be an integer >= {minimum}; got {value!r}")
+            values[key] = value
+    return values
 
 
 def _region_table(raw: object, where: str, values: str, parse: Callable[[object, str], T]) -> Mapping[str, T]:

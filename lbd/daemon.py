@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import time
 
@@ -33,6 +34,7 @@ from lbd.state import PersistedState, StateKeeper, StateStore
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
+FD_HEADROOM = 1024  # descriptors beyond the client connections: upstream pools, admin, health checks
 
 
 class Daemon:
@@ -80,15 +82,8 @@ class Daemon:
     async def run(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        proxy_ctx = ProxyContext(
-            loop,
-            self.registry,
-            self.balancer,
-            config.timeout_base_ms,
-            config.regions.latency_ms,
-            config.retry_body_limit_bytes,
-            config.client_timeout_ms / 1000.0,
-        )
+        _raise_fd_limit(config.limits.max_connections)
+        proxy_ctx = ProxyContext(loop, self.registry, self.balancer, config)
         proxy = ProxyServer(proxy_ctx)
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)
         runners: list[web.AppRunner] = []
@@ -164,6 +159,21 @@ class Daemon:
         while True:
             await asyncio.sleep(SESSION_SWEEP_PERIOD_S)
             self.sessions.sweep(time.monotonic())
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Each client connection is a descriptor, plus the upstream ones of requests in flight: take the
+    hard limit, as HAProxy does, and say so when even that cannot hold `max_connections`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = max_connections + FD_HEADROOM
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        log.warning(
+            "open files limit %d is below limits.max_connections + %d upstream and admin descriptors (%d); "
+            "connections beyond it will fail to be accepted",
+            hard, FD_HEADROOM, needed,
+        )  # fmt: skip
 
 
 async def _listen(proxy: ProxyServer, config: Config) -> object:

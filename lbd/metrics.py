@@ -78,6 +78,14 @@ class LbdCollector(Collector):
         yield GaugeMetricFamily(
             "lbd_client_connections", "Open client connections to the proxy.", value=len(proxy.connections)
         )
+        rejections = CounterMetricFamily(
+            "lbd_client_rejections",
+            "Client connections or requests refused by a limit or for bad framing, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in proxy.rejections.items():
+            rejections.add_metric([reason], count)
+        yield rejections
         yield GaugeMetricFamily("lbd_sessions", "Live sticky sessions.", value=len(sessions))
         yield CounterMetricFamily(
             "lbd_sessions_evicted", "Sessions evicted because the table was full.", value=sessions.evicted

@@ -171,9 +171,7 @@ class Reloader:
         self._registry.configure(new.regions.latency_ms, new.health)
         self._balancer.configure(new.regions, new.default_client_region)
         self._sessions.configure(new.session_idle_timeout, new.max_sessions)
-        self._proxy.apply(
-            new.timeout_base_ms, new.regions.latency_ms, new.retry_body_limit_bytes, new.client_timeout_ms / 1000.0
-        )
+        self._proxy.apply(new)
         self._apply_seed(plan)
         self._seed = new_seed
         warnings = self._apply_mode(old, new, seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lbd.config import HEALTH_KEYS, TOP_LEVEL_KEYS, Config, load_config, load_servers_file
+from lbd.config import HEALTH_KEYS, LIMIT_KEYS, TOP_LEVEL_KEYS, Config, load_config, load_servers_file
 from lbd.errors import ConfigError
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -17,7 +17,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     config = load_config(EXAMPLES / "lbd.toml", {})
     assert config.servers == EXAMPLES / "servers.json"
     text = (EXAMPLES / "lbd.toml").read_text()
-    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS):
+    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS, *LIMIT_KEYS):
         assert re.search(rf"^(# )?\[?{key}", text, re.MULTILINE), f"examples/lbd.toml does not mention {key}"
     assert len(load_servers_file(EXAMPLES / "servers.json", config.regions)) == 3
 

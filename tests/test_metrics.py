@@ -204,7 +204,7 @@ def test_histogram_buckets_follow_le_and_registry_is_private() -> None:
     balancer = Balancer(registry, "static", Regions(), sessions, None)
     loop = asyncio.new_event_loop()
     try:
-        proxy = ProxyContext(loop, registry, balancer, 1000, {"us-east": 10}, 1024)
+        proxy = ProxyContext(loop, registry, balancer, Config())
         server = registry.get("a")
         assert server is not None
         for latency in (0.001, 0.0011, 0.25, 20.0):

@@ -180,12 +180,9 @@ def test_malformed_request_after_a_good_one_on_the_same_connection(single: tuple
 
 
 def test_malformed_chunked_body_mid_request_does_not_hang(single: tuple[Lbd, Backend]) -> None:
-    """KNOWN BUG (kept failing on purpose): the request was already forwarded when its chunked body
-    turned out malformed. Expected: lbd ends the exchange (a 400 while nothing of the response was
-    sent, else a cut connection) within the upstream timeout (2.01 s here) at most, and settles the
-    server's `active` count. Actually: no response, both connections stay open until the client
-    gives up (lbd/proxy/client.py `_malformed` only sets `closing` when an exchange is active, and
-    exchange.py `_on_timer` re-arms forever while `request_complete` is False)."""
+    """The request was already forwarded when its chunked body turned out malformed: lbd ends the
+    exchange (a 400 while nothing of the response was sent, else a cut connection) within the upstream
+    timeout (2.01 s here) at most, and settles the server's `active` count."""
     daemon, _ = single
     with RawConnection(daemon.port, timeout=6) as connection:
         connection.send(

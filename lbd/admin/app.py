@@ -122,7 +122,7 @@ async def get_status(request: web.Request) -> web.Response:
             "in_rotation": sum(1 for server in servers if server.state.health.in_rotation),
             "by_health": {health.value: by_health.get(health.value, 0) for health in Health},
         },
-        "clients": {"connections": len(proxy.connections)},
+        "clients": {"connections": len(proxy.connections), "rejected": dict(proxy.rejections)},
         "requests": {
             "total": proxy.requests_total,
             "responses": dict(proxy.responses),

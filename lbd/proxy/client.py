@@ -3,6 +3,11 @@
 Requests are parsed with httptools as bytes arrive. Pipelined requests queue behind the one being
 served, so responses leave in request order; their bodies wait in bounded buffers (reading pauses
 beyond the bound). After a `101 Switching Protocols` the connection becomes a raw tunnel.
+
+What a client may send is bounded (`[limits]`): the request line (414), the head's size and field
+count (431), the body (413), and the time to send a head (408, the slowloris defence); a breach is
+answered, the connection closed and the breach counted. The head is measured as bytes arrive, so
+httptools never buffers more than the limit plus one read.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ if TYPE_CHECKING:
 MAX_PIPELINED = 16
 
 
+class Refused(Exception):
+    """Raised from a parser callback to stop parsing a request lbd will not take."""
+
+    def __init__(self, status: int, text: str, reason: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.reason = reason  # the lbd_client_rejections_total label
+
+
 class ClientConnection(FlowControlled):
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
@@ -40,6 +55,13 @@ class ClientConnection(FlowControlled):
         self.feeding = False  # parsing our bytes: upstream writes they cause are corked until the end
         self.corked_upstreams: list[FlowControlled] = []
         self.idle_since = ctx.loop.time()
+        self.limits = ctx.limits
+        self.in_head = False  # between a request's first byte and the end of its headers
+        self.head_bytes = 0  # of the request line and header fields parsed so far
+        self.head_received = 0  # bytes read while a head was incomplete (bounds what the parser buffers)
+        self.header_count = 0
+        self.body_bytes = 0
+        self.deadline = 0  # the header timeout's handle on the deadline wheel; 0 when unarmed
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -48,7 +70,12 @@ class ClientConnection(FlowControlled):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
-        self.ctx.connections.add(self)
+        connections = self.ctx.connections
+        connections.add(self)
+        if len(connections) > self.limits.max_connections:
+            self._refuse(Refused(503, "too many client connections; try again later", "too_many_connections"))
+            return
+        self.deadline = self.ctx.deadlines.arm(self, self.idle_since + self.ctx.client_header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -60,12 +87,19 @@ class ClientConnection(FlowControlled):
         self.feeding = True
         try:
             self.parser.feed_data(data)
+            if self.in_head:
+                self._head_incomplete(len(data))
         except httptools.HttpParserUpgrade as upgrade:
             upgrading: Exchange | None = self.upgrading  # set by on_message_complete during the feed
             if upgrading is not None:
                 self._keep_early_tunnel_bytes(upgrading, data[upgrade.args[0] :])
         except httptools.HttpParserError as error:
-            self._malformed(error)
+            refused = error.__context__
+            if isinstance(refused, Refused):
+                self._refuse(refused)
+            else:
+                reason = str(error) or type(error).__name__
+                self._refuse(Refused(400, f"malformed request: {reason}", "malformed"))
         finally:
             self.feeding = False
             if self.corked_upstreams:
@@ -75,6 +109,9 @@ class ClientConnection(FlowControlled):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
+        if self.deadline:
+            self.ctx.deadlines.cancel(self, self.deadline)
+            self.deadline = 0
         if self.tunnel is not None:
             self.tunnel.close()
         if self.tunnel_exchange is not None:
@@ -111,14 +148,27 @@ class ClientConnection(FlowControlled):
 
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
+        self.in_head = True
+        self.head_bytes = self.head_received = self.header_count = self.body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.url += url
+        self.head_bytes += len(url)
+        if len(exchange.url) > self.limits.max_request_line_bytes:
+            limit = self.limits.max_request_line_bytes
+            raise Refused(414, f"the request target is longer than {limit} bytes", "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
+        self.header_count += 1
+        if self.header_count > self.limits.max_headers:
+            raise Refused(431, f"more than {self.limits.max_headers} header fields", "too_many_headers")
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise self._head_too_large()
         kind = REQUEST_HEADERS.get(name.lower())
         if kind is None:
             exchange.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
@@ -128,7 +178,16 @@ class ClientConnection(FlowControlled):
     def on_headers_complete(self) -> None:
         exchange = self.parsing
         assert exchange is not None
+        self.in_head = False
+        if self.deadline:
+            self.ctx.deadlines.cancel(self, self.deadline)
+            self.deadline = 0
         exchange.headers_complete(self.parser.get_method(), self.parser.get_http_version())
+        max_body = self.limits.max_body_bytes
+        if max_body and exchange.content_length > max_body:
+            raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
+        if exchange.version == "1.0" and exchange.request_chunked:
+            raise Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
         if self.closing:
             return
         if self.active is None:
@@ -141,6 +200,11 @@ class ClientConnection(FlowControlled):
 
     def on_body(self, body: bytes) -> None:
         assert self.parsing is not None
+        max_body = self.limits.max_body_bytes
+        if max_body:
+            self.body_bytes += len(body)
+            if self.body_bytes > max_body:
+                raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
         self.parsing.request_body(body)
 
     def on_message_complete(self) -> None:
@@ -214,15 +278,39 @@ class ClientConnection(FlowControlled):
         if len(exchange.early_tunnel) > PENDING_LIMIT:
             self.hold(BUFFER_FULL)
 
-    def _malformed(self, error: httptools.HttpParserError) -> None:
-        """Bad framing is never guessed at: answer 400 if we can still speak, and close."""
+    def _head_incomplete(self, received: int) -> None:
+        """Part of a request head arrived: bound its size, and start the header timeout."""
+        self.head_received += received
+        if self.head_received > self.limits.max_header_bytes:
+            self._refuse(self._head_too_large())
+        elif not self.deadline:
+            self.deadline = self.ctx.deadlines.arm(self, self.ctx.loop.time() + self.ctx.client_header_timeout_s)
+
+    def _head_too_large(self) -> Refused:
+        limit = self.limits.max_header_bytes
+        return Refused(431, f"the request head is larger than {limit} bytes", "headers_too_large")
+
+    def deadline_reached(self) -> None:
+        """The header timeout: a head still incomplete gets 408; a connection that never sent a byte
+        is closed without a word (like HAProxy, so probes and pre-connects are not logged as errors)."""
+        self.deadline = 0
+        if self.in_head:
+            self._refuse(Refused(408, "the request head took too long to arrive", "header_timeout"))
+        elif self.idle and not self.closing:
+            self.ctx.rejections["header_timeout"] += 1
+            self.close()
+
+    def _refuse(self, refused: Refused) -> None:
+        """Bad framing is never guessed at and limits are not negotiable: answer if we can still
+        speak, and close."""
+        self.ctx.rejections[refused.reason] += 1
         broken = self.parsing
         self.parsing = None
+        self.in_head = False
         self.closing = True
-        reason = str(error) or type(error).__name__
         if self.active is None:
-            self.write(simple_response(400, f"malformed request: {reason}", close=True))
+            self.write(simple_response(refused.status, refused.text, close=True))
             self.close()
         elif self.active is broken:
-            broken.request_malformed(reason)  # its body broke mid-way: stop it now
+            broken.request_refused(refused.status, refused.text)  # its body broke mid-way: stop it now
         # else: a pipelined request behind the active one broke; close after the active response

@@ -59,6 +59,7 @@ class Exchange:
         "close_after",
         "conn_tokens",
         "connecting",
+        "content_length",
         "ctx",
         "deadline",
         "deferred_reply",
@@ -112,6 +113,7 @@ class Exchange:
         self.conn_tokens: frozenset[bytes] = frozenset()
         self.request_chunked = False
         self.has_body = False
+        self.content_length = 0
         self.deferred_reply: tuple[int, str] | None = None
         self.upgrade: bytes | None = None
         self.is_head = False
@@ -162,7 +164,8 @@ class Exchange:
             self.has_body = True
             return
         elif kind == CONTENT_LENGTH:
-            self.has_body = value.strip() != b"0"
+            self.content_length = int(value) if value.isdigit() else 0  # the parser rejects anything else
+            self.has_body = self.content_length > 0
         elif kind == UPGRADE:
             self.upgrade = value
             return
@@ -411,15 +414,15 @@ class Exchange:
             self._drop_upstream()
             self.reply(408, "the client sent nothing for too long", Outcome.CLIENT_ABORTED)
 
-    def request_malformed(self, reason: str) -> None:
-        """The request's body framing broke mid-exchange: never guess, stop both sides."""
+    def request_refused(self, status: int, text: str) -> None:
+        """The request's body broke its framing or a limit mid-exchange: stop both sides."""
         if self.finished:
             return
         if self.response_started:
             self._abort(Outcome.CLIENT_ABORTED)
         else:
             self._drop_upstream()
-            self.reply(400, f"malformed request: {reason}", Outcome.CLIENT_ABORTED)
+            self.reply(status, text, Outcome.CLIENT_ABORTED)
 
     def _drop_upstream(self) -> None:
         """Abandon the upstream connection mid-exchange (it cannot be reused)."""

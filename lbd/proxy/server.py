@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
 
 from lbd.balancer import Balancer
-from lbd.config import Address
+from lbd.config import Address, Config
 from lbd.models import Server
 from lbd.proxy.client import ClientConnection
 from lbd.proxy.deadlines import DeadlineWheel
@@ -16,6 +15,16 @@ from lbd.proxy.upstream import UpstreamPool
 from lbd.registry import Registry
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Why lbd refused a client (the `reason` label of lbd_client_rejections_total)
+REJECTIONS = (
+    "too_many_connections",
+    "header_timeout",
+    "request_line_too_long",
+    "headers_too_large",
+    "too_many_headers",
+    "body_too_large",
+    "malformed",
+)
 
 
 class ProxyContext:
@@ -26,11 +35,7 @@ class ProxyContext:
         loop: asyncio.AbstractEventLoop,
         registry: Registry,
         balancer: Balancer,
-        timeout_base_ms: int,
-        region_latency_ms: Mapping[str, int],
-        retry_body_limit: int,
-        client_timeout_s: float = 60.0,
-        client_idle_timeout_s: float = 60.0,
+        config: Config,
     ) -> None:
         self.loop = loop
         self.registry = registry
@@ -38,27 +43,26 @@ class ProxyContext:
         self.pool = UpstreamPool(loop)
         self.deadlines = DeadlineWheel(loop)
         self.connections: set[ClientConnection] = set()
-        self.client_idle_timeout_s = client_idle_timeout_s
-        # a client silent this long mid-request, or not reading its response, is cut (nginx's
-        # client_body_timeout / send_timeout)
-        self.client_timeout_s = client_timeout_s
-        self.retry_body_limit = retry_body_limit  # request bytes kept so a failed attempt can be replayed
         self.requests_total = 0
         self.retries = 0
         self.failovers = 0
         self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
-        self._timeouts = {region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()}
-        self._timeout_base_s = timeout_base_ms / 1000.0
+        self.rejections: dict[str, int] = dict.fromkeys(REJECTIONS, 0)
+        self.apply(config)
 
-    def apply(
-        self, timeout_base_ms: int, region_latency_ms: Mapping[str, int], retry_body_limit: int, client_timeout_s: float
-    ) -> None:
-        """Reloaded settings for the attempts that start from now on; an attempt in flight keeps the
-        upstream timeout it started with (the exchange copied it)."""
-        self._timeouts = {region: (timeout_base_ms + latency) / 1000.0 for region, latency in region_latency_ms.items()}
-        self._timeout_base_s = timeout_base_ms / 1000.0
-        self.retry_body_limit = retry_body_limit
-        self.client_timeout_s = client_timeout_s
+    def apply(self, config: Config) -> None:
+        """Settings for what starts from now on (also on reload): a request in flight keeps the
+        upstream timeout it started with, an open connection the limits it was accepted with."""
+        self.limits = config.limits
+        self.client_header_timeout_s = config.limits.header_timeout_ms / 1000.0
+        self.client_idle_timeout_s = config.limits.keepalive_timeout_ms / 1000.0
+        # a client silent this long mid-request, or not reading its response, is cut (nginx's
+        # client_body_timeout / send_timeout)
+        self.client_timeout_s = config.client_timeout_ms / 1000.0
+        self.retry_body_limit = config.retry_body_limit_bytes  # request bytes kept to replay a failed attempt
+        base, latencies = config.timeout_base_ms, config.regions.latency_ms
+        self._timeouts = {region: (base + latency) / 1000.0 for region, latency in latencies.items()}
+        self._timeout_base_s = base / 1000.0
 
     def timeout_s(self, server: Server) -> float:
         """`timeout_base + latency of the server's region`, precomputed per region."""
@@ -94,9 +98,8 @@ class ProxyServer:
     async def _sweep(self) -> None:
         """Close idle keep-alive clients and stale upstream connections, once a second at most."""
         pool = self.ctx.pool
-        period = min(1.0, self.ctx.client_idle_timeout_s / 4, pool.idle_timeout_s / 4)
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(1.0, self.ctx.client_idle_timeout_s / 4, pool.idle_timeout_s / 4))
             cutoff = self.ctx.loop.time() - self.ctx.client_idle_timeout_s
             for connection in [c for c in self.ctx.connections if c.idle and c.idle_since < cutoff]:
                 connection.close()
