@@ -81,11 +81,12 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except ApiError as exc:
         return api_error(exc.status, exc.code, str(exc), exc.field)
-    except web.HTTPNotFound:
-        return api_error(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+    except web.HTTPNotFound:  # the path as sent (percent-encoded): a decoded one may hold a line break
+        return api_error(404, "not_found", f"no such endpoint: {request.method} {request.raw_path}")
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return api_error(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}; use {allowed}")
+        message = f"{request.method} is not allowed on {request.raw_path}; use {allowed}"
+        return api_error(405, "method_not_allowed", message)
     except web.HTTPRequestEntityTooLarge:
         return api_error(413, "too_large", "request body is too large for the admin API (4 MiB at most)")
     except web.HTTPException as exc:
