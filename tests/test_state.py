@@ -1,6 +1,7 @@
 """State that survives a restart: real lbd processes restarted on the same state directory, a
-kill -9 in the middle of a burst of registrations, corrupt state files; and the pure parts
-(session snapshot and restore, the store's files, the state_dir setting)."""
+kill -9 in the middle of a burst of registrations (and of a burst mixing every kind of change, with
+state.json read all along), corrupt state files; and the pure parts (session snapshot and restore,
+the store's files, the state_dir setting)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,139 @@ def test_kill_9_during_a_burst_of_registrations_loses_no_acknowledged_one(workdi
             assert len(present - acknowledged) <= 3  # at most the one in flight at each kill
         finally:
             daemon.stop()
+
+
+@dataclass(frozen=True)
+class Operator:
+    """What the acknowledged changes say lbd's state is."""
+
+    servers: frozenset[str] = frozenset()
+    draining: frozenset[str] = frozenset()
+    mode: str = "static"
+
+    def after(self, change: tuple[str, str]) -> Operator:
+        kind, arg = change
+        if kind == "register":
+            return replace(self, servers=self.servers | {arg})
+        if kind == "deregister":
+            return replace(self, servers=self.servers - {arg}, draining=self.draining - {arg})
+        if kind == "drain":
+            return replace(self, draining=self.draining | {arg})
+        if kind == "undrain":
+            return replace(self, draining=self.draining - {arg})
+        return replace(self, mode=arg)
+
+
+def next_change(rng: random.Random, state: Operator, fresh_id: str) -> tuple[str, str]:
+    servers = sorted(state.servers)
+    kind = rng.choice(["register", "register", "deregister", "drain", "undrain", "mode"]) if servers else "register"
+    if kind == "register":
+        return kind, fresh_id
+    if kind == "mode":
+        return kind, rng.choice(["static", "dynamic"])
+    return kind, rng.choice(servers)
+
+
+def send_change(daemon: Lbd, change: tuple[str, str], backend_entry: dict[str, Any]) -> int:
+    kind, arg = change
+    if kind == "register":
+        return daemon.request("POST", "/v1/servers", {**backend_entry, "id": arg})[0]
+    if kind == "deregister":
+        return daemon.request("DELETE", f"/v1/servers/{arg}?now=1")[0]
+    if kind in ("drain", "undrain"):
+        return daemon.request("POST", f"/v1/servers/{arg}/{kind}")[0]
+    return daemon.request("PUT", "/v1/mode", {"mode": arg})[0]
+
+
+def change_until_killed(
+    daemon: Lbd,
+    rng: random.Random,
+    state: Operator,
+    prefix: str,
+    entry: dict[str, Any],
+    changes: list[tuple[str, str]],
+    in_flight: list[tuple[str, str]],
+) -> None:
+    """One change after the other, each acknowledged before the next; `in_flight` holds the one sent
+    when lbd was killed (it may or may not have been saved)."""
+    for i in range(400):
+        change = next_change(rng, state, f"{prefix}-s{i}")
+        in_flight[:] = [change]
+        try:
+            status = send_change(daemon, change, entry)
+        except (OSError, http.client.HTTPException):
+            return
+        if status not in (200, 201):
+            return  # refused: the burst ends before the kill, and the test says so
+        state = state.after(change)
+        changes.append(change)
+        in_flight.clear()
+
+
+def on_disk(state_dir: Path) -> Operator:
+    saved = json.loads((state_dir / "state.json").read_text())
+    return Operator(
+        frozenset(entry["id"] for entry in saved["servers"]), frozenset(saved["draining"]), saved["mode"] or "static"
+    )
+
+
+def running(daemon: Lbd) -> Operator:
+    servers = daemon.servers()
+    draining = frozenset(server_id for server_id, server in servers.items() if server["draining"])
+    return Operator(frozenset(servers), draining, daemon.get("/v1/mode")["mode"])
+
+
+def test_kill_9_during_mixed_changes_keeps_every_acknowledged_one_and_state_json_always_parses(workdir: Path) -> None:
+    rng = random.Random()
+    kill_points: list[int] = []
+    acknowledged = Operator()
+    reads = {"parsed": 0, "broken": 0}
+    stop_reading = threading.Event()
+
+    def read_state_all_along(path: Path) -> None:
+        """Another process's view of the file while lbd rewrites it: always a whole document."""
+        while not stop_reading.is_set():
+            try:
+                json.loads(path.read_bytes())
+                reads["parsed"] += 1
+            except FileNotFoundError:
+                pass
+            except ValueError:
+                reads["broken"] += 1
+
+    with backends("b") as (backend,):
+        daemon = Lbd(workdir, [])
+        reader = threading.Thread(target=read_state_all_along, args=(daemon.state_dir / "state.json",))
+        reader.start()
+        try:
+            for burst in range(3):
+                daemon.start()
+                assert running(daemon) == acknowledged, kill_points
+                changes: list[tuple[str, str]] = []
+                in_flight: list[tuple[str, str]] = []
+                args = (daemon, rng, acknowledged, f"r{burst}", backend.entry(capacity=5), changes, in_flight)
+                kill_after = rng.randint(20, 150)
+                kill_points.append(kill_after)
+                worker = threading.Thread(target=change_until_killed, args=args)
+                worker.start()
+                wait_until(lambda n=kill_after, w=worker, done=changes: len(done) >= n or not w.is_alive(), timeout=30)
+                assert worker.is_alive(), ("a change was refused", in_flight, changes[-3:])
+                time.sleep(rng.uniform(0, 0.004))  # anywhere inside the next change
+                daemon.kill()
+                worker.join(10)
+                for change in changes:
+                    acknowledged = acknowledged.after(change)
+                possible = [acknowledged, *(acknowledged.after(change) for change in in_flight)]
+                saved = on_disk(daemon.state_dir)
+                assert saved in possible, (kill_points, changes[-3:], in_flight, saved, acknowledged)
+                acknowledged = saved  # the change in flight at the kill counts if it was saved
+            daemon.start()
+            assert running(daemon) == acknowledged, kill_points
+        finally:
+            stop_reading.set()
+            reader.join(10)
+            daemon.stop()
+    assert reads["broken"] == 0 and reads["parsed"] > 100, reads
 
 
 def test_sessions_past_their_idle_expiry_are_dropped_on_restore(workdir: Path) -> None:
