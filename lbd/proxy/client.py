@@ -164,10 +164,11 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing
         assert exchange is not None
         self.header_count += 1
-        if self.header_count > self.limits.max_headers:
-            raise Refused(431, f"more than {self.limits.max_headers} header fields", "too_many_headers")
         self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.limits.max_header_bytes:
+        limits = self.limits
+        if self.header_count > limits.max_headers or self.head_bytes > limits.max_header_bytes:
+            if self.header_count > limits.max_headers:
+                raise Refused(431, f"more than {limits.max_headers} header fields", "too_many_headers")
             raise self._head_too_large()
         kind = REQUEST_HEADERS.get(name.lower())
         if kind is None:

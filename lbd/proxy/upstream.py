@@ -76,7 +76,7 @@ class UpstreamConnection(FlowControlled):
             self.close()
             return
         client = exchange.client
-        corked = client.cork()
+        corked = client.cork()  # the head and body this read carries leave in one write
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
