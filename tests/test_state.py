@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,29 +222,36 @@ def send_change(daemon: Lbd, change: tuple[str, str], backend_entry: dict[str, A
     return daemon.request("PUT", "/v1/mode", {"mode": arg})[0]
 
 
-def change_until_killed(
-    daemon: Lbd,
-    rng: random.Random,
-    state: Operator,
-    prefix: str,
-    entry: dict[str, Any],
-    changes: list[tuple[str, str]],
-    in_flight: list[tuple[str, str]],
-) -> None:
-    """One change after the other, each acknowledged before the next; `in_flight` holds the one sent
-    when lbd was killed (it may or may not have been saved)."""
-    for i in range(400):
-        change = next_change(rng, state, f"{prefix}-s{i}")
-        in_flight[:] = [change]
-        try:
-            status = send_change(daemon, change, entry)
-        except (OSError, http.client.HTTPException):
-            return
-        if status not in (200, 201):
-            return  # refused: the burst ends before the kill, and the test says so
-        state = state.after(change)
-        changes.append(change)
-        in_flight.clear()
+@dataclass
+class Burst:
+    """One change after the other until lbd is killed, each acknowledged before the next."""
+
+    daemon: Lbd
+    rng: random.Random
+    state: Operator
+    prefix: str
+    entry: dict[str, Any]
+    done: list[tuple[str, str]] = field(default_factory=list)
+    in_flight: tuple[str, str] | None = None  # sent when lbd was killed: it may or may not have been saved
+    problem: str | None = None
+
+    def run(self) -> None:
+        for i in range(400):
+            change = self.in_flight = next_change(self.rng, self.state, f"{self.prefix}-s{i}")
+            try:
+                status = send_change(self.daemon, change, self.entry)
+            except (OSError, http.client.HTTPException):
+                return
+            if status not in (200, 201):
+                self.problem = f"{change} refused with {status}"
+                return
+            self.state = self.state.after(change)
+            self.done.append(change)
+            self.in_flight = None
+            saved = on_disk(self.daemon.state_dir)  # an acknowledged change is on disk already
+            if saved != self.state:
+                self.problem = f"{change} acknowledged but state.json says {saved}"
+                return
 
 
 def on_disk(state_dir: Path) -> Operator:
@@ -283,26 +290,24 @@ def test_kill_9_during_mixed_changes_keeps_every_acknowledged_one_and_state_json
         reader = threading.Thread(target=read_state_all_along, args=(daemon.state_dir / "state.json",))
         reader.start()
         try:
-            for burst in range(3):
+            for round_ in range(3):
                 daemon.start()
                 assert running(daemon) == acknowledged, kill_points
-                changes: list[tuple[str, str]] = []
-                in_flight: list[tuple[str, str]] = []
-                args = (daemon, rng, acknowledged, f"r{burst}", backend.entry(capacity=5), changes, in_flight)
+                burst = Burst(daemon, rng, acknowledged, f"r{round_}", backend.entry(capacity=5))
+                worker = threading.Thread(target=burst.run)
                 kill_after = rng.randint(20, 150)
                 kill_points.append(kill_after)
-                worker = threading.Thread(target=change_until_killed, args=args)
                 worker.start()
-                wait_until(lambda n=kill_after, w=worker, done=changes: len(done) >= n or not w.is_alive(), timeout=30)
-                assert worker.is_alive(), ("a change was refused", in_flight, changes[-3:])
+                wait_until(lambda n=kill_after, b=burst: len(b.done) >= n or b.problem, timeout=30)
                 time.sleep(rng.uniform(0, 0.004))  # anywhere inside the next change
                 daemon.kill()
                 worker.join(10)
-                for change in changes:
-                    acknowledged = acknowledged.after(change)
-                possible = [acknowledged, *(acknowledged.after(change) for change in in_flight)]
+                assert burst.problem is None, burst.problem
+                possible = (
+                    [burst.state] if burst.in_flight is None else [burst.state, burst.state.after(burst.in_flight)]
+                )
                 saved = on_disk(daemon.state_dir)
-                assert saved in possible, (kill_points, changes[-3:], in_flight, saved, acknowledged)
+                assert saved in possible, (kill_points, burst.done[-3:], burst.in_flight, saved)
                 acknowledged = saved  # the change in flight at the kill counts if it was saved
             daemon.start()
             assert running(daemon) == acknowledged, kill_points
