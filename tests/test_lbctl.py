@@ -17,7 +17,7 @@ import pytest
 from lbctl import main as lbctl_main
 from lbctl.client import Client
 from lbctl.completions import SCRIPT_FILES, write_completions
-from lbctl.views import humanize_duration, server_panel, servers_table, status_panel
+from lbctl.views import humanize_duration, reload_report, server_panel, servers_table, status_panel
 from tests.harness.backends import Backend
 from tests.harness.cli import assert_one_line_error, render
 from tests.harness.daemon import Lbd, short_tempdir
@@ -209,6 +209,33 @@ def test_views_tolerate_missing_and_extra_fields() -> None:
     assert "weight" in panel
     assert "mode" in render(status_panel({"future": {"nested": 1}}))
     assert "no servers" in render(servers_table([]))
+
+
+def test_status_shows_the_config_file_and_how_the_last_reload_went() -> None:
+    last_ok = {"config_file": "/etc/lbd/lbd.toml", "succeeded": 1, "failed": 0, "last": {"ok": True, "error": None}}
+    assert "config        /etc/lbd/lbd.toml, last reload ok" in render(status_panel({"reload": last_ok}), 120)
+    refused = {"config_file": "/etc/lbd/lbd.toml", "last": {"ok": False, "error": "lbd.toml: unknown key 'x'"}}
+    assert "last reload refused: lbd.toml: unknown key 'x'" in render(status_panel({"reload": refused}), 200)
+    assert "no --config" in render(status_panel({"reload": {"config_file": None, "last": None}}))
+    assert "config        -" in render(status_panel({}))  # an lbd from before reloads
+
+
+def test_reload_report_lists_changes_servers_and_warnings() -> None:
+    answer = {
+        "config_file": "/etc/lbd/lbd.toml",
+        "changed": [{"key": "health.path", "old": "/health", "new": "/ready"}, {"key": "x", "old": None, "new": [1]}],
+        "servers": {"added": ["s4", "s5"], "replaced": [], "removed": ["s2"]},
+        "warnings": ["mode: stays"],
+    }
+    assert render(reload_report(answer), 120).splitlines() == [
+        "reloaded /etc/lbd/lbd.toml",
+        '  health.path: "/health" -> "/ready"',
+        "  x: unset -> [1]",
+        "  servers added: s4, s5",
+        "  servers removed: s2",
+        "  warning: mode: stays",
+    ]
+    assert render(reload_report({"config_file": "a.toml", "changed": []})).strip() == "reloaded a.toml: nothing changed"
 
 
 def test_views_stay_within_80_columns_with_long_urls() -> None:
