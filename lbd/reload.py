@@ -174,7 +174,9 @@ class Reloader:
         self._proxy.apply(new)
         self._apply_seed(plan)
         self._seed = new_seed
-        warnings = self._apply_mode(old, new, seed)
+        # the state keeper learns the new seed, and whether the file's mode applies
+        applies = self._state is None or self._state.follow_config(seed, new.mode)
+        warnings = self._apply_mode(old, new, applies)
         self.config = new
         await self._checker.apply(new.health)
         if self._state is not None:
@@ -220,10 +222,9 @@ class Reloader:
             registry.deregister(server_id)
             pool.close_idle(server_id=server_id)
 
-    def _apply_mode(self, old: Config, new: Config, seed: Iterable[ServerSpec]) -> list[str]:
+    def _apply_mode(self, old: Config, new: Config, applies: bool) -> list[str]:
         """The file's mode applies unless the operator switched the mode at run time (that choice
         stands, as across restarts). Returns the warnings for the answer."""
-        applies = True if self._state is None else self._state.follow_config(seed, new.mode)
         if applies:
             self._balancer.set_mode(new.mode)
             return []
