@@ -190,6 +190,23 @@ def test_a_server_that_times_out_is_not_retried_elsewhere(dynamic_lbd: Lbd, pool
     assert dynamic_lbd.get("/v1/status")["requests"]["failovers"] == 0
 
 
+def test_a_reregistered_id_never_gets_a_connection_to_its_old_address(dynamic_lbd: Lbd, pool: list[Backend]) -> None:
+    """A request in flight on s1 (at us1) while s1 is removed and registered again at us2: when it ends,
+    its keep-alive connection to us1 must not be handed to the new s1."""
+    us1, us2, _, _ = pool
+    dynamic_lbd.request("POST", "/v1/servers", {**us1.entry(), "id": "s1"})
+    result: list[tuple[int, str, bytes]] = []
+    slow = threading.Thread(target=lambda: result.append(get(dynamic_lbd, "dave", path="/slow/600")))
+    slow.start()
+    wait_until(lambda: us1.hits["/slow/600"] == 1)
+    assert dynamic_lbd.request("DELETE", "/v1/servers/s1?now=1")[0] == 200
+    assert dynamic_lbd.request("POST", "/v1/servers", {**us2.entry(), "id": "s1"})[0] == 201
+    slow.join(5)
+    assert result and result[0][:2] == (200, "us1")
+    for _ in range(3):
+        assert get(dynamic_lbd, "dave")[1] == "us2"
+
+
 def _load(lbd: Lbd, stop: threading.Event, results: Counter[int], clients: int = 8) -> None:
     """Steady traffic from several clients over keep-alive connections, bounded by `stop` and 2,000 requests."""
     connection = http.client.HTTPConnection("127.0.0.1", lbd.port, timeout=10)

@@ -215,6 +215,9 @@ class UpstreamPool:
         idle = self._idle.get(server.id)
         while idle:
             connection = idle.pop()
+            if connection.server is not server:  # the id was re-registered (or reloaded) elsewhere
+                connection.close()
+                continue
             transport = connection.transport
             if transport is not None and not transport.is_closing() and not connection.lost:
                 connection.reused = True
