@@ -219,13 +219,17 @@ def run_memory(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
 
 
 def build_report(
-    args: argparse.Namespace, rows: list[Row], targets: list[dict[str, object]], memory: dict[str, object] | None
+    args: argparse.Namespace,
+    where: dict[str, object],
+    rows: list[Row],
+    targets: list[dict[str, object]],
+    memory: dict[str, object] | None,
 ) -> dict[str, object]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "note": args.note,
-        "machine": machine(),
+        "machine": where,
         "setup": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
@@ -255,6 +259,7 @@ def save(report: dict[str, object], directory: Path) -> Path:
 def main() -> int:
     args = parse_args()
     prepare_process(args)
+    where = machine()  # before the run: the lbd commit measured, not one made meanwhile
     workdir = Path(tempfile.mkdtemp(prefix="lbbench-"))
     stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd))
     rows: list[Row] = []
@@ -276,7 +281,7 @@ def main() -> int:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
     targets = verdicts(rows)
-    report = build_report(args, rows, targets, memory) | {"lbd_counted": counted}
+    report = build_report(args, where, rows, targets, memory) | {"lbd_counted": counted}
     print(f"\n{table(report)}\n\n{targets_text(report)}\n\n{memory_text(report)}\n")
     print(f"saved {save(report, args.results_dir)} ({time.monotonic() - started:.0f} s)")
     memory_results = memory_verdicts(memory) if memory else []
