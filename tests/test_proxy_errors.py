@@ -208,6 +208,24 @@ def test_malformed_chunked_body_mid_request_does_not_hang(single: tuple[Lbd, Bac
     assert serves(daemon)
 
 
+def test_an_early_answer_reaches_a_client_still_sending_its_body(single: tuple[Lbd, Backend]) -> None:
+    """The server answers before reading a large body (here 413). lbd half-closes and keeps reading
+    (and dropping) the rest of the body, so a client that writes everything before reading still
+    gets the answer; closing at once would reset the connection and could destroy it."""
+    daemon, _ = single
+    with RawConnection(daemon.port, timeout=10) as connection:
+        connection.send(
+            build_request("POST", "/status/413", {"Host": "h", "client-id": "c", "Content-Length": str(64 << 20)})
+        )
+        chunk = b"z" * (1 << 20)
+        for _ in range(64):  # a naive client: the whole body first
+            connection.send(chunk)
+        response = connection.read_response()
+        assert response.status == 413
+        assert connection.closed_by_peer(6.0)
+    assert serves(daemon)
+
+
 # --- 6. backend closing its connections ------------------------------------------------------------------
 
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from lbd.proxy.upstream import UpstreamConnection
 
 MAX_PIPELINED = 16
+# After answering a client that is still sending its request, keep reading (and dropping) its bytes
+# this long before closing: closing a socket with unread input sends a reset, which can destroy the
+# answer before the client reads it (nginx's lingering_close).
+LINGER_S = 5.0
 
 
 class Refused(Exception):
@@ -61,7 +65,9 @@ class ClientConnection(FlowControlled):
         self.head_received = 0  # bytes read while a head was incomplete (bounds what the parser buffers)
         self.header_count = 0
         self.body_bytes = 0
-        self.deadline = 0  # the header timeout's handle on the deadline wheel; 0 when unarmed
+        self.deadline = 0  # the header timeout's (or linger's) handle on the deadline wheel; 0 when unarmed
+        self.lingering = False  # answered and half-closed; dropping what the client still sends
+        self.linger_on_close = False  # the request being answered was refused before it was all read
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -73,11 +79,14 @@ class ClientConnection(FlowControlled):
         connections = self.ctx.connections
         connections.add(self)
         if len(connections) > self.limits.max_connections:
-            self._refuse(Refused(503, "too many client connections; try again later", "too_many_connections"))
+            refused = Refused(503, "too many client connections; try again later", "too_many_connections")
+            self._refuse(refused, linger=False)  # nothing was read; lingering would hold the excess open
             return
         self.deadline = self.ctx.deadlines.arm(self, self.idle_since + self.ctx.client_header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -230,7 +239,10 @@ class ClientConnection(FlowControlled):
         self.active = None
         if self.held_by:
             self.release(PEER_WRITE_FULL | BUFFER_FULL)
-        if not keep_alive or self.closing or self.upgrading is exchange or self.parsing is exchange:
+        if self.parsing is exchange or self.linger_on_close:
+            self._linger()  # the client may still be sending the request's body
+            return
+        if not keep_alive or self.closing or self.upgrading is exchange:
             self.close()
             return
         self.idle_since = self.ctx.loop.time()
@@ -262,6 +274,24 @@ class ClientConnection(FlowControlled):
         self.flush()
         if self.transport is not None:
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Send the answer and our FIN, then drop what the client still sends until it closes too,
+        or for LINGER_S at most."""
+        self.closing = self.lingering = True
+        self.parsing = None
+        self.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        if self.held_by:
+            self.release(PEER_WRITE_FULL | BUFFER_FULL | PIPELINE_FULL)
+        deadlines = self.ctx.deadlines
+        if self.deadline:
+            deadlines.cancel(self, self.deadline)
+        self.deadline = deadlines.arm(self, self.ctx.loop.time() + LINGER_S)
 
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the response in progress."""
@@ -295,13 +325,15 @@ class ClientConnection(FlowControlled):
         """The header timeout: a head still incomplete gets 408; a connection that never sent a byte
         is closed without a word (like HAProxy, so probes and pre-connects are not logged as errors)."""
         self.deadline = 0
-        if self.in_head:
+        if self.lingering:
+            self.close()
+        elif self.in_head:
             self._refuse(Refused(408, "the request head took too long to arrive", "header_timeout"))
         elif self.idle and not self.closing:
             self.ctx.rejections["header_timeout"] += 1
             self.close()
 
-    def _refuse(self, refused: Refused) -> None:
+    def _refuse(self, refused: Refused, linger: bool = True) -> None:
         """Bad framing is never guessed at and limits are not negotiable: answer if we can still
         speak, and close."""
         self.ctx.rejections[refused.reason] += 1
@@ -311,7 +343,11 @@ class ClientConnection(FlowControlled):
         self.closing = True
         if self.active is None:
             self.write(simple_response(refused.status, refused.text, close=True))
-            self.close()
+            if linger:
+                self._linger()
+            else:
+                self.close()
         elif self.active is broken:
+            self.linger_on_close = True
             broken.request_refused(refused.status, refused.text)  # its body broke mid-way: stop it now
         # else: a pipelined request behind the active one broke; close after the active response
