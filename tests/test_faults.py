@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +73,17 @@ def answered_by(load: LoadGenerator, server_id: str, since: float) -> bool:
     return any(r.ok_200 and r.backend == server_id for r in load.results_since(since))
 
 
+def warm_up(load: LoadGenerator, procs: list[BackendProcess]) -> BackendProcess:
+    """Wait until every backend has answered and half a second of load went by; return the busiest
+    one, the victim that costs most. (In dynamic mode the shares can be very uneven: a server whose
+    first latency samples were slower gets few new clients, and so few samples to recover by.)"""
+    start = time.monotonic()
+    wait_until(lambda: all(answered_by(load, proc.id, start) for proc in procs), timeout=5)
+    wait_until(lambda: len(load.results_since(start)) >= RATE // 2, timeout=5)
+    served = Counter(r.backend for r in load.results_since(start) if r.ok_200)
+    return max(procs, key=lambda proc: served[proc.id])
+
+
 def out_of_rotation(lbd: Lbd, server_id: str) -> bool:
     server = lbd.servers()[server_id]
     return not server["in_rotation"] and server["health"] in ("cooldown", "degraded")
@@ -113,13 +125,11 @@ def test_killing_a_backend_under_load_loses_only_responses_it_was_streaming(tmp_
     200; the only failures allowed are responses the victim was streaming at the kill (head
     received, body cut). The victim is ejected, and comes back by itself once it listens again."""
     with backend_processes("s1", "s2", "s3") as procs, lbd_in_front_of(tmp_path, procs, mode) as (lbd, requests):
-        victim = procs[1]
         load = LoadGenerator(
             lbd.port, requests, connections=CONNECTIONS, rate=RATE, max_duration_s=15, max_requests=15 * RATE
         )
         with load:
-            start = time.monotonic()
-            wait_until(lambda: all(answered_by(load, proc.id, start) for proc in procs), timeout=5)
+            victim = warm_up(load, procs)
             stream = stream_from(lbd, victim.id, REGION_HEADER[mode])
             killed_at = time.monotonic()
             victim.kill()
@@ -168,13 +178,11 @@ def test_a_hung_backend_costs_only_the_requests_sent_to_it_each_504_at_its_deadl
         backend_processes("s1", "s2", "s3") as procs,
         lbd_in_front_of(tmp_path, procs, mode, "--timeout-base-ms", str(timeout_base_ms)) as (lbd, requests),
     ):
-        victim = procs[1]
         load = LoadGenerator(
             lbd.port, requests, connections=CONNECTIONS, rate=RATE, max_duration_s=12, max_requests=12 * RATE
         )
         with load:
-            start = time.monotonic()
-            wait_until(lambda: all(answered_by(load, proc.id, start) for proc in procs), timeout=5)
+            victim = warm_up(load, procs)
             hung_at = time.monotonic()
             victim.pause()
             try:
