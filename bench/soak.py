@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(POOL_IDLE_S + 5)
             fds_after = open_fds(pid)
             status = lbd.get("/v1/status")
-            status["flapper_ejections"] = lbd.servers()[procs[2].id]["ejections"]
+            servers = lbd.servers()
+            status["flapper_ejections"] = servers[procs[2].id]["ejections"]
+            status["requests_by_server"] = {server_id: server["requests"] for server_id, server in servers.items()}
             log = lbd.log()
     config.unlink(missing_ok=True)
     return summarize(soak, report, status, log, fds_before, fds_after, rss_before)
@@ -227,6 +229,7 @@ def summarize(
         },
         "fds": {"before_load": fds_before, "max": max(s.fds for s in soak.samples), "after_settle": fds_after},
         "lbd_status": {"requests": status["requests"], "sessions": status.get("sessions")},
+        "requests_by_server": status["requests_by_server"],  # attempts forwarded, retries included
         "checks": checks,
         "pass": all(checks.values()),
         "samples": [asdict(s) for s in soak.samples],
@@ -251,6 +254,7 @@ def print_summary(result: dict[str, Any], path: Path) -> None:
     load, rss, fds, failures = result["load"], result["rss_mib"], result["fds"], result["failures"]
     print(f"\nsoak {result['args']['duration']} s, {result['args']['mode']} mode, commit {result['commit']}")
     print(f"  load: {load['requests']} requests in {load['seconds']} s ({load['rate']}/s): {load['by_outcome']}")
+    print(f"  forwarded to each server: {result['requests_by_server']}")
     print(
         f"  flaps: {result['flaps']} (s3 ejected {result['flapper_ejections']} times); "
         f"failures explained by them: {failures['explained_by_flaps']}"
