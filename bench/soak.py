@@ -77,6 +77,20 @@ def mixed_requests(mode: str) -> Callable[[int], Request]:
     return request
 
 
+def git_commit() -> str:
+    """The commit of the lbd under test (the package this Python imports), marked when lbd/ is modified."""
+    where = str(Path(lbd.__file__).resolve().parent)
+    head = subprocess.run(
+        ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    dirty = subprocess.run(
+        ["git", "-C", where, "status", "--porcelain", "."], capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        return f"unknown ({where} is not in a git checkout)"
+    return head.stdout.strip() + (" (lbd/ modified)" if dirty.stdout.strip() else "")
+
+
 @dataclass
 class Sample:
     t: float  # seconds since the load started
@@ -94,6 +108,7 @@ class Flap:
 class Soak:
     args: argparse.Namespace
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    commit: str = field(default_factory=git_commit)  # at the start: what the lbd process runs
     samples: list[Sample] = field(default_factory=list)
     flaps: list[Flap] = field(default_factory=list)
 
@@ -202,7 +217,7 @@ def summarize(
     }
     return {
         "started": soak.started,
-        "commit": git_commit(),
+        "commit": soak.commit,
         "args": vars(args),
         "load": {
             "requests": report.total,
@@ -234,20 +249,6 @@ def summarize(
         "pass": all(checks.values()),
         "samples": [asdict(s) for s in soak.samples],
     }
-
-
-def git_commit() -> str:
-    """The commit of the lbd under test (the package this Python imports), marked when lbd/ is modified."""
-    where = str(Path(lbd.__file__).resolve().parent)
-    head = subprocess.run(
-        ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    dirty = subprocess.run(
-        ["git", "-C", where, "status", "--porcelain", "."], capture_output=True, text=True, check=False
-    )
-    if head.returncode != 0:
-        return f"unknown ({where} is not in a git checkout)"
-    return head.stdout.strip() + (" (lbd/ modified)" if dirty.stdout.strip() else "")
 
 
 def print_summary(result: dict[str, Any], path: Path) -> None:
