@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ RESULTS = ROOT / "bench" / "results"
 MIB = 1 << 20
 CLIENT_IDS = 10_000  # cycled: the session table reaches its working size during the warm-up
 UPLOAD = os.urandom(16 * 1024)  # at most retry_body_limit_bytes: a failed upload can be replayed
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ lbd (\w+) ")  # lbd's log format: time, "lbd", level
 FD_SLACK = 3  # a health probe in progress at the sample holds one more fd per server
 POOL_IDLE_S = 30  # lbd closes idle upstream connections after this long
 HEALTH = """
@@ -209,7 +211,7 @@ def summarize(
     rss_max = max(s.rss_mib for s in warm)
     failures = report.results  # keep_all=False: only the failures were kept
     unexplained = [r for r in failures if not explained(r, soak.flaps, "s3")]
-    log_errors = [line for line in log.splitlines() if " ERROR " in line or line.startswith("Traceback")]
+    log_errors = error_records(log)
     checks = {
         "rss_flat": rss_end - rss_warm <= args.rss_limit_mib,
         "fds_back_to_baseline": fds_after <= fds_before + FD_SLACK,
@@ -251,6 +253,17 @@ def summarize(
     }
 
 
+def error_records(log: str) -> list[str]:
+    """lbd's log records at ERROR level, each whole (a traceback is part of its record)."""
+    records: list[str] = []
+    for line in log.splitlines():
+        if LOG_RECORD.match(line):
+            records.append(line)
+        elif records:
+            records[-1] += "\n" + line
+    return [record for record in records if (match := LOG_RECORD.match(record)) and match.group(1) == "ERROR"]
+
+
 def print_summary(result: dict[str, Any], path: Path) -> None:
     load, rss, fds, failures = result["load"], result["rss_mib"], result["fds"], result["failures"]
     print(f"\nsoak {result['args']['duration']} s, {result['args']['mode']} mode, commit {result['commit']}")
@@ -261,6 +274,8 @@ def print_summary(result: dict[str, Any], path: Path) -> None:
         f"failures explained by them: {failures['explained_by_flaps']}"
     )
     print(f"  unexplained failures: {failures['unexplained']}; ERRORs in lbd's log: {len(failures['lbd_log_errors'])}")
+    for record in failures["lbd_log_errors"][:3]:
+        print("    " + record.replace("\n", "\n    "))
     print(
         f"  RSS: {rss['before_load']} MiB before load, {rss['after_warmup']} after warm-up, {rss['end']} at the end "
         f"(growth {rss['growth_after_warmup']}), max {rss['max_after_warmup']}"

@@ -4,24 +4,29 @@ completes handshakes into the listen backlog and buffers requests, but nobody an
 server), and `start()` again binds the same port.
 
 The process serves the same endpoints as `tests/harness/backends.py` (it runs that `Backend`), on
-uvloop, and exits when its stdin closes, so a crashed test leaves no backend behind.
+uvloop, and exits when its stdin closes, so a crashed test leaves no backend behind. With
+`resets=True` it is instead a server that resets every connection the moment it accepts it
+(SO_LINGER 0), before reading anything: the fastest way a connection can die after connecting.
 
-    python -m tests.harness.backend_process ID [PORT]    # prints the bound port once listening
+    python -m tests.harness.backend_process ID [PORT [resets]]    # prints the bound port once listening
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -32,9 +37,10 @@ STARTUP_TIMEOUT_S = 10.0
 
 
 class BackendProcess:
-    def __init__(self, server_id: str, region: str = "us-east") -> None:
+    def __init__(self, server_id: str, region: str = "us-east", resets: bool = False) -> None:
         self.id = server_id
         self.region = region
+        self.resets = resets
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -53,6 +59,7 @@ class BackendProcess:
         """Start (again, on the same port once one was chosen); returns when it is listening."""
         assert not self.running, f"backend {self.id} is already running"
         command = [sys.executable, "-m", "tests.harness.backend_process", self.id, str(self.port)]
+        command += ["resets"] if self.resets else []
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
         self.process = process
         assert process.stdout is not None
@@ -91,24 +98,42 @@ class BackendProcess:
 
 
 @contextmanager
-def backend_processes(*ids: str) -> Iterator[list[BackendProcess]]:
-    """One backend process per id, all in us-east; killed afterwards whatever happened."""
+def backend_processes(*ids: str, resetting: tuple[str, ...] = ()) -> Iterator[list[BackendProcess]]:
+    """One backend process per id (those in `resetting` reset every connection), all in us-east;
+    killed afterwards whatever happened."""
     started: list[BackendProcess] = []
     try:
-        started.extend(BackendProcess(server_id).start() for server_id in ids)
+        started.extend(BackendProcess(server_id, resets=server_id in resetting).start() for server_id in ids)
         yield started
     finally:
         for backend in started:
             backend.kill()
 
 
+class _Resetter(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cast(asyncio.Transport, transport).abort()  # with SO_LINGER 0 the close is a RST (uvloop's
+        # transports do not subclass asyncio.Transport, hence the cast)
+
+
+async def _serve_resets(port: int) -> int:
+    server = await asyncio.get_running_loop().create_server(_Resetter, "127.0.0.1", port, reuse_address=True)
+    return int(server.sockets[0].getsockname()[1])
+
+
 def main() -> None:
     server_id, port = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
     uvloop.install()  # BackendLoop's loop comes from the policy: uvloop, as fast as the tests can drive
-    backend = Backend(BackendLoop(), server_id)
-    backend.port = port
-    backend.start()
-    print(backend.port, flush=True)
+    loop = BackendLoop()
+    if sys.argv[3:] == ["resets"]:
+        port = loop.run(_serve_resets(port))
+    else:
+        backend = Backend(loop, server_id)
+        backend.port = port
+        backend.start()
+        port = backend.port
+    print(port, flush=True)
     sys.stdin.buffer.read()  # until the parent closes our stdin (or dies)
     os._exit(0)
 
