@@ -7,7 +7,8 @@ Three backends run as their own processes on loopback (tests/harness/backend_pro
 them is SIGKILLed every `--flap-every` seconds and started again on its port `--down` seconds
 later. The load (tests/harness/load.py, every request accounted for) mixes keep-alive GETs of
 small and 64 KiB bodies, 16 KiB POST uploads, requests on a new connection each, and slow
-requests, over 10,000 client ids. lbd's RSS (VmRSS) and open file descriptors are sampled every
+requests, from clients that come and go (sticky sessions are created and expire all along, and a
+backend back from a kill gets new clients). lbd's RSS (VmRSS) and open file descriptors are sampled every
 `--sample-every` seconds. At the end it prints, and writes to bench/results/soak-<time>.json:
 
 - RSS after the warm-up, at the end and the largest after the warm-up;
@@ -43,12 +44,17 @@ from tests.harness.load import CUT, LoadGenerator, LoadReport, Request, Result
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MIB = 1 << 20
-CLIENT_IDS = 10_000  # cycled: the session table reaches its working size during the warm-up
+# A client sends 20 requests in a row, then is not seen again until the 5,000 ids come round (every
+# 100,000 requests, two minutes at 800/s), by when its session expired (session_idle_timeout below)
+CLIENT_IDS = 5_000
+VISIT = 20
 UPLOAD = os.urandom(16 * 1024)  # at most retry_body_limit_bytes: a failed upload can be replayed
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ lbd (\w+) ")  # lbd's log format: time, "lbd", level
 FD_SLACK = 3  # a health probe in progress at the sample holds one more fd per server
 POOL_IDLE_S = 30  # lbd closes idle upstream connections after this long
-HEALTH = """
+CONFIG = """
+session_idle_timeout = 20
+
 [health]
 interval_ms = 200
 timeout_ms = 1000
@@ -64,7 +70,7 @@ def mixed_requests(mode: str) -> Callable[[int], Request]:
     region = (("client-region", "us-east"),) if mode == "dynamic" else ()
 
     def request(index: int) -> Request:
-        headers = (("client-id", f"c{index % CLIENT_IDS}"), *region)
+        headers = (("client-id", f"c{index // VISIT % CLIENT_IDS}"), *region)
         slot = index % 100
         if slot < 60:
             return Request(path="/echo", headers=headers, kind="small")
@@ -122,7 +128,7 @@ def open_fds(pid: int) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     soak = Soak(args)
     config = Path(os.environ.get("TMPDIR", "/tmp")) / f"lbd-soak-{os.getpid()}.toml"
-    config.write_text(HEALTH)
+    config.write_text(CONFIG)
     with backend_processes("s1", "s2", "s3") as procs:
         entries = [proc.entry(capacity=1000) for proc in procs]
         with running_lbd(["--config", str(config), "--mode", args.mode], entries) as lbd:
