@@ -223,13 +223,6 @@ def test_a_hung_backend_costs_only_the_requests_sent_to_it_each_504_at_its_deadl
         assert deadline_s - 0.01 <= result.latency_s < deadline_s + 0.3, result.latency_s
 
 
-@pytest.mark.xfail(
-    reason="lbd bug (reported with issue #7's fault tests): when an upstream connection is reset between its "
-    "connect and Exchange._connected, _attach writes to the closed uvloop transport, which raises; the GET is "
-    "not failed over but left to its deadline (504). Seen once in the 600 s soak, at a backend kill.",
-    raises=AssertionError,
-    strict=True,
-)
 def test_a_connection_reset_right_after_connecting_is_failed_over(tmp_path: Path) -> None:
     """One of two servers resets every connection the moment it accepts it, before reading anything:
     no request reached it, so every GET sent there must be failed over to the other and answered
@@ -296,13 +289,6 @@ def test_sigterm_finishes_requests_in_flight_closes_idle_connections_and_refuses
         assert time.monotonic() - stopped_at < 4.0  # it left once nothing was in flight, not after the grace
 
 
-@pytest.mark.xfail(
-    reason="lbd bug (reported with issue #7's fault tests): on SIGTERM a connection that lbd accepted but whose "
-    "first request it has not read yet is closed as idle, so a request already on its way is reset unanswered "
-    "(Go's http.Server gives a new connection 5 s to send its first request)",
-    raises=(AssertionError, ConnectionError),
-    strict=True,
-)
 def test_sigterm_serves_the_first_request_of_a_connection_accepted_before_it() -> None:
     """Under load with a new connection per request, the race shows as requests reset when lbd stops
     (about twenty per stop at 1,500 connections/s): lbd had accepted their connections, their bytes

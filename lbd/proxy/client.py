@@ -31,6 +31,10 @@ MAX_PIPELINED = 16
 # this long before closing: closing a socket with unread input sends a reset, which can destroy the
 # answer before the client reads it (nginx's lingering_close).
 LINGER_S = 5.0
+# On a graceful stop, a connection accepted just before that has sent nothing yet gets this long to
+# send its first request, which is then served (its bytes may already be on the way; Go's
+# http.Server waits the same way).
+FIRST_REQUEST_GRACE_S = 1.0
 
 
 class Refused(Exception):
@@ -68,6 +72,8 @@ class ClientConnection(FlowControlled):
         self.deadline = 0  # the header timeout's (or linger's) handle on the deadline wheel; 0 when unarmed
         self.lingering = False  # answered and half-closed; dropping what the client still sends
         self.linger_on_close = False  # the request being answered was refused before it was all read
+        self.requests = 0  # request heads received on this connection
+        self.stopping = False  # a graceful stop came before the first request: serve that one, then close
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -200,6 +206,9 @@ class ClientConnection(FlowControlled):
             raise Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
         if self.closing:
             return
+        self.requests += 1
+        if self.stopping:
+            self.closing = True  # this one is served (with Connection: close), nothing after it
         if self.active is None:
             self.active = exchange
             exchange.start()
@@ -294,7 +303,21 @@ class ClientConnection(FlowControlled):
         self.deadline = deadlines.arm(self, self.ctx.loop.time() + LINGER_S)
 
     def shutdown(self) -> None:
-        """Graceful stop: close now if idle, else after the response in progress."""
+        """Graceful stop: close now if idle, else after the response in progress. A request whose
+        head is arriving is served; a connection that has not sent its first request yet gets
+        FIRST_REQUEST_GRACE_S to send it."""
+        if self.closing or self.active is not None or self.tunnel is not None:
+            pass
+        elif self.parsing is not None:
+            self.stopping = True  # its header timeout still applies
+            return
+        elif self.requests == 0:
+            self.stopping = True
+            deadlines = self.ctx.deadlines
+            if self.deadline:
+                deadlines.cancel(self, self.deadline)
+            self.deadline = deadlines.arm(self, self.ctx.loop.time() + FIRST_REQUEST_GRACE_S)
+            return
         self.closing = True
         if self.active is None and self.parsing is None and self.tunnel is None:
             self.close()
@@ -330,7 +353,8 @@ class ClientConnection(FlowControlled):
         elif self.in_head:
             self._refuse(Refused(408, "the request head took too long to arrive", "header_timeout"))
         elif self.idle and not self.closing:
-            self.ctx.rejections["header_timeout"] += 1
+            if not self.stopping:
+                self.ctx.rejections["header_timeout"] += 1
             self.close()
 
     def _refuse(self, refused: Refused, linger: bool = True) -> None:

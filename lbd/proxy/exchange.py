@@ -310,7 +310,11 @@ class Exchange:
         if error is not None:
             self._upstream_error(Outcome.CONNECT_FAILED, _describe_connect_error(error))
             return
-        self._attach(task.result())
+        connection = task.result()
+        if connection.lost:  # reset between the connect and this callback: nothing was sent
+            self._upstream_error(Outcome.CONNECT_FAILED, "closed the connection as soon as it was opened")
+            return
+        self._attach(connection)
 
     def _attach(self, connection: UpstreamConnection) -> None:
         self.upstream = connection
