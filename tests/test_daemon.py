@@ -37,9 +37,13 @@ def test_admin_socket_is_owner_only_and_removed_on_sigterm(static_lbd: Lbd) -> N
 
 
 def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
-    """Run as uid/gid 65534 with no supplementary groups and no capabilities. setpriv drops them only
-    at exec, so an interpreter under a root-only directory (pyenv in /root) can still be started."""
-    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    """Run as uid/gid 65534 with no supplementary groups. The one capability kept, CAP_DAC_READ_SEARCH,
+    lets it read files wherever the interpreter and this checkout live (/root, a 0700 temporary clone
+    in CI); it grants no write permission, which is what connecting to a Unix socket checks."""
+    setpriv = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--",
+    ]  # fmt: skip
     env = {**os.environ, "NO_COLOR": "1", "HOME": "/nonexistent"}
     return subprocess.run(
         [*setpriv, *command], cwd="/", capture_output=True, text=True, timeout=20, check=False, env=env
