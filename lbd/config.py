@@ -162,6 +162,7 @@ class Config:
     limits: ClientLimits = field(default_factory=ClientLimits)
 
     def upstream_timeout_s(self, region: str) -> float:
+        """An upstream attempt's timeout for a server in `region`: timeout_base_ms + its latency."""
         return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
 
 
