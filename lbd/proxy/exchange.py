@@ -267,7 +267,10 @@ class Exchange:
         server.state.active += 1
         server.state.requests += 1
         self.timeout_s = self.ctx.timeout_s(server)
-        self.started_at = self.last_activity = self.ctx.loop.time()
+        self.last_activity = self.ctx.loop.time()
+        # latency needs a fine clock: uvloop's loop time is in whole milliseconds, taken once per
+        # loop iteration, so a loopback answer would often measure 0
+        self.started_at = time.perf_counter()
         self.head = self._build_head(server)
         self._arm_timer()
         connection = None if fresh_connection else self.ctx.pool.acquire(server)
@@ -336,9 +339,8 @@ class Exchange:
     def response_head(self, upstream: UpstreamConnection) -> None:
         self.response_started = True
         self.status = status = upstream.status
-        now = self.ctx.loop.time()
-        self.latency_s = now - self.started_at
-        self.last_activity = now
+        self.latency_s = time.perf_counter() - self.started_at
+        self.last_activity = self.ctx.loop.time()
         lines = _response_header_pieces(upstream)
         bodyless = self.is_head or status in (204, 304)
         if status == 101 and upstream.upgrade is not None:
