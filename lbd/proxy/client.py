@@ -124,9 +124,7 @@ class ClientConnection(FlowControlled):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
-        if self.deadline:
-            self.ctx.deadlines.cancel(self, self.deadline)
-            self.deadline = 0
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         if self.tunnel is not None:
             self.tunnel.close()
         if self.tunnel_exchange is not None:
@@ -195,9 +193,7 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing
         assert exchange is not None
         self.in_head = False
-        if self.deadline:
-            self.ctx.deadlines.cancel(self, self.deadline)
-            self.deadline = 0
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         exchange.headers_complete(self.parser.get_method(), self.parser.get_http_version())
         max_body = self.limits.max_body_bytes
         if max_body and exchange.content_length > max_body:
@@ -297,10 +293,7 @@ class ClientConnection(FlowControlled):
         transport.write_eof()
         if self.held_by:
             self.release(PEER_WRITE_FULL | BUFFER_FULL | PIPELINE_FULL)
-        deadlines = self.ctx.deadlines
-        if self.deadline:
-            deadlines.cancel(self, self.deadline)
-        self.deadline = deadlines.arm(self, self.ctx.loop.time() + LINGER_S)
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, self.ctx.loop.time() + LINGER_S)
 
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the response in progress. A request whose
@@ -313,10 +306,8 @@ class ClientConnection(FlowControlled):
             return
         elif self.requests == 0:
             self.stopping = True
-            deadlines = self.ctx.deadlines
-            if self.deadline:
-                deadlines.cancel(self, self.deadline)
-            self.deadline = deadlines.arm(self, self.ctx.loop.time() + FIRST_REQUEST_GRACE_S)
+            when = self.ctx.loop.time() + FIRST_REQUEST_GRACE_S
+            self.deadline = self.ctx.deadlines.move(self, self.deadline, when)
             return
         self.closing = True
         if self.active is None and self.parsing is None and self.tunnel is None:

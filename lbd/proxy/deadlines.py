@@ -27,7 +27,7 @@ class DeadlineWheel:
 
     def arm(self, item: Timed, when: float) -> int:
         """Call `item.deadline_reached()` at `when` (loop time) or within a tick after; returns the
-        handle `cancel` takes."""
+        handle `move` takes."""
         tick = int(when / TICK_S) + 1
         if self._timer is None:
             self._next_tick = min(tick, int(self.loop.time() / TICK_S))
@@ -40,10 +40,12 @@ class DeadlineWheel:
         bucket[item] = None
         return tick
 
-    def cancel(self, item: Timed, tick: int) -> None:
-        bucket = self._buckets.get(tick)
-        if bucket is not None:
+    def move(self, item: Timed, handle: int, when: float | None) -> int:
+        """Replace `item`'s deadline `handle` (0: none armed) by one at `when` (None: no deadline);
+        returns the new handle, 0 when none."""
+        if handle and (bucket := self._buckets.get(handle)) is not None:
             bucket.pop(item, None)
+        return 0 if when is None else self.arm(item, when)
 
     def _run(self) -> None:
         now_tick = int(self.loop.time() / TICK_S)

@@ -516,10 +516,7 @@ class Exchange:
     # --- timing -----------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        deadlines = self.ctx.deadlines
-        if self.deadline:
-            deadlines.cancel(self, self.deadline)
-        self.deadline = deadlines.arm(self, self.last_activity + self.timeout_s)
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, self.last_activity + self.timeout_s)
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.upstream_write_full = paused
@@ -572,9 +569,7 @@ class Exchange:
         connection.exchange = None
         self.finished = True
         self.tunnel_open = True  # the server keeps counting this connection as active until it closes
-        if self.deadline:
-            self.ctx.deadlines.cancel(self, self.deadline)
-            self.deadline = 0
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         if self.server is not None:
             self.ctx.registry.record_outcome(self.server, Outcome.OK, self.latency_s)
         self.ctx.count_response(101, self.server)
@@ -592,9 +587,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.deadline:
-            self.ctx.deadlines.cancel(self, self.deadline)
-            self.deadline = 0
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
