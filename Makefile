@@ -55,7 +55,7 @@ completions: $(INSTALLED)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 
-# `make bench`: lbd against HAProxy and nginx straight on loopback, pinned (bench/compare.py; e.g.
+# `make bench`: lbd against HAProxy and nginx straight on loopback, pinned (python -m bench.compare; e.g.
 # BENCH_ARGS=--quick for a smoke run, BENCH_ARGS='--only haproxy,lbd-static'), then the routing and
 # health-round microbenchmarks. wrk, haproxy and nginx come from the system's packages when missing.
 .PHONY: bench bench-deps
@@ -71,6 +71,6 @@ bench-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
 bench: $(INSTALLED) bench-deps
-	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 	$(BIN)/python bench/microbench.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/health_round.py

@@ -1,8 +1,8 @@
 """`make bench`: lbd against HAProxy and nginx straight, in one run on loopback (issue #6).
 
-    .venv/bin/python bench/compare.py                  # every row, 10 s each (about 4 minutes)
-    .venv/bin/python bench/compare.py --quick          # a smoke run, a few seconds per row
-    .venv/bin/python bench/compare.py --only haproxy,lbd-static --responses tiny --conns 64
+    .venv/bin/python -m bench.compare                  # every row, 10 s each (about 4 minutes)
+    .venv/bin/python -m bench.compare --quick          # a smoke run, a few seconds per row
+    .venv/bin/python -m bench.compare --only haproxy,lbd-static --responses tiny --conns 64
 
 Three nginx backends (one worker) and wrk run on CPU 1, the proxy under test alone on CPU 0. Every
 row sends the same requests (bench/wrk/clients.lua: 10,000 client ids with fixed regions), so
@@ -32,10 +32,10 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
-import memcheck
-from loadgen import run_observed, run_wrk
-from report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
-from stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
+from bench import memcheck
+from bench.loadgen import run_observed, run_wrk
+from bench.report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
+from bench.stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
 
 PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic")
 PHASES = (*PROXIES, "memory")

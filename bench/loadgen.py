@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stack import pin, tool
+from bench.stack import pin, tool
 
 SCRIPT = Path(__file__).resolve().parent / "wrk" / "clients.lua"
 CLIENT_IDS = 10_000

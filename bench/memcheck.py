@@ -6,53 +6,19 @@ memory is read from /proc/<pid>/status (VmRSS), sampled every 10 ms while a body
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
-from stack import admin
+from bench.stack import admin
+from tests.harness.clients import RssWatcher, rss_bytes
 
 MIB = 1 << 20
 CHUNK = MIB
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-class RssSampler:
-    """Highest RSS of `pid` seen every `period_s` while the `with` block runs (a daemon thread)."""
-
-    def __init__(self, pid: int, period_s: float = 0.01) -> None:
-        self.pid = pid
-        self.period_s = period_s
-        self.before_kib = rss_kib(pid)
-        self.max_kib = self.before_kib
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            with contextlib.suppress(OSError):
-                self.max_kib = max(self.max_kib, rss_kib(self.pid))
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join(1.0)
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.max_kib - self.before_kib) / 1024
+    return rss_bytes(pid) // 1024
 
 
 def request(method: str, path: str, client_id: str, length: int | None = None) -> bytes:
@@ -151,7 +117,7 @@ def stream_download(port: int, pid: int, client_id: str, size: int, timeout_s: f
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request("GET", "/big", client_id))
         started = time.monotonic()
-        with RssSampler(pid) as sampler:
+        with RssWatcher(pid) as sampler:
             status, length, rest = read_head(sock, deadline)
             if status != 200 or length != size:
                 raise ConnectionError(f"expected 200 with {size:,} bytes, got {status} with {length:,}")
@@ -167,7 +133,7 @@ def stream_upload(port: int, pid: int, client_id: str, size: int, timeout_s: flo
         sock.sendall(request("PUT", "/sink", client_id, length=size))
         started = time.monotonic()
         sent = 0
-        with RssSampler(pid) as sampler:
+        with RssWatcher(pid) as sampler:
             while sent < size:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"upload incomplete at the deadline: {sent:,} of {size:,} bytes")
@@ -179,12 +145,12 @@ def stream_upload(port: int, pid: int, client_id: str, size: int, timeout_s: flo
         return transfer_report(sent, time.monotonic() - started, sampler)
 
 
-def transfer_report(size: int, seconds: float, sampler: RssSampler) -> dict[str, object]:
+def transfer_report(size: int, seconds: float, sampler: RssWatcher) -> dict[str, object]:
     return {
         "bytes": size,
         "seconds": round(seconds, 2),
         "mib_per_s": round(size / MIB / seconds, 1) if seconds else None,
-        "rss_before_mib": round(sampler.before_kib / 1024, 1),
-        "rss_max_mib": round(sampler.max_kib / 1024, 1),
-        "growth_mib": round(sampler.growth_mib, 1),
+        "rss_before_mib": round(sampler.baseline / MIB, 1),
+        "rss_max_mib": round(sampler.peak / MIB, 1),
+        "growth_mib": round(sampler.growth / MIB, 1),
     }

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadgen import Load
-from stack import ROOT, tool
+from bench.loadgen import Load
+from bench.stack import ROOT, tool
 
 TARGET_CONNS = 64
 STREAM_LIMIT_MIB = 32.0
