@@ -3,21 +3,33 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+NATIVE := $(VENV)/.native$(if $(filter 1,$(LB_PURE_PYTHON)),-pure)
+LBD_SOURCES := $(wildcard lbd/*.py lbd/*/*.py)
 
-.PHONY: run test lint typecheck install system-deps completions clean
+.PHONY: run test lint typecheck install native system-deps completions clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(INSTALLED): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# The package and its dependencies, editable; its compiled modules are built by $(NATIVE) below.
+$(INSTALLED): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=77'
+	LB_PURE_PYTHON=1 $(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]'
 	touch $@
 
-install: $(INSTALLED)
+# lbd's per-request modules compiled in place with mypyc (setup.py lists them), rebuilt whenever an lbd
+# source changes, so what runs is always what the sources say. LB_PURE_PYTHON=1 builds none (interpreted).
+$(NATIVE): $(INSTALLED) setup.py $(LBD_SOURCES)
+	find lbd -name '*.so' -delete
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	rm -f $(VENV)/.native $(VENV)/.native-pure
+	touch $@
+
+install: $(NATIVE)
+native: $(NATIVE)
 
 # Demo backends from examples/servers.json in the background, lbd in the foreground (Ctrl-C stops both).
-run: $(INSTALLED)
+run: $(NATIVE)
 	@$(BIN)/python examples/demo_backends.py examples/servers.json & backends=$$!; \
 	trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT INT TERM; \
 	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml
@@ -39,13 +51,13 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-test: $(INSTALLED) system-deps lint typecheck
+test: $(NATIVE) system-deps lint typecheck
 	$(BIN)/pytest
 
 # `make soak`: ten minutes of mixed load through lbd while a backend flaps every 30 s, checking lbd's
 # RSS, open fds and errors (bench/soak.py; SOAK_ARGS='--duration 60' for a short run).
 .PHONY: soak
-soak: $(INSTALLED)
+soak: $(NATIVE)
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # lbctl's bash, zsh and fish completion scripts, generated from the Typer app (a test fails on drift).
@@ -53,7 +65,8 @@ completions: $(INSTALLED)
 	$(BIN)/python -m lbctl.completions completions
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info build
+	find lbd -name '*.so' -delete
 
 # `make bench`: lbd against HAProxy and nginx straight on loopback, pinned (python -m bench.compare; e.g.
 # BENCH_ARGS=--quick for a smoke run, BENCH_ARGS='--only haproxy,lbd-static'), then the routing and
@@ -70,7 +83,7 @@ bench-deps:
 	  echo "installing nginx-light for make bench"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
-bench: $(INSTALLED) bench-deps
+bench: $(NATIVE) bench-deps
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 	$(BIN)/python bench/microbench.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/health_round.py

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.loadgen import Load
 from bench.stack import ROOT, tool
+from lbd.proxy.server import DATA_PLANE
 
 TARGET_CONNS = 64
 STREAM_LIMIT_MIB = 32.0
@@ -205,6 +206,7 @@ def machine() -> dict[str, object]:
         "haproxy": first_line([tool("haproxy"), "-v"]),
         "nginx": first_line([tool("nginx"), "-v"]),
         "wrk": first_line([tool("wrk"), "-v"]),
+        "lbd_data_plane": DATA_PLANE,  # compiled (mypyc, setup.py) or interpreted
         "lbd_commit": first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
         "lbd_uncommitted_changes": bool(first_line(["git", "-C", str(ROOT), "status", "--porcelain", "lbd"])),
     }

@@ -15,7 +15,7 @@ keep the server they already have.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Final
 
 from lbd.config import Mode, Regions
 from lbd.models import Server
@@ -24,15 +24,15 @@ from lbd.routing import dynamic
 from lbd.routing.static import RendezvousTable, digest64
 from lbd.sessions import Session, SessionTable
 
-DECISION_CACHE_SIZE = 65_536
+DECISION_CACHE_SIZE: Final = 65_536
 # Why a server was chosen (the `reason` of `lbctl route`)
-REASON_HASH = "hash"  # static: the client's first choice
-REASON_HASH_NEXT = "hash_next"  # static: the first choice is out; next in the client's order
-REASON_STICKY = "sticky"  # dynamic: the client's live session
-REASON_BACKUP_FULL = "backup_nearly_full"  # dynamic: session server >= 90% full, a backup serves
-REASON_MOVED = "moved"  # dynamic: session server left / draining / out of rotation
-REASON_BEST = "best_in_region"  # dynamic: best score in the client's region
-REASON_FALLBACK = "fallback_region"  # dynamic: nearest region in proximity order with a server
+REASON_HASH: Final = "hash"  # static: the client's first choice
+REASON_HASH_NEXT: Final = "hash_next"  # static: the first choice is out; next in the client's order
+REASON_STICKY: Final = "sticky"  # dynamic: the client's live session
+REASON_BACKUP_FULL: Final = "backup_nearly_full"  # dynamic: session server >= 90% full, a backup serves
+REASON_MOVED: Final = "moved"  # dynamic: session server left / draining / out of rotation
+REASON_BEST: Final = "best_in_region"  # dynamic: best score in the client's region
+REASON_FALLBACK: Final = "fallback_region"  # dynamic: nearest region in proximity order with a server
 
 
 class NoServer(Exception):

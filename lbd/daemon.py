@@ -26,7 +26,8 @@ from lbd.config import Address, Config, ConfigSource
 from lbd.health.active import HealthChecker
 from lbd.metrics import create_metrics_app, metrics_registry
 from lbd.models import ServerSpec
-from lbd.proxy.server import ProxyContext, ProxyServer
+from lbd.proxy.context import ProxyContext
+from lbd.proxy.server import DATA_PLANE, ProxyServer
 from lbd.registry import Registry
 from lbd.reload import Reloader, ReloadError
 from lbd.sessions import SessionTable
@@ -123,8 +124,8 @@ class Daemon:
             for signum, handler in signals.items():
                 loop.add_signal_handler(signum, handler)
             log.info(
-                "proxy listening on http://%s (%s mode, %d servers); admin API on %s",
-                address, self.balancer.mode, len(self.registry), config.admin_socket,
+                "proxy listening on http://%s (%s mode, %d servers, %s data plane); admin API on %s",
+                address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
             )  # fmt: skip
             await self._serve_until_stopped(proxy, reloader)
         finally:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from lbd.balancer import Balancer
 from lbd.config import MODES
 from lbd.models import LATENCY_BUCKETS_S, Health
-from lbd.proxy.server import STATUS_CLASSES, ProxyContext
+from lbd.proxy.context import STATUS_CLASSES, ProxyContext
 from lbd.registry import Registry
 from lbd.reload import ReloadStats
 from lbd.sessions import SessionTable

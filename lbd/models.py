@@ -41,9 +41,10 @@ class Health(StrEnum):
     COOLDOWN = "cooldown"
     DEGRADED = "degraded"
 
-    @property
-    def in_rotation(self) -> bool:
-        return self in (Health.HEALTHY, Health.FAILING)
+    in_rotation: bool  # receives traffic: healthy, or failing but not yet out (a plain attribute: read per request)
+
+    def __init__(self, value: str) -> None:
+        self.in_rotation = value in ("healthy", "failing")
 
 
 @dataclass(frozen=True, slots=True)

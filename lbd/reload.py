@@ -27,7 +27,7 @@ from lbd.config import RESTART_KEYS, Config, ConfigSource, Mode, config_changes
 from lbd.errors import LbError
 from lbd.health.active import HealthChecker
 from lbd.models import ServerSpec
-from lbd.proxy.server import ProxyContext
+from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.sessions import SessionTable
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-SWEEP_PER_CALL = 2
+SWEEP_PER_CALL: Final = 2
 
 
 @dataclass(slots=True)

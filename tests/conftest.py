@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.harness.backends import Backend, backends
 from tests.harness.daemon import Lbd, running_lbd
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test stale compiled modules: Python imports an extension before the .py beside it, so
+    an lbd source edited after `make native` (which touches .venv/.native) would otherwise go untested."""
+    root = Path(__file__).resolve().parent.parent
+    compiled = list((root / "lbd").rglob("*.so"))
+    if not compiled:
+        return  # interpreted: the sources are what runs
+    stamp = root / ".venv" / ".native"
+    built = stamp.stat().st_mtime if stamp.exists() else max(p.stat().st_mtime for p in compiled)
+    stale = [str(p.relative_to(root)) for p in (root / "lbd").rglob("*.py") if p.stat().st_mtime > built]
+    if stale:
+        pytest.exit(f"lbd's compiled modules are older than {', '.join(stale)}: run `make native` (make test does)", 2)
 
 
 @pytest.fixture(scope="session", autouse=True)

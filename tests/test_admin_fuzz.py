@@ -26,7 +26,7 @@ from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
 from lbd.config import Config, ConfigSource
 from lbd.health.active import HealthChecker
-from lbd.proxy.server import ProxyContext
+from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
 from lbd.sessions import SessionTable

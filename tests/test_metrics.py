@@ -16,7 +16,7 @@ from lbd.balancer import Balancer
 from lbd.config import Config, Regions, load_config
 from lbd.metrics import metrics_registry
 from lbd.models import LATENCY_BUCKETS_S, Outcome, ServerSpec
-from lbd.proxy.server import ProxyContext
+from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.sessions import SessionTable
 from tests.harness.backends import Backend, backends

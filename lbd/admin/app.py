@@ -24,7 +24,7 @@ from lbd.balancer import BadRoute, Balancer, NoServer
 from lbd.config import Config, config_to_mapping
 from lbd.metrics import add_metrics_route, metrics_registry
 from lbd.models import Health, Server
-from lbd.proxy.server import ProxyContext
+from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
 from lbd.routing import dynamic

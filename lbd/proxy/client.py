@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -23,18 +23,18 @@ from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowCont
 from lbd.proxy.headers import CRLF, REQUEST_HEADERS, SEP, simple_response
 
 if TYPE_CHECKING:
-    from lbd.proxy.server import ProxyContext
+    from lbd.proxy.context import ProxyContext
     from lbd.proxy.upstream import UpstreamConnection
 
-MAX_PIPELINED = 16
+MAX_PIPELINED: Final = 16
 # After answering a client that is still sending its request, keep reading (and dropping) its bytes
 # this long before closing: closing a socket with unread input sends a reset, which can destroy the
 # answer before the client reads it (nginx's lingering_close).
-LINGER_S = 5.0
+LINGER_S: Final = 5.0
 # On a graceful stop, a connection accepted just before that has sent nothing yet gets this long to
 # send its first request, which is then served (its bytes may already be on the way; Go's
 # http.Server waits the same way).
-FIRST_REQUEST_GRACE_S = 1.0
+FIRST_REQUEST_GRACE_S: Final = 1.0
 
 
 class Refused(Exception):
@@ -58,6 +58,7 @@ class ClientConnection(FlowControlled):
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_exchange: Exchange | None = None
         self.client_ip = b"unknown"
+        self.forwarded_for_line = b"X-Forwarded-For: unknown\r\n"  # for requests that bring no X-Forwarded-For
         self.closing = False
         self.write_paused = False
         self.feeding = False  # parsing our bytes: upstream writes they cause are corked until the end
@@ -82,6 +83,7 @@ class ClientConnection(FlowControlled):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
+            self.forwarded_for_line = b"X-Forwarded-For: " + self.client_ip + CRLF
         connections = self.ctx.connections
         connections.add(self)
         if len(connections) > self.limits.max_connections:
@@ -96,8 +98,9 @@ class ClientConnection(FlowControlled):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        if self.upgrading is not None:
-            self._keep_early_tunnel_bytes(self.upgrading, data)
+        upgrading = self.upgrading  # a local: the feed below may set the attribute
+        if upgrading is not None:
+            self._keep_early_tunnel_bytes(upgrading, data)
             return
         self.feeding = True
         try:
@@ -105,7 +108,7 @@ class ClientConnection(FlowControlled):
             if self.in_head:
                 self._head_incomplete(len(data))
         except httptools.HttpParserUpgrade as upgrade:
-            upgrading: Exchange | None = self.upgrading  # set by on_message_complete during the feed
+            upgrading = self.upgrading  # set by on_message_complete during the feed
             if upgrading is not None:
                 self._keep_early_tunnel_bytes(upgrading, data[upgrade.args[0] :])
         except httptools.HttpParserError as error:
@@ -149,7 +152,7 @@ class ClientConnection(FlowControlled):
         if self.active is not None:
             source = self.active.upstream
         elif self.tunnel is not None:
-            protocol = self.tunnel.get_protocol()
+            protocol: object = self.tunnel.get_protocol()
             source = protocol if isinstance(protocol, FlowControlled) else None
         if source is not None:
             if hold:
@@ -176,13 +179,10 @@ class ClientConnection(FlowControlled):
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
+        # counted here, checked once the head is complete or a read leaves it incomplete: what a
+        # single read can hold bounds what is parsed before the check
         self.header_count += 1
         self.head_bytes += len(name) + len(value) + 4
-        limits = self.limits
-        if self.header_count > limits.max_headers or self.head_bytes > limits.max_header_bytes:
-            if self.header_count > limits.max_headers:
-                raise Refused(431, f"more than {limits.max_headers} header fields", "too_many_headers")
-            raise self._head_too_large()
         kind = REQUEST_HEADERS.get(name.lower())
         if kind is None:
             exchange.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
@@ -193,7 +193,11 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing
         assert exchange is not None
         self.in_head = False
-        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        if self.deadline:
+            self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        breach = self._head_limit_breach(self.head_bytes)
+        if breach is not None:
+            raise breach
         exchange.headers_complete(self.parser.get_method(), self.parser.get_http_version())
         max_body = self.limits.max_body_bytes
         if max_body and exchange.content_length > max_body:
@@ -323,17 +327,24 @@ class ClientConnection(FlowControlled):
         if len(exchange.early_tunnel) > PENDING_LIMIT:
             self.hold(BUFFER_FULL)
 
+    def _head_limit_breach(self, head_bytes: int) -> Refused | None:
+        """431 when the head has too many fields or too many bytes."""
+        limits = self.limits
+        if self.header_count > limits.max_headers:
+            return Refused(431, f"more than {limits.max_headers} header fields", "too_many_headers")
+        if head_bytes > limits.max_header_bytes:
+            limit = limits.max_header_bytes
+            return Refused(431, f"the request head is larger than {limit} bytes", "headers_too_large")
+        return None
+
     def _head_incomplete(self, received: int) -> None:
         """Part of a request head arrived: bound its size, and start the header timeout."""
         self.head_received += received
-        if self.head_received > self.limits.max_header_bytes:
-            self._refuse(self._head_too_large())
+        breach = self._head_limit_breach(self.head_received)
+        if breach is not None:
+            self._refuse(breach)
         elif not self.deadline:
             self.deadline = self.ctx.deadlines.arm(self, self.ctx.loop.time() + self.ctx.client_header_timeout_s)
-
-    def _head_too_large(self) -> Refused:
-        limit = self.limits.max_header_bytes
-        return Refused(431, f"the request head is larger than {limit} bytes", "headers_too_large")
 
     def deadline_reached(self) -> None:
         """The header timeout: a head still incomplete gets 408; a connection that never sent a byte

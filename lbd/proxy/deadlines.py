@@ -9,9 +9,9 @@ never early.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Final, Protocol
 
-TICK_S = 0.01
+TICK_S: Final = 0.01
 
 
 class Timed(Protocol):

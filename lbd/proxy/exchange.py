@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from lbd.balancer import BadRoute, NoServer
 from lbd.models import Outcome, Server
@@ -43,10 +43,10 @@ if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
     from lbd.proxy.upstream import UpstreamConnection
 
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-PENDING_LIMIT = 256 * 1024  # request bytes buffered while no upstream connection is attached
-CHUNK_END = b"0\r\n\r\n"
-X_FORWARDED_PROTO_LINE = b"X-Forwarded-Proto: http\r\n"
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
+CHUNK_END: Final = b"0\r\n\r\n"
+X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"
 
 
 class Exchange:
@@ -238,11 +238,8 @@ class Exchange:
             return
         try:
             server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
-        except BadRoute as exc:
-            self._refuse(400, str(exc))
-            return
-        except NoServer as exc:
-            self._refuse(503, str(exc))
+        except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
+            self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
             return
         self._forward_to(server)
 
@@ -286,20 +283,28 @@ class Exchange:
         pieces = self.header_pieces
         if self.conn_tokens and (named := self.conn_tokens - CONNECTION_OPTIONS):
             pieces = without_named(pieces, named)
+        client = self.client
         host = self.host
-        lines = [
-            merged_line(b"X-Forwarded-For", self.forwarded_for, self.client.client_ip),
-            X_FORWARDED_PROTO_LINE,
-            b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port)
-            if host is None
-            else b"X-Forwarded-Host: " + host + CRLF,
-            VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
-        ]
-        if self.request_chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if self.upgrade is not None:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)
-        return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\n", *pieces, *lines, CRLF))
+        return b"".join(
+            (
+                self.method,
+                b" ",
+                self.url,
+                b" HTTP/1.1\r\n",
+                *pieces,
+                client.forwarded_for_line
+                if self.forwarded_for is None
+                else merged_line(b"X-Forwarded-For", self.forwarded_for, client.client_ip),
+                X_FORWARDED_PROTO_LINE,
+                b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port)
+                if host is None
+                else b"X-Forwarded-Host: " + host + CRLF,
+                VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
+                b"Transfer-Encoding: chunked\r\n" if self.request_chunked else b"",
+                b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF,
+                CRLF,
+            )
+        )
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         self.connecting = None
@@ -323,7 +328,7 @@ class Exchange:
         self.upstream = connection
         connection.exchange = self
         client = self.client
-        if client.feeding and connection.cork():
+        if self.has_body and client.feeding and connection.cork():
             client.corked_upstreams.append(connection)  # the head and a body in the same packet: one write
         if client.write_paused:
             connection.hold(PEER_WRITE_FULL)
@@ -340,7 +345,6 @@ class Exchange:
         self.response_started = True
         self.status = status = upstream.status
         self.latency_s = time.perf_counter() - self.started_at
-        self.last_activity = self.ctx.loop.time()
         lines = _response_header_pieces(upstream)
         bodyless = self.is_head or status in (204, 304)
         if status == 101 and upstream.upgrade is not None:
@@ -362,7 +366,6 @@ class Exchange:
         self.client.write(b"".join((status_line(status, upstream.reason), *lines, CRLF)))
 
     def response_body(self, body: bytes) -> None:
-        self.last_activity = self.ctx.loop.time()
         if self.chunked_to_client:
             self.client.write(b"%x\r\n" % len(body) + body + CRLF)
         else:
@@ -370,7 +373,6 @@ class Exchange:
 
     def interim_response(self, upstream: UpstreamConnection) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
-        self.last_activity = self.ctx.loop.time()
         if self.version == "1.1":
             lines = _response_header_pieces(upstream)
             self.client.write(b"".join((status_line(upstream.status, upstream.reason), *lines, CRLF)))
@@ -587,7 +589,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        if self.deadline:
+            self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None

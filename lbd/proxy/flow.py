@@ -12,18 +12,27 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
-PEER_WRITE_FULL = 1  # the other side's socket buffer is above its high-water mark
-BUFFER_FULL = 2  # request bytes are queued in memory, waiting for an upstream connection
-PIPELINE_FULL = 4  # too many pipelined requests are waiting their turn
+PEER_WRITE_FULL: Final = 1  # the other side's socket buffer is above its high-water mark
+BUFFER_FULL: Final = 2  # request bytes are queued in memory, waiting for an upstream connection
+PIPELINE_FULL: Final = 4  # too many pipelined requests are waiting their turn
 
 
-class FlowControlled(asyncio.Protocol):
-    """Base of both proxy protocols: transport bookkeeping and reasoned read pauses."""
+class FlowControlled:
+    """Base of both proxy protocols: transport bookkeeping and reasoned read pauses.
+
+    It implements asyncio's protocol interface without subclassing `asyncio.Protocol`: a class with a
+    plain base compiles (setup.py) to a native class, whose attributes are C struct fields.
+    """
 
     transport: asyncio.Transport | None = None
     held_by = 0  # the reasons reading is paused for (hot paths test it before calling `release`)
     _corked: list[bytes] | None = None
+
+    def eof_received(self) -> bool | None:
+        """The peer's FIN: let the transport close (a half-closed proxy connection is not kept)."""
+        return None
 
     def write(self, data: bytes) -> None:
         if self._corked is not None:

@@ -6,23 +6,24 @@ Everything here works on raw bytes so the hot path never decodes a header it onl
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 # What lbd does with a header, by its lower-cased name; a name not listed is forwarded as it came.
 # Headers are gathered as they are parsed into flat lists of pieces (name, ": ", value, CRLF), so a
 # message's head is built with one join and no header is looked at twice.
-DROP = 0  # hop-by-hop (RFC 9110 §7.6.1), or replaced by lbd's own
-CONNECTION = 1
-TRANSFER_ENCODING = 2
-CONTENT_LENGTH = 3  # forwarded; its presence decides the framing of a response
-UPGRADE = 4
-VIA = 5  # merged into lbd's own
-X_FORWARDED_FOR = 6  # merged into lbd's own
-HOST = 7  # forwarded; also named in X-Forwarded-Host
-CLIENT_ID = 8  # forwarded; routes the request
-CLIENT_REGION = 9  # forwarded; routes the request in dynamic mode
+DROP: Final = 0  # hop-by-hop (RFC 9110 §7.6.1), or replaced by lbd's own
+CONNECTION: Final = 1
+TRANSFER_ENCODING: Final = 2
+CONTENT_LENGTH: Final = 3  # forwarded; its presence decides the framing of a response
+UPGRADE: Final = 4
+VIA: Final = 5  # merged into lbd's own
+X_FORWARDED_FOR: Final = 6  # merged into lbd's own
+HOST: Final = 7  # forwarded; also named in X-Forwarded-Host
+CLIENT_ID: Final = 8  # forwarded; routes the request
+CLIENT_REGION: Final = 9  # forwarded; routes the request in dynamic mode
 
-_HOP_BY_HOP = {b"keep-alive": DROP, b"proxy-connection": DROP, b"te": DROP, b"trailer": DROP}
-RESPONSE_HEADERS = {
+_HOP_BY_HOP: Final = {b"keep-alive": DROP, b"proxy-connection": DROP, b"te": DROP, b"trailer": DROP}
+RESPONSE_HEADERS: Final = {
     **_HOP_BY_HOP,
     b"connection": CONNECTION,
     b"transfer-encoding": TRANSFER_ENCODING,
@@ -30,7 +31,7 @@ RESPONSE_HEADERS = {
     b"upgrade": UPGRADE,
     b"via": VIA,
 }
-REQUEST_HEADERS = {
+REQUEST_HEADERS: Final = {
     **RESPONSE_HEADERS,
     b"x-forwarded-for": X_FORWARDED_FOR,
     b"x-forwarded-proto": DROP,
@@ -39,13 +40,13 @@ REQUEST_HEADERS = {
     b"client-id": CLIENT_ID,
     b"client-region": CLIENT_REGION,
 }
-SEP = b": "
-CRLF = b"\r\n"
-VIA_VALUE = b"1.1 lbd"
-VIA_LINE = b"Via: " + VIA_VALUE + CRLF
+SEP: Final = b": "
+CRLF: Final = b"\r\n"
+VIA_VALUE: Final = b"1.1 lbd"
+VIA_LINE: Final = b"Via: " + VIA_VALUE + CRLF
 # Connection options that are not header names (RFC 9110 §7.6.1)
-CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-_COMMON_CONNECTION_VALUES = {
+CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+_COMMON_CONNECTION_VALUES: Final = {
     value: frozenset({value.lower()})
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
@@ -85,8 +86,17 @@ def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:
     return name + SEP + (ours if prior is None else prior + b", " + ours) + CRLF
 
 
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}  # servers use few (status, reason) pairs: built once each
+
+
 def status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
 
 
 def simple_response(status: int, text: str, close: bool) -> bytes:

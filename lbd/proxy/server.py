@@ -1,80 +1,19 @@
-"""The proxy listener: shared context of all client connections, start and graceful stop."""
+"""The proxy listener: start, idle sweeps and graceful stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from typing import cast
 
-from lbd.balancer import Balancer
-from lbd.config import Address, Config
-from lbd.models import Server
+from lbd.config import Address
+from lbd.proxy import client as client_module
 from lbd.proxy.client import ClientConnection
-from lbd.proxy.deadlines import DeadlineWheel
-from lbd.proxy.upstream import UpstreamPool
-from lbd.registry import Registry
+from lbd.proxy.context import ProxyContext
 
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# Why lbd refused a client (the `reason` label of lbd_client_rejections_total)
-REJECTIONS = (
-    "too_many_connections",
-    "header_timeout",
-    "request_line_too_long",
-    "headers_too_large",
-    "too_many_headers",
-    "body_too_large",
-    "malformed",
-)
-
-
-class ProxyContext:
-    """What every connection shares: routing, the upstream pool, timeouts and counters."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        registry: Registry,
-        balancer: Balancer,
-        config: Config,
-    ) -> None:
-        self.loop = loop
-        self.registry = registry
-        self.balancer = balancer
-        self.pool = UpstreamPool(loop)
-        self.deadlines = DeadlineWheel(loop)
-        self.connections: set[ClientConnection] = set()
-        self.requests_total = 0
-        self.retries = 0
-        self.failovers = 0
-        self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
-        self.rejections: dict[str, int] = dict.fromkeys(REJECTIONS, 0)
-        self.apply(config)
-
-    def apply(self, config: Config) -> None:
-        """Settings for what starts from now on (also on reload): a request in flight keeps the
-        upstream timeout it started with, an open connection the limits it was accepted with."""
-        self.limits = config.limits
-        self.client_header_timeout_s = config.limits.header_timeout_ms / 1000.0
-        self.client_idle_timeout_s = config.limits.keepalive_timeout_ms / 1000.0
-        # a client silent this long mid-request, or not reading its response, is cut (nginx's
-        # client_body_timeout / send_timeout)
-        self.client_timeout_s = config.client_timeout_ms / 1000.0
-        self.retry_body_limit = config.retry_body_limit_bytes  # request bytes kept to replay a failed attempt
-        # the config's `timeout_base + region latency`, looked up once per region rather than per request
-        self._timeouts = {region: config.upstream_timeout_s(region) for region in config.regions.latency_ms}
-        self._timeout_base_s = config.timeout_base_ms / 1000.0
-
-    def timeout_s(self, server: Server) -> float:
-        """`timeout_base + latency of the server's region`, precomputed per region."""
-        return self._timeouts.get(server.spec.region, self._timeout_base_s)
-
-    def count_response(self, status: int, server: Server | None) -> None:
-        """One response to a client, by status class; also the server's when one was chosen."""
-        if 100 <= status < 600:
-            index = status // 100 - 1
-            self.responses[STATUS_CLASSES[index]] += 1
-            if server is not None:
-                server.state.responses[index] += 1
+# "compiled" when setup.py built the per-request modules with mypyc, else "interpreted" (same code, slower)
+DATA_PLANE = "interpreted" if (client_module.__file__ or "").endswith(".py") else "compiled"
 
 
 class ProxyServer:
@@ -88,7 +27,11 @@ class ProxyServer:
         """Bind and serve; returns the bound address (port 0 becomes the kernel's choice)."""
         loop = self.ctx.loop
         self._server = await loop.create_server(
-            lambda: ClientConnection(self.ctx), listen.host, listen.port, backlog=4096, reuse_address=True
+            lambda: cast(asyncio.Protocol, ClientConnection(self.ctx)),
+            listen.host,
+            listen.port,
+            backlog=4096,
+            reuse_address=True,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -27,7 +27,7 @@ from lbd.proxy.headers import (
 if TYPE_CHECKING:
     from lbd.proxy.exchange import Exchange
 
-MAX_IDLE_PER_SERVER = 128
+MAX_IDLE_PER_SERVER: Final = 128
 
 
 class UpstreamConnection(FlowControlled):
@@ -75,6 +75,7 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
+        exchange.last_activity = self.pool.loop.time()  # the server is not silent
         client = exchange.client
         corked = client.cork()  # the head and body this read carries leave in one write
         try:
@@ -118,7 +119,7 @@ class UpstreamConnection(FlowControlled):
 
     def tunnel_peer_hold(self, hold: bool) -> None:
         """In a tunnel the client protocol is reachable only through its transport."""
-        peer = self.tunnel.get_protocol() if self.tunnel is not None else None
+        peer: object = self.tunnel.get_protocol() if self.tunnel is not None else None
         if isinstance(peer, FlowControlled):
             if hold:
                 peer.hold(PEER_WRITE_FULL)
@@ -226,21 +227,23 @@ class UpstreamPool:
 
     async def connect(self, server: Server) -> UpstreamConnection:
         spec = server.spec
-        _, protocol = await self.loop.create_connection(
-            lambda: UpstreamConnection(self, server),
+        connection = UpstreamConnection(self, server)
+        await self.loop.create_connection(
+            lambda: cast(asyncio.Protocol, connection),  # it speaks the protocol interface (flow.py)
             spec.host,
             spec.port,
             ssl=self._tls if spec.scheme == "https" else None,
         )
-        assert isinstance(protocol, UpstreamConnection)
-        return protocol
+        return connection
 
     def release(self, connection: UpstreamConnection) -> None:
         """Keep a connection whose exchange ended cleanly; close it if the pool is full."""
         connection.exchange = None
         if connection.held_by:
             connection.release(PEER_WRITE_FULL)
-        idle = self._idle.setdefault(connection.server.id, [])
+        idle = self._idle.get(connection.server.id)
+        if idle is None:
+            idle = self._idle[connection.server.id] = []
         if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
             connection.close()
             return

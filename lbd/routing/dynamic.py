@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from lbd.models import Server
 from lbd.routing.static import MASK64, digest64
 
-EXACT_SCAN_LIMIT = 8
-NEARLY_FULL = 0.9
+EXACT_SCAN_LIMIT: Final = 8
+NEARLY_FULL: Final = 0.9
 
 
 def score(server: Server) -> float:

@@ -18,9 +18,10 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
-MASK64 = (1 << 64) - 1
-TWO64 = float(1 << 64)
+MASK64: Final = (1 << 64) - 1
+TWO64: Final = float(1 << 64)
 
 
 def digest64(text: str) -> int:

@@ -1,0 +1,79 @@
+"""What every client connection of the proxy shares: routing, the upstream pool, deadlines, the
+settings in force, and the counters the metrics read."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+from lbd.balancer import Balancer
+from lbd.config import Config
+from lbd.models import Server
+from lbd.proxy.deadlines import DeadlineWheel
+from lbd.proxy.upstream import UpstreamPool
+from lbd.registry import Registry
+
+if TYPE_CHECKING:
+    from lbd.proxy.client import ClientConnection
+
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Why lbd refused a client (the `reason` label of lbd_client_rejections_total)
+REJECTIONS: Final = (
+    "too_many_connections",
+    "header_timeout",
+    "request_line_too_long",
+    "headers_too_large",
+    "too_many_headers",
+    "body_too_large",
+    "malformed",
+)
+
+
+class ProxyContext:
+    """What every connection shares: routing, the upstream pool, timeouts and counters."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        registry: Registry,
+        balancer: Balancer,
+        config: Config,
+    ) -> None:
+        self.loop = loop
+        self.registry = registry
+        self.balancer = balancer
+        self.pool = UpstreamPool(loop)
+        self.deadlines = DeadlineWheel(loop)
+        self.connections: set[ClientConnection] = set()
+        self.requests_total = 0
+        self.retries = 0
+        self.failovers = 0
+        self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
+        self.rejections: dict[str, int] = dict.fromkeys(REJECTIONS, 0)
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Settings for what starts from now on (also on reload): a request in flight keeps the
+        upstream timeout it started with, an open connection the limits it was accepted with."""
+        self.limits = config.limits
+        self.client_header_timeout_s = config.limits.header_timeout_ms / 1000.0
+        self.client_idle_timeout_s = config.limits.keepalive_timeout_ms / 1000.0
+        # a client silent this long mid-request, or not reading its response, is cut (nginx's
+        # client_body_timeout / send_timeout)
+        self.client_timeout_s = config.client_timeout_ms / 1000.0
+        self.retry_body_limit = config.retry_body_limit_bytes  # request bytes kept to replay a failed attempt
+        # the config's `timeout_base + region latency`, looked up once per region rather than per request
+        self._timeouts = {region: config.upstream_timeout_s(region) for region in config.regions.latency_ms}
+        self._timeout_base_s = config.timeout_base_ms / 1000.0
+
+    def timeout_s(self, server: Server) -> float:
+        """`timeout_base + latency of the server's region`, precomputed per region."""
+        return self._timeouts.get(server.spec.region, self._timeout_base_s)
+
+    def count_response(self, status: int, server: Server | None) -> None:
+        """One response to a client, by status class; also the server's when one was chosen."""
+        if 100 <= status < 600:
+            index = status // 100 - 1
+            self.responses[STATUS_CLASSES[index]] += 1
+            if server is not None:
+                server.state.responses[index] += 1
