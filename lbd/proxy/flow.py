@@ -51,7 +51,10 @@ class FlowControlled:
         corked = self._corked
         self._corked = None
         if corked and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
+            if len(corked) == 1:
+                self.transport.write(corked[0])
+            else:
+                self.transport.writelines(corked)  # one writev; a large body is not copied into a join
 
     def hold(self, reason: int) -> None:
         if not self.held_by and self.transport is not None and not self.transport.is_closing():
