@@ -17,6 +17,7 @@ from typing import Final
 PEER_WRITE_FULL: Final = 1  # the other side's socket buffer is above its high-water mark
 BUFFER_FULL: Final = 2  # request bytes are queued in memory, waiting for an upstream connection
 PIPELINE_FULL: Final = 4  # too many pipelined requests are waiting their turn
+JOIN_BELOW: Final = 16 * 1024  # corked writes smaller than this are joined into one; larger go as a writev
 
 
 class FlowControlled:
@@ -53,8 +54,10 @@ class FlowControlled:
         if corked and self.transport is not None and not self.transport.is_closing():
             if len(corked) == 1:
                 self.transport.write(corked[0])
+            elif sum(map(len, corked)) < JOIN_BELOW:
+                self.transport.write(b"".join(corked))  # written at once (uvloop queues writelines)
             else:
-                self.transport.writelines(corked)  # one writev; a large body is not copied into a join
+                self.transport.writelines(corked)  # one writev: a large body is not copied into a join
 
     def hold(self, reason: int) -> None:
         if not self.held_by and self.transport is not None and not self.transport.is_closing():
