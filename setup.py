@@ -23,6 +23,7 @@ COMPILED = [
     "lbd/proxy/exchange.py",
     "lbd/proxy/client.py",
     "lbd/proxy/context.py",
+    "lbd/models.py",
     "lbd/registry.py",
     "lbd/balancer.py",
     "lbd/sessions.py",
@@ -39,7 +40,9 @@ def _compiled_extensions() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    return list(mypycify(COMPILED, opt_level="3", separate=True))
+    # One group, one shared library (lbd/compiled__mypyc): calls and attribute reads between these
+    # modules are direct C calls and struct reads, not Python lookups.
+    return list(mypycify(COMPILED, opt_level="3", group_name="lbd.compiled"))
 
 
 setup(ext_modules=_compiled_extensions())

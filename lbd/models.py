@@ -41,10 +41,11 @@ class Health(StrEnum):
     COOLDOWN = "cooldown"
     DEGRADED = "degraded"
 
-    in_rotation: bool  # receives traffic: healthy, or failing but not yet out (a plain attribute: read per request)
+    in_rotation: bool  # receives traffic: healthy, or failing but not yet out (set below; read per request)
 
-    def __init__(self, value: str) -> None:
-        self.in_rotation = value in ("healthy", "failing")
+
+for _health in Health:  # a plain attribute, not a property: it is read for every request
+    _health.in_rotation = _health in (Health.HEALTHY, Health.FAILING)
 
 
 @dataclass(frozen=True, slots=True)
