@@ -7,18 +7,23 @@ Clients are real: curl, http.client, aiohttp, and raw sockets where the bytes on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import socket
+import statistics
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.harness.backends import Backend, backends
+from tests.harness.backends import Backend, backends, server_entry
 from tests.harness.clients import (
     RawConnection,
     RssWatcher,
@@ -194,6 +199,61 @@ def test_chunked_response_framing_on_the_wire(lbd: Lbd) -> None:
         response = connection.read_response()
         assert response.header("Transfer-Encoding") is None
         assert response.body == b"x" * 200_000  # read to EOF: nothing but the body, then close
+
+
+@contextmanager
+def small_send_buffer_backend(body_size: int) -> Iterator[int]:
+    """A raw keep-alive HTTP server whose sockets have a tiny send buffer: every large response it
+    sends waits for the proxy's ACKs. Answers /big with `body_size` bytes, anything else with 2."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            pending = b""
+            while data := connection.recv(65536):
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    head, pending = pending.split(b"\r\n\r\n", 1)
+                    size = body_size if head.startswith(b"GET /big ") else 2
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="delayed ACKs are tuned per read on Linux only")
+def test_a_large_response_is_not_stalled_by_delayed_acks() -> None:
+    """On a kept-alive (request/response) connection Linux delays ACKs by 40 ms or more; a server
+    whose send buffer is full waits for them. lbd acknowledges each read that leaves a response
+    incomplete, so a 256 KiB response from such a server takes a millisecond or so, not several
+    40 ms stalls (measured before the fix: 42 to 175 ms each)."""
+    with (
+        small_send_buffer_backend(256 * 1024) as port,
+        running_lbd(entries=[server_entry("tiny-sndbuf", port)]) as daemon,
+    ):
+        connection = connect(daemon)
+        try:
+            took_ms = []
+            for _ in range(6):  # small and large alternate, as on a busy keep-alive connection
+                for path in ("/small", "/big"):
+                    started = time.perf_counter()
+                    connection.request("GET", path, headers={"client-id": "delack"})
+                    body = connection.getresponse().read()
+                    if path == "/big":
+                        assert len(body) == 256 * 1024
+                        took_ms.append((time.perf_counter() - started) * 1000)
+        finally:
+            connection.close()
+    assert statistics.median(took_ms) < 20, took_ms  # one delayed ACK alone is 40 ms
 
 
 # --- 4. large streaming with bounded memory ------------------------------------------------------
