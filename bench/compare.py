@@ -1,10 +1,12 @@
 """`make bench`: lbd against HAProxy and nginx straight, in one run on loopback (issue #6).
 
-    .venv/bin/python -m bench.compare                  # every row, 10 s each (about 4 minutes)
-    .venv/bin/python -m bench.compare --quick          # a smoke run, a few seconds per row
+    .venv/bin/python -m bench.compare                  # every row, 3 rounds of 5 s (about 6 minutes)
+    .venv/bin/python -m bench.compare --quick          # a smoke run: 1 round of 3 s
     .venv/bin/python -m bench.compare --only haproxy,lbd-static --responses tiny --conns 64
 
-Three nginx backends (one worker) and wrk run on CPU 1, the proxy under test alone on CPU 0. Every
+Three nginx backends (one worker) and wrk run on CPU 1, the proxies under test on CPU 0, one at a
+time under load. Rows are measured in interleaved rounds: every proxy once per round, back to back;
+a row keeps its median round, and a ratio to HAProxy is the median of the rounds' ratios. Every
 row sends the same requests (bench/wrk/clients.lua: 10,000 client ids with fixed regions), so
 HAProxy's and lbd's hashing and lbd's sticky sessions see the same mix. After the rows, a fresh lbd
 (static) holds many idle keep-alive connections, then streams a large body each way, with its RSS
@@ -46,9 +48,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 s rows, 1 s warm-up, 2,000 idle, 256 MiB")
-    parser.add_argument("--duration", type=float, help="seconds per measured row [10; --quick 3]")
-    parser.add_argument("--repeat", type=int, default=1, help="measured runs per row, the median kept [1]")
-    parser.add_argument("--warmup", type=float, help="seconds of warm-up before each row [2; --quick 1]")
+    parser.add_argument("--duration", type=float, help="seconds per measured run [5; --quick 3]")
+    parser.add_argument("--repeat", type=int, help="interleaved rounds, one measured run per row each [3; --quick 1]")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up before each measured run [1]")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases to run [{','.join(PHASES)}]")
     parser.add_argument("--responses", default="tiny,64k", help="comma-separated: tiny, 64k [both]")
     parser.add_argument("--conns", default="64,8", help="comma-separated wrk connection counts [64,8]")
@@ -62,11 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--lbd-cmd", default=str(VENV_BIN / "lbd"), help="command that runs lbd [.venv/bin/lbd]")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
-    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.duration = args.duration or (3.0 if args.quick else 5.0)
+    args.warmup = args.warmup if args.warmup is not None else 1.0
     args.idle_connections = args.idle_connections or (2000 if args.quick else 10_000)
     args.stream_mib = args.stream_mib or (256 if args.quick else 1024)
-    args.repeat = max(1, args.repeat)
+    args.repeat = max(1, args.repeat or (1 if args.quick else 3))
     args.phases = split(args.only, PHASES, "--only")
     args.response_list = split(args.responses, tuple(PATHS), "--responses")
     args.conn_list = [int(value) for value in args.conns.split(",") if value]
@@ -100,8 +102,11 @@ def prepare_process(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGHUP, stop)
 
 
+Running = tuple[Child | None, int, Path | None]  # a started proxy: its process, port and stats/admin socket
+
+
 @contextlib.contextmanager
-def proxy(stack: Stack, name: str) -> Iterator[tuple[Child | None, int, Path | None]]:
+def proxy(stack: Stack, name: str) -> Iterator[Running]:
     """The proxy under test (with its stats or admin socket), started for its rows and stopped after them.
 
     `direct` is the first nginx backend itself.
@@ -119,53 +124,69 @@ def proxy(stack: Stack, name: str) -> Iterator[tuple[Child | None, int, Path | N
         stack.stop(child)
 
 
-def measure(args: argparse.Namespace, name: str, child: Child | None, port: int, response: str, conns: int) -> Row:
-    """A warm-up run, then the measured one(s), the median by req/s kept (--repeat, against a noisy machine).
-
-    A dead proxy or a failed wrk becomes the row's failure.
-    """
-    row = Row(name, response, conns)
+def measure_once(args: argparse.Namespace, row: Row, running: Running) -> None:
+    """One round of `row`: a warm-up run, then the measured one. A dead proxy or a failed wrk becomes
+    the row's failure (its later rounds are skipped)."""
+    child, port, _ = running
     url = f"http://127.0.0.1:{port}"
     try:
         if child is not None:
             child.check_alive()
         if args.warmup > 0:
-            run_wrk(url, PATHS[response], conns, args.warmup, args.load_cpu)
-        loads = []
-        for _ in range(args.repeat):
-            pid = child.pid if child is not None else None
-            loads.append(run_observed(url, PATHS[response], conns, args.duration, args.load_cpu, pid))
-            if child is not None:
-                child.check_alive()
-        row.load = sorted(loads, key=lambda load: load.rps)[len(loads) // 2]
+            run_wrk(url, PATHS[row.response], row.conns, args.warmup, args.load_cpu)
+        pid = child.pid if child is not None else None
+        row.rounds.append(run_observed(url, PATHS[row.response], row.conns, args.duration, args.load_cpu, pid))
+        if child is not None:
+            child.check_alive()
     except (StartError, RuntimeError, OSError) as error:
         row.failure = str(error).splitlines()[0]
-        print(f"  {name} {response} c{conns}: {error}", file=sys.stderr)
-    return row
+        print(f"\n  {row.proxy} {row.response} c{row.conns}: {error}", file=sys.stderr)
 
 
 def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[str, object]]:
-    """Every selected proxy's rows, and what each proxy counted (a check that traffic spread as meant)."""
-    rows: list[Row] = []
+    """Every selected proxy's rows, measured in interleaved rounds, and what each proxy counted.
+
+    All proxies run at once (idle ones cost nothing), and each round measures every proxy back to
+    back, in an order rotated between rounds: a ratio then compares runs made seconds apart, not
+    minutes, so drift of a shared machine cancels out of it.
+    """
+    names = [phase for phase in args.phases if phase in PROXIES]
+    plan = [(response, conns) for response in args.response_list for conns in args.conn_list]
+    rows = {(name, response, conns): Row(name, response, conns) for name in names for response, conns in plan}
     counted: dict[str, object] = {}
-    for name in (phase for phase in args.phases if phase in PROXIES):
-        plan = [(response, conns) for response in args.response_list for conns in args.conn_list]
-        try:
-            with proxy(stack, name) as (child, port, socket_path):
+    with contextlib.ExitStack() as started:
+        running: dict[str, Running] = {}
+        for name in names:
+            try:
+                running[name] = started.enter_context(proxy(stack, name))
+            except StartError as error:
+                print(f"  {name}: {error}", file=sys.stderr)
                 for response, conns in plan:
-                    print(f"  {name:<12} {response:<5} c{conns:<3} ...", end=" ", flush=True)
-                    row = measure(args, name, child, port, response, conns)
-                    rows.append(row)
-                    print(f"{row.load.rps:,.0f} req/s" if row.load else "failed", flush=True)
-                if socket_path is not None and child is not None and child.process.poll() is None:
-                    counted[name] = stats = haproxy_stats(socket_path) if name == "haproxy" else lbd_stats(socket_path)
-                    print(f"  {name} counted: {stats_line(stats)}", flush=True)
-        except StartError as error:
-            print(f"  {name}: {error}", file=sys.stderr)
-            done = {(row.response, row.conns) for row in rows if row.proxy == name}
-            failure = str(error).splitlines()[0]
-            rows += [Row(name, r, c, failure=failure) for r, c in plan if (r, c) not in done]
-    return rows, counted
+                    rows[(name, response, conns)].failure = str(error).splitlines()[0]
+        for response, conns in plan:
+            for round_index in range(args.repeat):
+                order = rotated(list(running), round_index)
+                print(f"  {response:<5} c{conns:<3} round {round_index + 1}/{args.repeat}:", end="", flush=True)
+                for name in order:
+                    row = rows[(name, response, conns)]
+                    if row.failure is None:
+                        measure_once(args, row, running[name])
+                        done = f"{row.rounds[-1].rps:,.0f}" if row.failure is None else "failed"
+                        print(f"  {name} {done}", end="", flush=True)
+                print(flush=True)
+        for name, (child, _, socket_path) in running.items():
+            if socket_path is not None and child is not None and child.process.poll() is None:
+                counted[name] = stats = haproxy_stats(socket_path) if name == "haproxy" else lbd_stats(socket_path)
+                print(f"  {name} counted: {stats_line(stats)}", flush=True)
+    return list(rows.values()), counted
+
+
+def rotated(names: list[str], turn: int) -> list[str]:
+    """`names` starting from the turn-th: no proxy always runs first (or right after another)."""
+    if not names:
+        return names
+    turn %= len(names)
+    return names[turn:] + names[:turn]
 
 
 def stats_line(stats: dict[str, object]) -> str:
@@ -233,7 +254,7 @@ def build_report(
         "setup": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
-            "repeat": args.repeat,
+            "rounds": args.repeat,
             "proxy_cpu": args.proxy_cpu,
             "load_cpu": args.load_cpu,
             "lbd_command": args.lbd_cmd,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import Load
@@ -22,13 +23,20 @@ STREAM_LIMIT_MIB = 32.0
 
 @dataclass
 class Row:
-    """One (proxy, response, connections) measurement, or why it could not be made."""
+    """One (proxy, response, connections) measurement: a run per round, or why it could not be made."""
 
     proxy: str
     response: str
     conns: int
-    load: Load | None = None
+    rounds: list[Load] = field(default_factory=list)
     failure: str | None = None
+
+    @property
+    def load(self) -> Load | None:
+        """The median round by req/s (None when the row failed)."""
+        if self.failure is not None or not self.rounds:
+            return None
+        return sorted(self.rounds, key=lambda load: load.rps)[len(self.rounds) // 2]
 
 
 @dataclass(frozen=True)
@@ -50,23 +58,25 @@ TARGETS = (
 )
 
 
-def find(rows: list[Row], proxy: str, response: str, conns: int) -> Load | None:
+def find(rows: list[Row], proxy: str, response: str, conns: int) -> Row | None:
     for row in rows:
         if (row.proxy, row.response, row.conns) == (proxy, response, conns):
-            return row.load
+            return row
     return None
 
 
-def ratio(value: float | None, reference: float | None) -> float | None:
-    return value / reference if value is not None and reference else None
-
-
-def rps(load: Load | None) -> float | None:
-    return load.rps if load else None
-
-
-def p99(load: Load | None) -> float | None:
-    return load.p99_ms if load else None
+def compared(row: Row | None, reference: Row | None, metric: str) -> float | None:
+    """`row`'s req/s ("rps") or p99 ("p99_ms") over `reference`'s: the median of the ratios of runs
+    made in the same round (back to back), or of the kept runs when the rounds do not pair up."""
+    if row is None or reference is None or row.load is None or reference.load is None:
+        return None
+    if len(row.rounds) == len(reference.rounds):
+        pairs = zip(row.rounds, reference.rounds, strict=True)
+        ratios = [getattr(mine, metric) / getattr(theirs, metric) for mine, theirs in pairs if getattr(theirs, metric)]
+        if ratios:
+            return statistics.median(ratios)
+    base = getattr(reference.load, metric)
+    return getattr(row.load, metric) / base if base else None
 
 
 def row_dict(row: Row, rows: list[Row]) -> dict[str, object]:
@@ -78,9 +88,10 @@ def row_dict(row: Row, rows: list[Row]) -> dict[str, object]:
         "response": row.response,
         "conns": row.conns,
         **(row.load.as_dict() if row.load else {}),
-        "x_haproxy_rps": ratio(rps(row.load), rps(haproxy)),
-        "x_direct_rps": ratio(rps(row.load), rps(direct)),
-        "x_haproxy_p99": ratio(p99(row.load), p99(haproxy)),
+        "rounds_rps": [round(load.rps, 1) for load in row.rounds],
+        "x_haproxy_rps": compared(row, haproxy, "rps"),
+        "x_direct_rps": compared(row, direct, "rps"),
+        "x_haproxy_p99": compared(row, haproxy, "p99_ms"),
         "failure": row.failure,
     }
 
@@ -91,14 +102,14 @@ def verdicts(rows: list[Row]) -> list[dict[str, object]]:
     for target in TARGETS:
         mine = find(rows, target.proxy, target.response, TARGET_CONNS)
         haproxy = find(rows, "haproxy", target.response, TARGET_CONNS)
-        pick = rps if target.metric == "rps" else p99
-        value = ratio(pick(mine), pick(haproxy))
+        value = compared(mine, haproxy, "rps" if target.metric == "rps" else "p99_ms")
         if value is None or mine is None:
             verdict, note = "n/a", "not measured"
         else:
+            errors = sum(load.errors for load in mine.rounds)  # in any round, not only the kept one
             ok = value >= target.factor if target.metric == "rps" else value <= target.factor
-            verdict = "PASS" if ok and not mine.errors else "FAIL"
-            note = f"{value:.2f}" + (f" ({mine.errors} errors)" if mine.errors else "")
+            verdict = "PASS" if ok and not errors else "FAIL"
+            note = f"{value:.2f}" + (f" ({errors} errors)" if errors else "")
         results.append({"target": target.label, "ratio": value, "verdict": verdict, "note": note})
     return results
 
@@ -152,7 +163,7 @@ def table(report: dict[str, object]) -> str:
 
 
 def targets_text(report: dict[str, object]) -> str:
-    lines = [f"targets ({TARGET_CONNS} connections, ratios to HAProxy in this run)"]
+    lines = [f"targets ({TARGET_CONNS} connections; ratio to HAProxy: the median of the rounds' ratios)"]
     targets = report["targets"]
     assert isinstance(targets, list)
     lines += [f"  {t['verdict']:<4}  {t['target']}: {t['note']}" for t in targets]
