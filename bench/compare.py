@@ -1,6 +1,6 @@
 """`make bench`: lbd against HAProxy and nginx straight, in one run on loopback (issue #6).
 
-    .venv/bin/python -m bench.compare                  # every row, 3 rounds of 5 s (about 6 minutes)
+    .venv/bin/python -m bench.compare                  # every row, 5 rounds of 3 s (about 6 minutes)
     .venv/bin/python -m bench.compare --quick          # a smoke run: 1 round of 3 s
     .venv/bin/python -m bench.compare --only haproxy,lbd-static --responses tiny --conns 64
 
@@ -47,9 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s rows, 1 s warm-up, 2,000 idle, 256 MiB")
-    parser.add_argument("--duration", type=float, help="seconds per measured run [5; --quick 3]")
-    parser.add_argument("--repeat", type=int, help="interleaved rounds, one measured run per row each [3; --quick 1]")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2,000 idle clients, 256 MiB streams")
+    parser.add_argument("--duration", type=float, help="seconds per measured run [3]")
+    parser.add_argument("--repeat", type=int, help="interleaved rounds, one measured run per row each [5; --quick 1]")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each measured run [1]")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases to run [{','.join(PHASES)}]")
     parser.add_argument("--responses", default="tiny,64k", help="comma-separated: tiny, 64k [both]")
@@ -64,11 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--lbd-cmd", default=str(VENV_BIN / "lbd"), help="command that runs lbd [.venv/bin/lbd]")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 5.0)
+    args.duration = args.duration or 3.0
     args.warmup = args.warmup if args.warmup is not None else 1.0
     args.idle_connections = args.idle_connections or (2000 if args.quick else 10_000)
     args.stream_mib = args.stream_mib or (256 if args.quick else 1024)
-    args.repeat = max(1, args.repeat or (1 if args.quick else 3))
+    args.repeat = max(1, args.repeat or (1 if args.quick else 5))
     args.phases = split(args.only, PHASES, "--only")
     args.response_list = split(args.responses, tuple(PATHS), "--responses")
     args.conn_list = [int(value) for value in args.conns.split(",") if value]
