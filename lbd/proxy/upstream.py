@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -141,10 +142,8 @@ class UpstreamConnection(FlowControlled):
 
     def _acknowledge_now(self) -> None:
         """More of the response is due: ACK what arrived instead of waiting for a next request."""
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing left to acknowledge
             self.tcp_socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-        except OSError:
-            pass  # closed meanwhile: nothing left to acknowledge
 
     # --- httptools callbacks ------------------------------------------------------------------
 
