@@ -107,7 +107,7 @@ Running = tuple[Child | None, int, Path | None]  # a started proxy: its process,
 
 @contextlib.contextmanager
 def proxy(stack: Stack, name: str) -> Iterator[Running]:
-    """The proxy under test (with its stats or admin socket), started for its rows and stopped after them.
+    """A proxy under test (with its stats or admin socket), started for the rounds and stopped after them.
 
     `direct` is the first nginx backend itself.
     """
