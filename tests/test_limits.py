@@ -91,6 +91,16 @@ def test_ambiguous_framing_is_400_and_closed(limited: tuple[Lbd, Backend], reque
     assert serves(daemon)
 
 
+@pytest.mark.parametrize("version", ["HTTP/0.9", "HTTP/2.0"])
+def test_http_versions_other_than_1_0_and_1_1_are_505(limited: tuple[Lbd, Backend], version: str) -> None:
+    """llhttp parses these request lines; lbd speaks neither, so it says so instead of guessing."""
+    daemon, backend = limited
+    before = backend.total_hits
+    body = refused(daemon, build_request("GET", "/echo", HEAD, version=version), 505)
+    assert body.startswith(f"505 HTTP Version Not Supported: {version} is not supported")
+    assert backend.total_hits == before
+
+
 def test_malformed_upstream_response_is_502_and_its_connection_is_not_reused() -> None:
     """A server answering with broken framing: the client gets 502, and the next request reaches the
     server over a new connection (a connection whose response could not be parsed is never trusted)."""

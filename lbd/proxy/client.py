@@ -20,7 +20,7 @@ import httptools
 
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled
-from lbd.proxy.headers import CRLF, REQUEST_HEADERS, SEP, simple_response
+from lbd.proxy.headers import CRLF, FORWARD, REQUEST_KINDS, SEP, simple_response
 
 if TYPE_CHECKING:
     from lbd.proxy.context import ProxyContext
@@ -183,8 +183,8 @@ class ClientConnection(FlowControlled):
         # single read can hold bounds what is parsed before the check
         self.header_count += 1
         self.head_bytes += len(name) + len(value) + 4
-        kind = REQUEST_HEADERS.get(name.lower())
-        if kind is None:
+        kind = REQUEST_KINDS.of(name)
+        if kind == FORWARD:
             exchange.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
         else:
             exchange.special_header(kind, name, value)
@@ -198,7 +198,7 @@ class ClientConnection(FlowControlled):
         breach = self._head_limit_breach(self.head_bytes)
         if breach is not None:
             raise breach
-        exchange.headers_complete(self.parser.get_method(), self.parser.get_http_version())
+        exchange.headers_complete(self.parser.get_method(), self._http_version(exchange.conn_tokens))
         max_body = self.limits.max_body_bytes
         if max_body and exchange.content_length > max_body:
             raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
@@ -216,6 +216,19 @@ class ClientConnection(FlowControlled):
             self.queue.append(exchange)
             if len(self.queue) >= MAX_PIPELINED:
                 self.hold(PIPELINE_FULL)
+
+    def _http_version(self, conn_tokens: frozenset[bytes]) -> str:
+        """ "1.1" or "1.0"; other versions llhttp parses (0.9, 2.0) are refused with 505.
+
+        httptools formats the version as a new string on every call; its keep-alive verdict answers
+        at once for an HTTP/1.1 request that names neither close nor keep-alive (most of them).
+        """
+        if b"close" not in conn_tokens and b"keep-alive" not in conn_tokens and self.parser.should_keep_alive():
+            return "1.1"
+        version: str = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise Refused(505, f"HTTP/{version} is not supported; lbd speaks HTTP/1.0 and 1.1", "malformed")
+        return version
 
     def on_body(self, body: bytes) -> None:
         assert self.parsing is not None

@@ -40,6 +40,31 @@ REQUEST_HEADERS: Final = {
     b"client-id": CLIENT_ID,
     b"client-region": CLIENT_REGION,
 }
+FORWARD: Final = -1  # not in the table: forwarded as it came
+
+
+class FieldKinds:
+    """What lbd does with a field, by its name as the peer spells it.
+
+    Peers repeat their spellings, so each is lower-cased and looked up once, then remembered (up to
+    a bound, so a peer inventing names costs only the slower lookup, never memory).
+    """
+
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        self.kinds = kinds
+        self.spellings: dict[bytes, int] = {}
+
+    def of(self, name: bytes) -> int:
+        kind = self.spellings.get(name)
+        if kind is None:
+            kind = self.kinds.get(name.lower(), FORWARD)
+            if len(self.spellings) < 1024:
+                self.spellings[name] = kind
+        return kind
+
+
+REQUEST_KINDS: Final = FieldKinds(REQUEST_HEADERS)
+RESPONSE_KINDS: Final = FieldKinds(RESPONSE_HEADERS)
 SEP: Final = b": "
 CRLF: Final = b"\r\n"
 VIA_VALUE: Final = b"1.1 lbd"
