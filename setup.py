@@ -18,6 +18,7 @@ from setuptools import setup
 COMPILED = [
     "lbd/proxy/flow.py",
     "lbd/proxy/headers.py",
+    "lbd/proxy/response.py",
     "lbd/proxy/deadlines.py",
     "lbd/proxy/upstream.py",
     "lbd/proxy/exchange.py",

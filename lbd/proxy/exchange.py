@@ -38,6 +38,7 @@ from lbd.proxy.headers import (
     wants_keep_alive,
     without_named,
 )
+from lbd.proxy.response import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, ResponseHead
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
@@ -341,41 +342,45 @@ class Exchange:
 
     # --- response side, fed by the upstream connection's parser ------------------------------
 
-    def response_head(self, upstream: UpstreamConnection) -> None:
+    def response_head(self, head: ResponseHead, framing: int) -> None:
+        """Send the response head on to the client, framed for it: a chunked body goes as it came to
+        an HTTP/1.1 client, a body that ends with the connection is chunked for one, and an
+        HTTP/1.0 client gets either body raw, then the connection closed."""
         self.response_started = True
-        self.status = status = upstream.status
+        self.status = status = head.status
         self.latency_s = time.perf_counter() - self.started_at
-        lines = _response_header_pieces(upstream)
-        bodyless = self.is_head or status in (204, 304)
-        if status == 101 and upstream.upgrade is not None:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + upstream.upgrade + CRLF)
+        lines = _response_header_pieces(head)
+        if status == 101 and head.upgrade is not None:
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + head.upgrade + CRLF)
         else:
-            if not bodyless and not upstream.has_length:
-                self.until_close = not upstream.chunked
-                if self.version == "1.1":
-                    self.chunked_to_client = True
-                    lines.append(b"Transfer-Encoding: chunked\r\n")
-                else:
-                    self.close_after = True
+            self.until_close = framing == UNTIL_CLOSE
+            if framing == CHUNKED and self.version == "1.1":
+                assert head.transfer_encoding is not None
+                lines.append(b"Transfer-Encoding: " + head.transfer_encoding + CRLF)
+            elif framing == UNTIL_CLOSE and self.version == "1.1":
+                self.chunked_to_client = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            elif framing not in (NO_BODY, LENGTH):
+                self.close_after = True  # an HTTP/1.0 client learns where the body ends from the close
             if not self.request_complete or not self.keep_alive or self.client.closing:
                 self.close_after = True
             if self.close_after:
                 lines.append(b"Connection: close\r\n")
             elif self.version == "1.0":
                 lines.append(b"Connection: keep-alive\r\n")
-        self.client.write(b"".join((status_line(status, upstream.reason), *lines, CRLF)))
+        self.client.write(b"".join((status_line(status, head.reason), *lines, CRLF)))
 
-    def response_body(self, body: bytes) -> None:
+    def response_body(self, body: bytes | memoryview) -> None:
         if self.chunked_to_client:
             self.client.write(b"%x\r\n" % len(body) + body + CRLF)
         else:
             self.client.write(body)
 
-    def interim_response(self, upstream: UpstreamConnection) -> None:
+    def interim_response(self, head: ResponseHead) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         if self.version == "1.1":
-            lines = _response_header_pieces(upstream)
-            self.client.write(b"".join((status_line(upstream.status, upstream.reason), *lines, CRLF)))
+            lines = _response_header_pieces(head)
+            self.client.write(b"".join((status_line(head.status, head.reason), *lines, CRLF)))
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
@@ -405,14 +410,14 @@ class Exchange:
         else:
             self._upstream_error(Outcome.RESET, "closed the connection before responding")
 
-    def upstream_failed_bad_response(self) -> None:
+    def upstream_failed_bad_response(self, what: str) -> None:
         if self.finished:
             return
         if self.response_started:
             self._abort(Outcome.BAD_RESPONSE)
         else:
             self.failed_over = self.retried_stale = True  # the server saw the request: no replay
-            self._upstream_error(Outcome.BAD_RESPONSE, "sent a malformed response")
+            self._upstream_error(Outcome.BAD_RESPONSE, f"sent a malformed response ({what})")
 
     def client_stalled(self) -> None:
         """The client stopped sending its body, or stopped reading: free the server's slot."""
@@ -605,12 +610,12 @@ class Exchange:
         self.client.exchange_finished(self, self.keep_alive and not self.close_after)
 
 
-def _response_header_pieces(upstream: UpstreamConnection) -> list[bytes]:
+def _response_header_pieces(head: ResponseHead) -> list[bytes]:
     """The response's end-to-end headers as the client gets them, ending with our Via."""
-    pieces = upstream.header_pieces
-    if upstream.conn_tokens and (named := upstream.conn_tokens - CONNECTION_OPTIONS):
-        pieces = without_named(pieces, named)
-    return [*pieces, VIA_LINE if upstream.via is None else merged_line(b"Via", upstream.via, VIA_VALUE)]
+    pieces = head.header_pieces
+    if head.conn_tokens and (named := head.conn_tokens - CONNECTION_OPTIONS):
+        pieces = head.forwarded_without(named)
+    return [*pieces, VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)]
 
 
 def _describe_connect_error(error: BaseException) -> str:

@@ -6,7 +6,8 @@
   let one reason's resume undo another's pause.
 - Corked writes: while the peer's bytes are being parsed, what they cause us to write is gathered
   and sent as one `write` (one syscall) at the end, so a response head and a small body leave
-  together.
+  together. Response bodies arrive as views of the shared read buffer (upstream.py); small ones are
+  copied by the join, so a transport only ever keeps views that carry at least JOIN_BELOW bytes.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ class FlowControlled:
 
     transport: asyncio.Transport | None = None
     held_by = 0  # the reasons reading is paused for (hot paths test it before calling `release`)
-    _corked: list[bytes] | None = None
+    _corked: list[bytes | memoryview] | None = None
 
     def eof_received(self) -> bool | None:
         """The peer's FIN: let the transport close (a half-closed proxy connection is not kept)."""
         return None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._corked is not None:
             self._corked.append(data)
         elif self.transport is not None:
@@ -52,12 +53,15 @@ class FlowControlled:
         corked = self._corked
         self._corked = None
         if corked and self.transport is not None and not self.transport.is_closing():
-            if len(corked) == 1:
-                self.transport.write(corked[0])
-            elif sum(map(len, corked)) < JOIN_BELOW:
-                self.transport.write(b"".join(corked))  # written at once (uvloop queues writelines)
-            else:
+            size = 0
+            for piece in corked:
+                size += len(piece)
+            if size >= JOIN_BELOW:
                 self.transport.writelines(corked)  # one writev: a large body is not copied into a join
+            elif len(corked) == 1 and type(corked[0]) is bytes:
+                self.transport.write(corked[0])
+            else:
+                self.transport.write(b"".join(corked))  # written at once (uvloop queues writelines)
 
     def hold(self, reason: int) -> None:
         if not self.held_by and self.transport is not None and not self.transport.is_closing():

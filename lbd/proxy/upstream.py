@@ -1,4 +1,4 @@
-"""Connections to backend servers: response parsing (httptools) and a keep-alive pool per server."""
+"""Connections to backend servers: reading their responses, and a keep-alive pool per server."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final, cast
 
-import httptools
-
 from lbd.models import Server
 from lbd.proxy.flow import PEER_WRITE_FULL, FlowControlled
-from lbd.proxy.headers import (
-    CONNECTION,
-    CONTENT_LENGTH,
-    CRLF,
-    RESPONSE_HEADERS,
-    SEP,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    VIA,
-    connection_tokens,
-    is_chunked,
-    wants_keep_alive,
+from lbd.proxy.response import (
+    CHUNKED,
+    LENGTH,
+    MAX_HEAD_BYTES,
+    NO_BODY,
+    BadResponse,
+    ChunkedBody,
+    parse_head,
 )
 
 if TYPE_CHECKING:
@@ -36,33 +30,33 @@ MAX_IDLE_PER_SERVER: Final = 128
 # responses did (`make bench`). A read that leaves a response incomplete therefore acknowledges at
 # once (TCP_QUICKACK); a response read whole costs nothing extra.
 TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform has none
+# One buffer every upstream connection reads into (a read is handled before the next begins). It
+# holds a whole 64 KiB response with its head, so such a response is one read, as with uvloop's own.
+READ_BUFFER_BYTES: Final = 128 * 1024
+HEAD: Final = -1  # UpstreamConnection.framing while a response head is expected
 
 
 class UpstreamConnection(FlowControlled):
     """One TCP connection to a server, carrying one exchange at a time.
 
-    Parser callbacks forward the response to the attached exchange. The end of a response is only
-    acted on after `feed_data` returns, so bytes a misbehaving server sends after a complete
-    response are caught (the connection is then discarded) instead of being read as the next
-    exchange's response.
+    A buffered protocol: the kernel reads into the pool's shared buffer (`get_buffer`), and
+    `buffer_updated` parses the response's head and forwards its body from there as views, never
+    copied. The end of a response is only acted on once the whole read is handled, so bytes a
+    misbehaving server sends after a complete response are caught (the connection is then
+    discarded) instead of being read as the next exchange's response.
     """
 
     def __init__(self, pool: UpstreamPool, server: Server) -> None:
         self.pool = pool
         self.server = server
         self.exchange: Exchange | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.reused = False
         self.idle_since = 0.0
-        # the response being parsed: its status line and what its headers say
-        self.status = 0
-        self.reason = b""
-        self.header_pieces: list[bytes] = []  # forwarded headers: name, ": ", value, CRLF, ...
-        self.has_length = False
-        self.chunked = False
-        self.conn_tokens: frozenset[bytes] = frozenset()
-        self.upgrade: bytes | None = None
-        self.via: bytes | None = None
+        self.framing = HEAD  # what the next bytes are: a head, or a body framed so
+        self.head_start = b""  # the beginning of a head that an earlier read left incomplete
+        self.length_left = 0  # of a Content-Length body
+        self.chunks: ChunkedBody | None = None  # of a chunked body
+        self.dechunk = False  # forward a chunked body's data only (to an HTTP/1.0 client), not its framing
         self.done = False
         self.keep_alive = False
         self.broken = False
@@ -70,7 +64,7 @@ class UpstreamConnection(FlowControlled):
         self.lost = False
         self.tcp_socket: Any = None  # set where TCP_QUICKACK applies (uvloop's socket-like object)
 
-    # --- asyncio.Protocol ---------------------------------------------------------------------
+    # --- asyncio.BufferedProtocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -78,38 +72,129 @@ class UpstreamConnection(FlowControlled):
         if TCP_QUICKACK and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             self.tcp_socket = sock
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pool = self.pool
+        buf = pool.read_buffer
         if self.tunnel is not None:
-            self.tunnel.write(data)
+            self.tunnel.write(bytes(pool.read_view[:nbytes]))
             return
         exchange = self.exchange
         if exchange is None:
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
-        exchange.last_activity = self.pool.loop.time()  # the server is not silent
+        exchange.last_activity = pool.loop.time()  # the server is not silent
         client = exchange.client
+        client_transport = client.transport
+        # a client still sending earlier bytes gets copies: a view it kept would pin the buffer
+        lagging = client_transport is not None and client_transport.get_write_buffer_size() > 0
         corked = client.cork()  # the head and body this read carries leave in one write
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            if self.status == 101:
-                exchange.start_tunnel(data[upgrade.args[0] :])
-                return
-            self.broken = True
-        except httptools.HttpParserError:
+            if self.head_start:
+                buf = bytearray(self.head_start) + buf[:nbytes]  # owned: views of it can be kept
+                self.head_start = b""
+                self._consume(exchange, buf, memoryview(buf), len(buf), False)
+            else:
+                self._consume(exchange, buf, pool.read_view, nbytes, lagging)
+        except BadResponse as bad:
             self.broken = True
             if not self.done:
-                exchange.upstream_failed_bad_response()
+                exchange.upstream_failed_bad_response(str(bad))
                 return
         finally:
             if corked:
                 client.flush()
+            if not lagging and client_transport is not None and client_transport.get_write_buffer_size():
+                pool.renew_read_buffer()  # the client transport holds views of this one until it drains
         if self.done:
             self.done = False
             exchange.response_complete(self.keep_alive and not self.broken)
         elif self.tcp_socket is not None:
             self._acknowledge_now()
+
+    def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int, copy: bool) -> None:
+        """Handle `buf[:end]`: heads are parsed, body bytes forwarded (views of `buf`, or copies)."""
+        pos = 0
+        while pos < end:
+            framing = self.framing
+            if self.done:
+                self.broken = True  # bytes after the response: the server is out of step
+                return
+            if framing == HEAD:
+                pos = self._head(exchange, buf, view, pos, end)
+                if pos < 0:
+                    return
+            elif framing == LENGTH:
+                taken = min(self.length_left, end - pos)
+                _forward(exchange, view, pos, pos + taken, copy)
+                pos += taken
+                self.length_left -= taken
+                if self.length_left == 0:
+                    self.done = True
+                    self.framing = HEAD
+            elif framing == CHUNKED:
+                pos = self._chunked(exchange, buf, view, pos, end, copy)
+            else:  # UNTIL_CLOSE
+                _forward(exchange, view, pos, end, copy)
+                pos = end
+
+    def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int) -> int:
+        """Parse a head at `pos`; the position after it, or -1 when the read is used up (or tunnelled)."""
+        found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
+        if found < 0 and end - pos <= MAX_HEAD_BYTES:
+            self.head_start = bytes(view[pos:end])
+            return -1
+        if found < 0 or found + 4 - pos > MAX_HEAD_BYTES:
+            raise BadResponse(f"a response head larger than {MAX_HEAD_BYTES} bytes")
+        head = parse_head(bytes(view[pos : found + 4]))
+        assert head is not None  # it ends with its empty line
+        pos += head.size
+        if head.interim:
+            exchange.interim_response(head)
+            return pos
+        if head.status == 101:
+            if exchange.upgrade is None:
+                raise BadResponse("101 Switching Protocols to a request that did not ask to upgrade")
+            exchange.response_head(head, NO_BODY)
+            exchange.start_tunnel(bytes(view[pos:end]))
+            return -1
+        framing = head.framing(exchange.is_head)
+        self.keep_alive = head.keep_alive(framing)
+        exchange.response_head(head, framing)
+        if framing == NO_BODY:
+            self.done = True
+        elif framing == LENGTH:
+            self.length_left = head.content_length
+            self.done = self.length_left == 0
+        elif framing == CHUNKED:
+            self.chunks = ChunkedBody()
+            self.dechunk = exchange.version == "1.0"
+        self.framing = HEAD if self.done else framing
+        return pos
+
+    def _chunked(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int, copy: bool) -> int:
+        """Forward chunked framing as it came (or only its data, to dechunk); the position after."""
+        chunks = self.chunks
+        assert chunks is not None
+        start = pos
+        while pos < end and not chunks.done:
+            if chunks.in_data:
+                taken = chunks.take_data(end - pos)
+                if self.dechunk:
+                    _forward(exchange, view, pos, pos + taken, copy)
+                pos += taken
+            else:
+                pos = chunks.advance(buf, pos, end)
+        if not self.dechunk and pos > start:
+            _forward(exchange, view, start, pos, copy)
+        if chunks.done:
+            self.chunks = None
+            self.framing = HEAD
+            self.done = True
+        return pos
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -145,70 +230,6 @@ class UpstreamConnection(FlowControlled):
         with contextlib.suppress(OSError):  # closed meanwhile: nothing left to acknowledge
             self.tcp_socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
 
-    # --- httptools callbacks ------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.done:
-            self.broken = True
-        self.status = 0
-        self.reason = b""
-        self.header_pieces = []
-        self.has_length = self.chunked = False
-        self.conn_tokens = frozenset()
-        self.upgrade = self.via = None
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        kind = RESPONSE_HEADERS.get(name.lower())
-        if kind is None:
-            self.header_pieces += (name, SEP, value, CRLF)
-        elif kind == CONTENT_LENGTH:
-            self.has_length = True
-            self.header_pieces += (name, SEP, value, CRLF)
-        elif kind == CONNECTION:
-            self.conn_tokens |= connection_tokens(value)
-        elif kind == TRANSFER_ENCODING:
-            self.chunked = is_chunked(value)
-        elif kind == UPGRADE:
-            self.upgrade = value
-        elif kind == VIA:
-            self.via = value if self.via is None else self.via + b", " + value
-
-    def on_headers_complete(self) -> None:
-        if self.done or self.exchange is None:
-            self.broken = True
-            return
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
-            return  # interim response: relayed whole at its message end
-        exchange = self.exchange
-        exchange.response_head(self)
-        if exchange.is_head:
-            # httptools cannot be told a HEAD response has no body; end it here, and give the
-            # connection a fresh parser for its next response.
-            self.keep_alive = wants_keep_alive(self.parser.get_http_version(), self.conn_tokens)
-            self.done = True
-            self.parser = httptools.HttpResponseParser(self)
-
-    def on_body(self, body: bytes) -> None:
-        if self.done or self.exchange is None:
-            self.broken = True
-            return
-        self.exchange.response_body(body)
-
-    def on_message_complete(self) -> None:
-        if self.done or self.exchange is None:
-            return
-        if 100 <= self.status < 200 and self.status != 101:
-            self.exchange.interim_response(self)
-            return
-        if self.status == 101:
-            return  # the upgrade exception from feed_data takes it from here
-        self.keep_alive = self.parser.should_keep_alive()
-        self.done = True
-
     # --- used by the exchange and the pool ------------------------------------------------------
 
     def close(self) -> None:
@@ -222,6 +243,12 @@ class UpstreamConnection(FlowControlled):
             self.transport.abort()
 
 
+def _forward(exchange: Exchange, view: memoryview, start: int, stop: int, copy: bool) -> None:
+    """Body bytes on to the client: a view of the read buffer, or a copy (`copy`, see buffer_updated)."""
+    piece = view[start:stop]
+    exchange.response_body(bytes(piece) if copy else piece)
+
+
 class UpstreamPool:
     """Idle keep-alive connections per server, newest first (LIFO keeps few connections warm)."""
 
@@ -230,6 +257,14 @@ class UpstreamPool:
         self.idle_timeout_s = idle_timeout_s
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._tls = ssl.create_default_context()
+        self.read_buffer = bytearray(READ_BUFFER_BYTES)
+        self.read_view = memoryview(self.read_buffer)
+
+    def renew_read_buffer(self) -> None:
+        """A transport kept views of the read buffer (its client is slower than its server): the next
+        reads go to a new one, and the old one is freed once that transport has sent them."""
+        self.read_buffer = bytearray(READ_BUFFER_BYTES)
+        self.read_view = memoryview(self.read_buffer)
 
     def acquire(self, server: Server) -> UpstreamConnection | None:
         idle = self._idle.get(server.id)

@@ -8,6 +8,7 @@ Endpoints:
   /echo            JSON: server, method, path, headers, body length and sha256
   /health          {"status": ...} with `health_status`
   /bytes/N         N bytes with Content-Length (?chunked=1: streamed chunked, 64 KiB pieces)
+  /random/N        N pseudo-random bytes, the same for the same ?seed= (?chunked=1 as above)
   /status/CODE     an empty response with that status
   /slow/MS         answers after MS milliseconds
   /upload          reads the body as a stream; JSON: length and sha256
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -43,6 +45,11 @@ def server_entry(server_id: str, port: int, region: str = "us-east", capacity: i
         "capacity": capacity,
         "url": f"http://127.0.0.1:{port}",
     }
+
+
+def random_body(size: int, seed: int) -> bytes:
+    """What /random/SIZE?seed=SEED answers: bytes that differ everywhere, so a misplaced piece shows."""
+    return random.Random(seed).randbytes(size)
 
 
 class BackendLoop:
@@ -97,6 +104,7 @@ class Backend:
         app = web.Application(client_max_size=1 << 40)
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/bytes/{n}", self._bytes)
+        app.router.add_route("*", "/random/{n}", self._random)
         app.router.add_route("*", "/status/{code}", self._status)
         app.router.add_route("*", "/slow/{ms}", self._slow)
         app.router.add_route("*", "/upload", self._upload)
@@ -151,20 +159,25 @@ class Backend:
 
     async def _bytes(self, request: web.Request) -> web.StreamResponse:
         await self._count(request)
-        n = int(request.match_info["n"])
-        if request.query.get("chunked"):
-            response = web.StreamResponse(headers=self._headers())
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            block = b"x" * CHUNK
-            remaining = n
-            while remaining > 0:
-                piece = block[: min(CHUNK, remaining)]
-                await response.write(piece)
-                remaining -= len(piece)
-            await response.write_eof()
-            return response
-        return web.Response(body=b"x" * n, headers=self._headers())
+        return await self._send(request, int(request.match_info["n"]), lambda start, end: b"x" * (end - start))
+
+    async def _random(self, request: web.Request) -> web.StreamResponse:
+        await self._count(request)
+        body = random_body(int(request.match_info["n"]), int(request.query["seed"]))
+        return await self._send(request, len(body), lambda start, end: body[start:end])
+
+    async def _send(self, request: web.Request, size: int, part: Callable[[int, int], bytes]) -> web.StreamResponse:
+        """A body of `size` bytes, `part(start, end)` of it at a time: with Content-Length, or chunked in
+        64 KiB pieces (made as they are sent) for ?chunked=1."""
+        if not request.query.get("chunked"):
+            return web.Response(body=part(0, size), headers=self._headers())
+        response = web.StreamResponse(headers=self._headers())
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, size, CHUNK):
+            await response.write(part(start, min(size, start + CHUNK)))
+        await response.write_eof()
+        return response
 
     async def _status(self, request: web.Request) -> web.Response:
         await self._count(request)

@@ -1,0 +1,212 @@
+"""How a real lbd reads servers' responses (lbd/proxy/upstream.py, lbd/proxy/response.py).
+
+Response bodies are forwarded as views of one read buffer shared by every upstream connection; these
+tests check that no client ever gets another's bytes (slow and fast clients at once, bodies that
+differ everywhere), that heads and chunked framing split anywhere across reads are read right, that
+chunked framing reaches HTTP/1.1 clients as the server wrote it (extensions and trailers included),
+and that a malformed response is a 502 naming what was wrong, on a connection never used again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+import pytest
+
+from tests.harness.backends import Backend, backends, random_body, server_entry
+from tests.harness.clients import RawConnection, build_request
+from tests.harness.daemon import Lbd, running_lbd
+from tests.harness.raw_backend import RawBackend, raw_backend
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def proxied() -> Iterator[tuple[Lbd, Backend]]:
+    with backends("rand") as (backend,), running_lbd(entries=[backend.entry()]) as daemon:
+        yield daemon, backend
+
+
+@pytest.mark.parametrize("query", ["", "&chunked=1"])
+def test_a_slow_client_and_fast_clients_each_get_their_own_bytes(proxied: tuple[Lbd, Backend], query: str) -> None:
+    """A client that reads slowly leaves views of the shared read buffer queued in its transport;
+    lbd must read everybody else's responses into another buffer meanwhile."""
+    daemon, _ = proxied
+    big = 8 * MiB
+    errors: list[str] = []
+
+    def fast_client(seed: int) -> None:
+        with RawConnection(daemon.port, timeout=30) as connection:
+            for round_ in range(15):
+                size = 100_000 + 7919 * round_
+                connection.send(
+                    build_request("GET", f"/random/{size}?seed={seed + round_}{query}", {"client-id": f"fast-{seed}"})
+                )
+                body = connection.read_response().body
+                if body != random_body(size, seed + round_):
+                    errors.append(f"client {seed} round {round_}: {len(body)} bytes, not the server's")
+
+    with RawConnection(daemon.port, timeout=30, rcvbuf=16 * 1024) as slow:
+        slow.send(build_request("GET", f"/random/{big}?seed=1{query}", {"client-id": "slow"}))
+        head = slow.read_head()
+        assert head.status == 200
+        fast = [threading.Thread(target=fast_client, args=(seed,)) for seed in (100, 200, 300)]
+        for thread in fast:
+            thread.start()
+        received = bytearray(slow.buffer)
+        slow.buffer.clear()
+        while any(thread.is_alive() for thread in fast):  # a trickle while the others run
+            received += slow.sock.recv(4096)
+            time.sleep(0.002)
+        for thread in fast:
+            thread.join()
+        while not slow.eof and (query or len(received) < big):
+            chunk = slow.sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+            if query and received.endswith(b"0\r\n\r\n"):
+                break
+        body = dechunk(bytes(received)) if query else bytes(received)
+    assert not errors, errors
+    assert hashlib.sha256(body).digest() == hashlib.sha256(random_body(big, 1)).digest()
+
+
+def dechunk(data: bytes) -> bytes:
+    body, pos = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return bytes(body)
+        body += data[end + 2 : end + 2 + size]
+        assert data[end + 2 + size : end + 4 + size] == b"\r\n"
+        pos = end + 4 + size
+
+
+# --- scripted servers -----------------------------------------------------------------------------------
+
+HEALTHY = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+
+def scripted(script: list[bytes]) -> AbstractContextManager[RawBackend]:
+    """A raw backend answering /health with 200 and anything else with `script`'s pieces."""
+    return raw_backend(lambda head: HEALTHY if head.startswith(b"GET /health ") else script)
+
+
+def test_a_head_and_body_arriving_a_few_bytes_at_a_time() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Long: " + b"v" * 300 + b"\r\n\r\n"
+    pieces = [head[i : i + 7] for i in range(0, len(head), 7)] + [b"hello", b" world"]
+    with scripted(pieces) as backend, running_lbd(entries=[server_entry("split", backend.port)]) as daemon:
+        with RawConnection(daemon.port) as connection:
+            for path in ("/a", "/b"):
+                connection.send(build_request("GET", path, {"Host": "h", "client-id": "split"}))
+                response = connection.read_response()
+                assert response.status == 200 and response.body == b"hello world"
+                assert response.header("X-Long") == "v" * 300
+        # the connection stayed in step: the second response came over the same one
+        assert backend.connection_of(b"GET /a HTTP/1.1") == backend.connection_of(b"GET /b HTTP/1.1")
+
+
+CHUNKED_WITH_TRAILERS = [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n",
+    b"5;name=value\r\nhel",
+    b"lo\r",
+    b"\n6\r\n world\r\n0\r\nX-Checksum: c0ffee\r",
+    b"\n\r\n",
+]
+
+
+def test_chunked_framing_reaches_an_http11_client_as_the_server_wrote_it() -> None:
+    with (
+        scripted(CHUNKED_WITH_TRAILERS) as backend,
+        running_lbd(entries=[server_entry("chunks", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "chunks"}))
+        head = connection.read_head()
+        assert head.header("Transfer-Encoding") == "chunked"
+        assert head.header("Trailer") is None  # hop-by-hop
+        framing = b"".join(CHUNKED_WITH_TRAILERS[1:])
+        assert connection.read_exact(len(framing)) == framing  # extensions and trailers included
+        assert connection.still_open()
+
+
+def test_an_http10_client_gets_the_chunked_body_decoded_and_the_close() -> None:
+    with (
+        scripted(CHUNKED_WITH_TRAILERS) as backend,
+        running_lbd(entries=[server_entry("chunks10", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        connection.send(build_request("GET", "/x", {"client-id": "chunks10"}, version="HTTP/1.0"))
+        response = connection.read_response()
+        assert response.header("Transfer-Encoding") is None and response.body == b"hello world"
+
+
+MALFORMED = {
+    "bare-lf": ([b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok"], "a bare CR or LF"),
+    "length-and-chunked": (
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+        "both Content-Length and Transfer-Encoding",
+    ),
+    "differing-lengths": ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"], "conflicting"),
+    "space-before-colon": ([b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"], "invalid header line"),
+    "not-http": ([b"SSH-2.0-OpenSSH_9.2\r\n\r\n"], "not an HTTP/1.x status line"),
+    "unasked-upgrade": ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "101"),
+    "head-too-large": (
+        [b"HTTP/1.1 200 OK\r\n", *[b"X-Filler: " + b"f" * 1000 + b"\r\n"] * 70, b"\r\n"],
+        "larger than 65536 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("script,reason", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_response_is_a_502_naming_what_was_wrong(script: list[bytes], reason: str) -> None:
+    good = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    answers = iter([script, good])
+    with (
+        raw_backend(lambda head: HEALTHY if head.startswith(b"GET /health ") else next(answers), 0.001) as backend,
+        running_lbd(entries=[server_entry("junk", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "junk"}))
+        response = connection.read_response()
+        assert response.status == 502, response
+        assert "sent a malformed response" in response.body.decode() and reason in response.body.decode()
+        connection.send(build_request("GET", "/y", {"Host": "h", "client-id": "junk"}))
+        assert connection.read_response().body == b"ok"
+        # the broken connection was not reused
+        assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
+
+
+def test_bytes_after_a_complete_response_end_that_connection() -> None:
+    """A server out of step (more bytes than its Content-Length): the client gets the response the
+    length says, and the next request goes over a new connection."""
+    with (
+        scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"]) as backend,
+        running_lbd(entries=[server_entry("extra", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        for path in ("/x", "/y"):
+            connection.send(build_request("GET", path, {"Host": "h", "client-id": "extra"}))
+            assert connection.read_response().body == b"ok"
+        assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
+
+
+def test_a_broken_chunked_body_cuts_the_client_connection() -> None:
+    """Once a response has started, the client can only learn of a broken body from a cut connection."""
+    script = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"zz\r\n"]
+    with (
+        scripted(script) as backend,
+        running_lbd(entries=[server_entry("brokenchunks", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "brokenchunks"}))
+        head = connection.read_head()
+        assert head.status == 200
+        assert connection.read_exact(len(b"5\r\nhello\r\n")) == b"5\r\nhello\r\n"
+        assert connection.closed_by_peer(5.0)
