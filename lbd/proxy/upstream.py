@@ -86,7 +86,6 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
-        exchange.last_activity = pool.loop.time()  # the server is not silent
         client = exchange.client
         client_transport = client.transport
         # a client still sending earlier bytes gets copies: a view it kept would pin the buffer
@@ -112,7 +111,9 @@ class UpstreamConnection(FlowControlled):
         if self.done:
             self.done = False
             exchange.response_complete(self.keep_alive and not self.broken)
-        elif self.tcp_socket is not None:
+            return
+        exchange.last_activity = pool.loop.time()  # the server is not silent: its deadline restarts
+        if self.tcp_socket is not None:
             self._acknowledge_now()
 
     def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int, copy: bool) -> None:
