@@ -19,6 +19,7 @@ COMPILED = [
     "lbd/proxy/flow.py",
     "lbd/proxy/headers.py",
     "lbd/proxy/response.py",
+    "lbd/proxy/splice.py",
     "lbd/proxy/deadlines.py",
     "lbd/proxy/upstream.py",
     "lbd/proxy/exchange.py",

@@ -157,6 +157,7 @@ class Config:
     session_idle_timeout: int = 9000
     max_sessions: int = 1_000_000
     retry_body_limit_bytes: int = 64 * 1024
+    splice_responses: bool = True  # large response bodies moved in the kernel (HAProxy's option splice-response)
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
     limits: ClientLimits = field(default_factory=ClientLimits)
@@ -183,6 +184,7 @@ TOP_LEVEL_KEYS = (
     "session_idle_timeout",
     "max_sessions",
     "retry_body_limit_bytes",
+    "splice_responses",
     "regions",
     "health",
     "limits",
@@ -247,6 +249,7 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "regions": _regions,
         "health": _health,
         "limits": _limits,
+        "splice_responses": _boolean,
         **dict.fromkeys(INTEGER_KEYS, _non_negative_int),
     }
     values = {key: parse(raw[key], f"{where}: {key}") for key, parse in parsers.items() if key in raw}
@@ -270,6 +273,12 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
 def _mode(value: object, where: str) -> Mode:
     if value not in MODES:
         raise ConfigError(f"{where}: must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def _boolean(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false; got {value!r}")
     return value
 
 
@@ -309,9 +318,7 @@ def _health(raw: object, where: str) -> HealthSettings:
             raise ConfigError(f"{where}.path: must be a path starting with '/'; got {raw['path']!r}")
         values["path"] = raw["path"]
     if "passive_5xx" in raw:
-        if not isinstance(raw["passive_5xx"], bool):
-            raise ConfigError(f"{where}.passive_5xx: must be true or false; got {raw['passive_5xx']!r}")
-        values["passive_5xx"] = raw["passive_5xx"]
+        values["passive_5xx"] = _boolean(raw["passive_5xx"], f"{where}.passive_5xx")
     if "panic_threshold" in raw:
         value = raw["panic_threshold"]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:

@@ -75,6 +75,12 @@ class LbdCollector(Collector):
             "lbd_retries", "Upstream attempts made again (on a backup, or on a fresh connection).", value=proxy.retries
         )
         yield CounterMetricFamily("lbd_failovers", "Failed attempts retried on a backup server.", value=proxy.failovers)
+        pipe = proxy.pool.pipe
+        yield CounterMetricFamily(
+            "lbd_spliced_bytes",
+            "Response body bytes moved from servers to clients inside the kernel (splice_responses).",
+            value=0 if pipe is None else pipe.moved,
+        )
         yield GaugeMetricFamily(
             "lbd_client_connections", "Open client connections to the proxy.", value=len(proxy.connections)
         )

@@ -49,6 +49,8 @@ def test_flags_override_file_values(tmp_path: Path) -> None:
         ('admin_listen = "127.0.0.1:8079"\n', "admin_listen needs admin_token"),
         ('admin_token = "short"\n', "at least 16 characters"),
         ('default_client_region = "mars"\n', "default_client_region 'mars' is not a client region"),
+        ("splice_responses = 1\n", "splice_responses: must be true or false; got 1"),
+        ("[health]\npassive_5xx = 'yes'\n", "health.passive_5xx: must be true or false; got 'yes'"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:

@@ -10,10 +10,13 @@ and that a malformed response is a 502 naming what was wrong, on a connection ne
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +213,49 @@ def test_a_broken_chunked_body_cuts_the_client_connection() -> None:
         assert head.status == 200
         assert connection.read_exact(len(b"5\r\nhello\r\n")) == b"5\r\nhello\r\n"
         assert connection.closed_by_peer(5.0)
+
+
+# --- splicing large bodies in the kernel ---------------------------------------------------------------
+
+
+def spliced_bytes(daemon: Lbd) -> int:
+    text = daemon.request("GET", "/metrics")[1]
+    return int(float(re.search(r"^lbd_spliced_bytes_total (\S+)$", text, re.MULTILINE).group(1)))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+def test_large_bodies_are_spliced_and_arrive_whole(proxied: tuple[Lbd, Backend]) -> None:
+    """A Content-Length body with 16 KiB or more to come after the first read moves in the kernel."""
+    daemon, _ = proxied
+    before = spliced_bytes(daemon)
+    with RawConnection(daemon.port) as connection:
+        for seed, size in ((7, 2 * MiB + 3), (8, 200_000), (9, 1000)):  # the small one is not spliced
+            connection.send(build_request("GET", f"/random/{size}?seed={seed}", {"client-id": "splice"}))
+            assert connection.read_response().body == random_body(size, seed)
+    assert spliced_bytes(daemon) - before > MiB  # most of it: what arrives after a read is read as usual
+
+
+def test_splice_responses_false_copies_every_body(tmp_path: Path) -> None:
+    config = tmp_path / "lbd.toml"
+    config.write_text("splice_responses = false\n")
+    with backends("copied") as (backend,), running_lbd(["--config", str(config)], [backend.entry()]) as daemon:
+        with RawConnection(daemon.port) as connection:
+            connection.send(build_request("GET", f"/random/{MiB}?seed=3", {"client-id": "copied"}))
+            assert connection.read_response().body == random_body(MiB, 3)
+        assert spliced_bytes(daemon) == 0
+
+
+def test_a_server_sending_more_than_a_large_body_loses_its_connection() -> None:
+    """The body's end is checked when it is spliced too: the bytes beyond it are dropped, not read as
+    the next request's response."""
+    body = bytes(range(256)) * 400  # 102,400 bytes
+    script = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000], body[1000:] + b"HTTP/1.1 200"]
+    with (
+        scripted(script) as backend,
+        running_lbd(entries=[server_entry("overrun", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        for path in ("/x", "/y"):
+            connection.send(build_request("GET", path, {"Host": "h", "client-id": "overrun"}))
+            assert connection.read_response().body == body
+        assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")

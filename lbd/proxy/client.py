@@ -75,6 +75,7 @@ class ClientConnection(FlowControlled):
         self.linger_on_close = False  # the request being answered was refused before it was all read
         self.requests = 0  # request heads received on this connection
         self.stopping = False  # a graceful stop came before the first request: serve that one, then close
+        self.fd = -1  # the socket's descriptor, looked up the first time a body is spliced to it
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -248,6 +249,13 @@ class ClientConnection(FlowControlled):
         exchange.request_done()
 
     # --- used by exchanges --------------------------------------------------------------------
+
+    def socket_fd(self) -> int:
+        """The socket's descriptor, for moving bytes to it in the kernel; -2 where there is none."""
+        if self.fd == -1 and self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            self.fd = sock.fileno() if sock is not None else -2
+        return self.fd
 
     def abort(self) -> None:
         self._corked = None

@@ -19,8 +19,10 @@ from lbd.proxy.response import (
     ChunkedBody,
     parse_head,
 )
+from lbd.proxy.splice import Splicer
 
 if TYPE_CHECKING:
+    from lbd.proxy.client import ClientConnection
     from lbd.proxy.exchange import Exchange
 
 MAX_IDLE_PER_SERVER: Final = 128
@@ -33,6 +35,11 @@ TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform
 # One buffer every upstream connection reads into (a read is handled before the next begins). It
 # holds a whole 64 KiB response with its head, so such a response is one read, as with uvloop's own.
 READ_BUFFER_BYTES: Final = 128 * 1024
+# Where bodies can be spliced (splice.py), a response's first read takes at most this much (its head
+# and the start of its body), and a body with at least SPLICE_FROM bytes still to come is moved in
+# the kernel; HAProxy reads a first 16 KiB buffer the same way before it splices.
+HEAD_READ_BYTES: Final = 16 * 1024
+SPLICE_FROM: Final = 16 * 1024
 HEAD: Final = -1  # UpstreamConnection.framing while a response head is expected
 
 
@@ -63,6 +70,7 @@ class UpstreamConnection(FlowControlled):
         self.tunnel: asyncio.Transport | None = None
         self.lost = False
         self.tcp_socket: Any = None  # set where TCP_QUICKACK applies (uvloop's socket-like object)
+        self.fd = -1  # the socket's descriptor, where bodies could be spliced from it (not TLS)
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------------
 
@@ -71,8 +79,13 @@ class UpstreamConnection(FlowControlled):
         sock = transport.get_extra_info("socket")
         if TCP_QUICKACK and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             self.tcp_socket = sock
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.fd = sock.fileno()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        splicing = self.fd >= 0 and self.pool.splicer is not None
+        if splicing and (self.framing == HEAD or (self.framing == LENGTH and self.length_left >= SPLICE_FROM)):
+            return self.pool.head_view  # the rest of a large body may then be spliced
         return self.pool.read_view
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -106,8 +119,11 @@ class UpstreamConnection(FlowControlled):
         finally:
             if corked:
                 client.flush()
-            if not lagging and client_transport is not None and client_transport.get_write_buffer_size():
+            pending = client_transport is not None and client_transport.get_write_buffer_size() > 0
+            if pending and not lagging:
                 pool.renew_read_buffer()  # the client transport holds views of this one until it drains
+        if nbytes == HEAD_READ_BYTES and not pending and self.framing == LENGTH and self.length_left >= SPLICE_FROM:
+            self._splice(client)  # the read filled the head buffer: more of the body is waiting
         if self.done:
             self.done = False
             exchange.response_complete(self.keep_alive and not self.broken)
@@ -197,6 +213,27 @@ class UpstreamConnection(FlowControlled):
             self.done = True
         return pos
 
+    def _splice(self, client: ClientConnection) -> None:
+        """Move what the server has sent of a large body on to the client in the kernel. Only with
+        nothing queued in the client's transport (bytes leave in order), once per read (a fast
+        download does not hold the loop), and what the client's socket will not take now goes
+        through its transport, which then has bytes queued: no more splicing until it drains."""
+        splicer = self.pool.splicer
+        transport = client.transport
+        target = client.socket_fd()
+        if splicer is None or self.fd < 0 or transport is None or transport.is_closing() or target < 0:
+            return
+        moved, refused, overran = splicer.move(self.fd, target, self.length_left)
+        if splicer.unsupported:
+            self.pool.splicer = None
+        self.broken = self.broken or overran
+        self.length_left -= moved
+        if refused:
+            client.write(refused)
+        if moved and self.length_left == 0:
+            self.done = True
+            self.framing = HEAD
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.pool.forget(self)
@@ -258,14 +295,20 @@ class UpstreamPool:
         self.idle_timeout_s = idle_timeout_s
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._tls = ssl.create_default_context()
-        self.read_buffer = bytearray(READ_BUFFER_BYTES)
-        self.read_view = memoryview(self.read_buffer)
+        self.pipe = Splicer.make()  # None where splice(2) is not available
+        self.splicer: Splicer | None = self.pipe  # None while bodies are not spliced (`splice_responses`)
+        self.renew_read_buffer()
+
+    def splice_responses(self, enabled: bool) -> None:
+        """Splice large response bodies where the platform can (config key `splice_responses`)."""
+        self.splicer = self.pipe if enabled and self.pipe is not None and not self.pipe.unsupported else None
 
     def renew_read_buffer(self) -> None:
         """A transport kept views of the read buffer (its client is slower than its server): the next
         reads go to a new one, and the old one is freed once that transport has sent them."""
         self.read_buffer = bytearray(READ_BUFFER_BYTES)
         self.read_view = memoryview(self.read_buffer)
+        self.head_view = self.read_view[:HEAD_READ_BYTES]
 
     def acquire(self, server: Server) -> UpstreamConnection | None:
         idle = self._idle.get(server.id)
