@@ -251,10 +251,12 @@ class ClientConnection(FlowControlled):
     # --- used by exchanges --------------------------------------------------------------------
 
     def socket_fd(self) -> int:
-        """The socket's descriptor, for moving bytes to it in the kernel; -2 where there is none."""
+        """The socket's descriptor, for moving bytes to it in the kernel; -2 where there is none (or
+        the transport encrypts what goes through it)."""
         if self.fd == -1 and self.transport is not None:
             sock = self.transport.get_extra_info("socket")
-            self.fd = sock.fileno() if sock is not None else -2
+            plain = sock is not None and self.transport.get_extra_info("sslcontext") is None
+            self.fd = sock.fileno() if plain else -2
         return self.fd
 
     def abort(self) -> None:

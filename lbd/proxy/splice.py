@@ -14,7 +14,10 @@ import fcntl
 import os
 from typing import Final
 
-PIPE_BYTES: Final = 1024 * 1024  # what one splice may move; Linux's default pipe-max-size
+# At most this much per move: what the client's socket refuses is queued in its transport, so a move
+# may put no more there than one read could (upstream.READ_BUFFER_BYTES).
+MOVE_BYTES: Final = 128 * 1024
+PIPE_BYTES: Final = 256 * 1024  # room for a move's worth of socket buffers, whatever their sizes
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 # errors that say splice cannot work here at all, rather than that this one socket failed
 _UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
@@ -51,7 +54,7 @@ class Splicer:
         transport finds out on its next read, as it would have anyway.
         """
         try:
-            taken = os.splice(source, self.write_fd, min(count + 1, PIPE_BYTES), flags=_FLAGS)
+            taken = os.splice(source, self.write_fd, min(count + 1, MOVE_BYTES), flags=_FLAGS)
         except BlockingIOError:
             return 0, b"", False
         except OSError as error:
