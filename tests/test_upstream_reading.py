@@ -15,7 +15,8 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
+from itertools import repeat
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import pytest
 from tests.harness.backends import Backend, backends, random_body, server_entry
 from tests.harness.clients import RawConnection, build_request
 from tests.harness.daemon import Lbd, running_lbd
-from tests.harness.raw_backend import RawBackend, raw_backend
+from tests.harness.raw_backend import Answer, RawBackend, raw_backend
 
 MiB = 1024 * 1024
 
@@ -96,21 +97,40 @@ def dechunk(data: bytes) -> bytes:
 HEALTHY = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
 
 
-def scripted(script: list[bytes]) -> AbstractContextManager[RawBackend]:
-    """A raw backend answering /health with 200 and anything else with `script`'s pieces."""
-    return raw_backend(lambda head: HEALTHY if head.startswith(b"GET /health ") else script)
+def answering(scripts: Iterator[list[bytes]]) -> Answer:
+    """/health gets 200, each other request the next script's pieces."""
+    return lambda head: HEALTHY if head.startswith(b"GET /health ") else next(scripts)
+
+
+@contextmanager
+def behind_lbd(answer: Answer, pause_s: float = 0.02) -> Iterator[tuple[RawBackend, Client]]:
+    """A raw backend answering with `answer`, and a client of an lbd in front of it; `Client.get`
+    sends one GET."""
+    with (
+        raw_backend(answer, pause_s) as backend,
+        running_lbd(entries=[server_entry("scripted", backend.port)]) as daemon,
+        RawConnection(daemon.port) as connection,
+    ):
+        yield backend, Client(connection)
+
+
+class Client:
+    def __init__(self, connection: RawConnection) -> None:
+        self.connection = connection
+
+    def get(self, path: str = "/x", version: str = "HTTP/1.1") -> RawConnection:
+        self.connection.send(build_request("GET", path, {"Host": "h", "client-id": "scripted"}, version=version))
+        return self.connection
 
 
 def test_a_head_and_body_arriving_a_few_bytes_at_a_time() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Long: " + b"v" * 300 + b"\r\n\r\n"
     pieces = [head[i : i + 7] for i in range(0, len(head), 7)] + [b"hello", b" world"]
-    with scripted(pieces) as backend, running_lbd(entries=[server_entry("split", backend.port)]) as daemon:
-        with RawConnection(daemon.port) as connection:
-            for path in ("/a", "/b"):
-                connection.send(build_request("GET", path, {"Host": "h", "client-id": "split"}))
-                response = connection.read_response()
-                assert response.status == 200 and response.body == b"hello world"
-                assert response.header("X-Long") == "v" * 300
+    with behind_lbd(answering(repeat(pieces))) as (backend, client):
+        for path in ("/a", "/b"):
+            response = client.get(path).read_response()
+            assert response.status == 200 and response.body == b"hello world"
+            assert response.header("X-Long") == "v" * 300
         # the connection stayed in step: the second response came over the same one
         assert backend.connection_of(b"GET /a HTTP/1.1") == backend.connection_of(b"GET /b HTTP/1.1")
 
@@ -125,12 +145,8 @@ CHUNKED_WITH_TRAILERS = [
 
 
 def test_chunked_framing_reaches_an_http11_client_as_the_server_wrote_it() -> None:
-    with (
-        scripted(CHUNKED_WITH_TRAILERS) as backend,
-        running_lbd(entries=[server_entry("chunks", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
-    ):
-        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "chunks"}))
+    with behind_lbd(answering(repeat(CHUNKED_WITH_TRAILERS))) as (_, client):
+        connection = client.get()
         head = connection.read_head()
         assert head.header("Transfer-Encoding") == "chunked"
         assert head.header("Trailer") is None  # hop-by-hop
@@ -140,13 +156,8 @@ def test_chunked_framing_reaches_an_http11_client_as_the_server_wrote_it() -> No
 
 
 def test_an_http10_client_gets_the_chunked_body_decoded_and_the_close() -> None:
-    with (
-        scripted(CHUNKED_WITH_TRAILERS) as backend,
-        running_lbd(entries=[server_entry("chunks10", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
-    ):
-        connection.send(build_request("GET", "/x", {"client-id": "chunks10"}, version="HTTP/1.0"))
-        response = connection.read_response()
+    with behind_lbd(answering(repeat(CHUNKED_WITH_TRAILERS))) as (_, client):
+        response = client.get(version="HTTP/1.0").read_response()
         assert response.header("Transfer-Encoding") is None and response.body == b"hello world"
 
 
@@ -170,18 +181,11 @@ MALFORMED = {
 @pytest.mark.parametrize("script,reason", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_response_is_a_502_naming_what_was_wrong(script: list[bytes], reason: str) -> None:
     good = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
-    answers = iter([script, good])
-    with (
-        raw_backend(lambda head: HEALTHY if head.startswith(b"GET /health ") else next(answers), 0.001) as backend,
-        running_lbd(entries=[server_entry("junk", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
-    ):
-        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "junk"}))
-        response = connection.read_response()
+    with behind_lbd(answering(iter([script, good])), pause_s=0.001) as (backend, client):
+        response = client.get("/x").read_response()
         assert response.status == 502, response
         assert "sent a malformed response" in response.body.decode() and reason in response.body.decode()
-        connection.send(build_request("GET", "/y", {"Host": "h", "client-id": "junk"}))
-        assert connection.read_response().body == b"ok"
+        assert client.get("/y").read_response().body == b"ok"
         # the broken connection was not reused
         assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
 
@@ -189,26 +193,20 @@ def test_a_malformed_response_is_a_502_naming_what_was_wrong(script: list[bytes]
 def test_bytes_after_a_complete_response_end_that_connection() -> None:
     """A server out of step (more bytes than its Content-Length): the client gets the response the
     length says, and the next request goes over a new connection."""
-    with (
-        scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"]) as backend,
-        running_lbd(entries=[server_entry("extra", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
+    with behind_lbd(answering(repeat([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"]))) as (
+        backend,
+        client,
     ):
         for path in ("/x", "/y"):
-            connection.send(build_request("GET", path, {"Host": "h", "client-id": "extra"}))
-            assert connection.read_response().body == b"ok"
+            assert client.get(path).read_response().body == b"ok"
         assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
 
 
 def test_a_broken_chunked_body_cuts_the_client_connection() -> None:
     """Once a response has started, the client can only learn of a broken body from a cut connection."""
     script = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"zz\r\n"]
-    with (
-        scripted(script) as backend,
-        running_lbd(entries=[server_entry("brokenchunks", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
-    ):
-        connection.send(build_request("GET", "/x", {"Host": "h", "client-id": "brokenchunks"}))
+    with behind_lbd(answering(repeat(script))) as (_, client):
+        connection = client.get()
         head = connection.read_head()
         assert head.status == 200
         assert connection.read_exact(len(b"5\r\nhello\r\n")) == b"5\r\nhello\r\n"
@@ -250,12 +248,7 @@ def test_a_server_sending_more_than_a_large_body_loses_its_connection() -> None:
     the next request's response."""
     body = bytes(range(256)) * 400  # 102,400 bytes
     script = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000], body[1000:] + b"HTTP/1.1 200"]
-    with (
-        scripted(script) as backend,
-        running_lbd(entries=[server_entry("overrun", backend.port)]) as daemon,
-        RawConnection(daemon.port) as connection,
-    ):
+    with behind_lbd(answering(repeat(script))) as (backend, client):
         for path in ("/x", "/y"):
-            connection.send(build_request("GET", path, {"Host": "h", "client-id": "overrun"}))
-            assert connection.read_response().body == body
+            assert client.get(path).read_response().body == body
         assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
