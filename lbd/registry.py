@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from lbd.config import HealthSettings
@@ -20,6 +19,16 @@ log = logging.getLogger("lbd.health")
 
 Listener = Callable[[], None]
 LATENCY_EWMA_WEIGHT = 0.2
+
+
+def latency_bucket(latency_s: float) -> int:
+    """The histogram bucket `latency_s` counts in (Prometheus `le`: a value equal to a bound counts
+    there). Scanned from the smallest: most answers land in the first buckets, reached sooner than
+    a call to bisect returns."""
+    for index, bound in enumerate(LATENCY_BUCKETS_S):
+        if latency_s <= bound:
+            return index
+    return len(LATENCY_BUCKETS_S)
 
 
 class RegistryConflict(Exception):
@@ -104,7 +113,7 @@ class Registry:
         state = server.state
         if latency_s is not None:
             state.latency_ewma_ms += LATENCY_EWMA_WEIGHT * (latency_s * 1000.0 - state.latency_ewma_ms)
-            state.latency_buckets[bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+            state.latency_buckets[latency_bucket(latency_s)] += 1
             state.latency_sum_s += latency_s
         if outcome is Outcome.OK:
             state.passive_failures = 0

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,7 +20,7 @@ from lbd.config import Config, Regions, load_config
 from lbd.metrics import metrics_registry
 from lbd.models import LATENCY_BUCKETS_S, Outcome, ServerSpec
 from lbd.proxy.context import ProxyContext
-from lbd.registry import Registry
+from lbd.registry import Registry, latency_bucket
 from lbd.sessions import SessionTable
 from tests.harness.backends import Backend, backends
 from tests.harness.daemon import Lbd, running_lbd, wait_until
@@ -243,3 +246,8 @@ def test_metrics_listen_is_a_config_key(tmp_path: Path) -> None:
     assert config.metrics_listen is not None and str(config.metrics_listen) == "127.0.0.1:9180"
     assert load_config(path, {"metrics_listen": "[::1]:0"}).metrics_listen is not None
     assert Config().metrics_listen is None
+
+
+@given(st.one_of(st.sampled_from(LATENCY_BUCKETS_S), st.floats(min_value=0, max_value=100, allow_nan=False)))
+def test_a_latency_counts_in_the_bucket_whose_bound_is_the_first_not_below_it(latency_s: float) -> None:
+    assert latency_bucket(latency_s) == bisect_left(LATENCY_BUCKETS_S, latency_s)
