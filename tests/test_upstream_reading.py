@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from itertools import repeat
 from pathlib import Path
 
 import pytest
+import trustme
 
-from tests.harness.backends import Backend, backends, random_body, server_entry
+from tests.harness.backends import Backend, BackendLoop, backends, random_body, server_entry
 from tests.harness.clients import RawConnection, build_request
 from tests.harness.daemon import Lbd, running_lbd
 from tests.harness.raw_backend import Answer, RawBackend, raw_backend
@@ -252,3 +254,26 @@ def test_a_server_sending_more_than_a_large_body_loses_its_connection() -> None:
         for path in ("/x", "/y"):
             assert client.get(path).read_response().body == body
         assert backend.connection_of(b"GET /x HTTP/1.1") != backend.connection_of(b"GET /y HTTP/1.1")
+
+
+def test_https_servers_are_read_through_tls_and_never_spliced(tmp_path: Path) -> None:
+    """An https:// server, its certificate checked against a CA lbd trusts (SSL_CERT_FILE): bodies
+    of every framing arrive whole, and none is spliced (the kernel would move ciphertext)."""
+    authority = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    loop = BackendLoop()
+    backend = Backend(loop, "tls", tls=server_tls).start()
+    try:
+        with running_lbd(entries=[backend.entry()], env={"SSL_CERT_FILE": str(ca_file)}) as daemon:
+            with RawConnection(daemon.port) as connection:
+                for query in ("", "&chunked=1"):
+                    connection.send(build_request("GET", f"/random/{MiB}?seed=4{query}", {"client-id": "tls"}))
+                    assert connection.read_response().body == random_body(MiB, 4)
+            assert daemon.servers()["tls"]["health"] == "healthy"  # its checks go over TLS too
+            assert spliced_bytes(daemon) == 0
+    finally:
+        backend.stop()
+        loop.close()

@@ -219,7 +219,7 @@ class ClientConnection(FlowControlled):
                 self.hold(PIPELINE_FULL)
 
     def _http_version(self, conn_tokens: frozenset[bytes]) -> str:
-        """ "1.1" or "1.0"; other versions llhttp parses (0.9, 2.0) are refused with 505.
+        """The request's HTTP version, 1.1 or 1.0; the others llhttp parses (0.9, 2.0) get 505.
 
         httptools formats the version as a new string on every call; its keep-alive verdict answers
         at once for an HTTP/1.1 request that names neither close nor keep-alive (most of them).

@@ -24,7 +24,8 @@ _UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.
 
 
 class Splicer:
-    """One pipe per event loop: every move empties it before returning, so connections share it."""
+    """One pipe per event loop, open as long as the process: every move empties it before returning,
+    so all connections share it."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.read_fd = read_fd

@@ -33,7 +33,8 @@ MAX_IDLE_PER_SERVER: Final = 128
 # once (TCP_QUICKACK); a response read whole costs nothing extra.
 TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform has none
 # One buffer every upstream connection reads into (a read is handled before the next begins). It
-# holds a whole 64 KiB response with its head, so such a response is one read, as with uvloop's own.
+# holds a whole 64 KiB response with its head, so where bodies are not spliced such a response is
+# one read, as with uvloop's own reads.
 READ_BUFFER_BYTES: Final = 128 * 1024
 # Where bodies can be spliced (splice.py), a response's first read takes at most this much (its head
 # and the start of its body), and a body with at least SPLICE_FROM bytes still to come is moved in

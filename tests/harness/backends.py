@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,7 +36,9 @@ from aiohttp import WSMsgType, web
 CHUNK = 64 * 1024
 
 
-def server_entry(server_id: str, port: int, region: str = "us-east", capacity: int = 10) -> dict[str, Any]:
+def server_entry(
+    server_id: str, port: int, region: str = "us-east", capacity: int = 10, scheme: str = "http"
+) -> dict[str, Any]:
     """A loopback backend as a servers.json / registration entry (seed format)."""
     return {
         "id": server_id,
@@ -43,7 +46,7 @@ def server_entry(server_id: str, port: int, region: str = "us-east", capacity: i
         "port": port,
         "region": region,
         "capacity": capacity,
-        "url": f"http://127.0.0.1:{port}",
+        "url": f"{scheme}://127.0.0.1:{port}",
     }
 
 
@@ -70,10 +73,14 @@ class BackendLoop:
 
 
 class Backend:
-    def __init__(self, loop: BackendLoop, server_id: str, region: str = "us-east") -> None:
+    def __init__(
+        self, loop: BackendLoop, server_id: str, region: str = "us-east", tls: ssl.SSLContext | None = None
+    ) -> None:
         self.loop = loop
         self.id = server_id
         self.region = region
+        self.tls = tls  # serve HTTPS with this context
+        self.scheme = "http" if tls is None else "https"
         self.port = 0
         self.hits: Counter[str] = Counter()
         self.health_status = 200
@@ -83,11 +90,11 @@ class Backend:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def entry(self, capacity: int = 10, region: str | None = None) -> dict[str, Any]:
         """This backend as a servers.json / registration entry."""
-        return server_entry(self.id, self.port, region or self.region, capacity)
+        return server_entry(self.id, self.port, region or self.region, capacity, self.scheme)
 
     @property
     def total_hits(self) -> int:
@@ -114,7 +121,7 @@ class Backend:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=self.tls)
         await site.start()
         if self.port == 0:
             self.port = int(self._runner.addresses[0][1])

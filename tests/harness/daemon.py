@@ -173,13 +173,16 @@ def write_servers(workdir: Path, entries: list[dict[str, Any]]) -> Path:
 
 
 @contextmanager
-def running_lbd(args: Sequence[str] = (), entries: list[dict[str, Any]] | None = None) -> Iterator[Lbd]:
-    """An lbd process (with `--servers` from `entries` when given), stopped and cleaned afterwards."""
+def running_lbd(
+    args: Sequence[str] = (), entries: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None
+) -> Iterator[Lbd]:
+    """An lbd process (with `--servers` from `entries` when given, and `env` added to the
+    environment), stopped and cleaned afterwards."""
     workdir = short_tempdir()
     full_args = list(args)
     if entries is not None:
         full_args += ["--servers", str(write_servers(workdir, entries))]
-    daemon = Lbd(workdir, full_args)
+    daemon = Lbd(workdir, full_args, env)
     try:
         yield daemon.start()
     finally:
