@@ -107,9 +107,7 @@ def parse_head(data: bytes) -> ResponseHead | None:
     kept_from = pos  # the start of the run of lines forwarded as they came
     size = len(data)
     while pos + 1 < size and not (data[pos] == 0x0D and data[pos + 1] == 0x0A):
-        colon = pos
-        while colon < size and _IS_TCHAR[data[colon]]:
-            colon += 1
+        colon = _name_end(data, pos)
         if colon == size:
             return None
         if colon == pos or data[colon] != 0x3A:
@@ -141,6 +139,14 @@ def parse_head(data: bytes) -> ResponseHead | None:
         if parsed.content_length >= 0:
             raise BadResponse("both Content-Length and Transfer-Encoding")
     return parsed
+
+
+def _name_end(data: bytes, pos: int) -> int:
+    """The position after the field name (token characters) that starts at `pos`."""
+    size = len(data)
+    while pos < size and _IS_TCHAR[data[pos]]:
+        pos += 1
+    return pos
 
 
 def _line_end(data: bytes, pos: int) -> int:
@@ -295,9 +301,7 @@ class ChunkedBody:
         self.trailer_bytes += len(line) + 2
         if self.trailer_bytes > MAX_TRAILER_BYTES:
             raise BadResponse(f"a trailer section larger than {MAX_TRAILER_BYTES} bytes")
-        colon = 0
-        while colon < len(line) and _IS_TCHAR[line[colon]]:
-            colon += 1
+        colon = _name_end(line, 0)
         if colon in (0, len(line)) or line[colon] != 0x3A:
             raise BadResponse(f"an invalid trailer field: {_show(line)}")
 

@@ -166,6 +166,10 @@ class RawConnection:
             break
         if method == "HEAD" or response.status in (101, 204, 304):
             return response
+        return self.read_body(response)
+
+    def read_body(self, response: RawResponse) -> RawResponse:
+        """The body of `response`, whose head was read (with `read_head`), by its framing."""
         transfer = response.header("Transfer-Encoding")
         length = response.header_all("Content-Length")
         if transfer is not None:
