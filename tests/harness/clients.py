@@ -40,10 +40,14 @@ def build_request(
     body: bytes = b"",
     version: str = "HTTP/1.1",
     content_length: bool = True,
+    host: str | None = "lbd.test",
 ) -> bytes:
-    """One request's bytes, exactly as given (a Content-Length is added for a non-empty body)."""
+    """One request's bytes, exactly as given, with a Host first when the headers have none (as every
+    real client sends it; `host=None` leaves it out) and a Content-Length for a non-empty body."""
     pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     names = {name.lower() for name, _ in pairs}
+    if host is not None and "host" not in names:
+        pairs.insert(0, ("Host", host))
     if body and content_length and "content-length" not in names and "transfer-encoding" not in names:
         pairs.append(("Content-Length", str(len(body))))
     head = f"{method} {target} {version}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in pairs)
