@@ -18,6 +18,7 @@ from setuptools import setup
 COMPILED = [
     "lbd/proxy/flow.py",
     "lbd/proxy/headers.py",
+    "lbd/proxy/request.py",
     "lbd/proxy/response.py",
     "lbd/proxy/splice.py",
     "lbd/proxy/deadlines.py",

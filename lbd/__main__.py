@@ -77,6 +77,15 @@ def start(
         int | None,
         typer.Option("--shutdown-grace-ms", help="How long requests in flight may finish on stop [10000]."),
     ] = None,
+    client_id_fallback: Annotated[
+        str | None,
+        typer.Option(
+            "--client-id-fallback",
+            metavar="reject|client-ip|cookie",
+            help="For a request without client-id: refuse it (400), route by the client's IP address, or "
+            "by a cookie lbd issues [reject].",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the load balancer in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config file."""
@@ -92,6 +101,7 @@ def start(
         "admin_token": os.environ.get("LBD_ADMIN_TOKEN"),
         "timeout_base_ms": timeout_base_ms,
         "shutdown_grace_ms": shutdown_grace_ms,
+        "client_id_fallback": client_id_fallback,
     }
     source = ConfigSource(config, overrides)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,11 @@ from lbd.models import ServerSpec, parse_server
 T = TypeVar("T")
 Mode = Literal["static", "dynamic"]
 MODES: tuple[Mode, ...] = ("static", "dynamic")
+# What identifies a request that brings no client-id header: nothing (400), the client's IP address,
+# or a cookie lbd issues (HAProxy's `balance hdr()` falls back likewise; Traefik and HAProxy stick
+# browsers with a cookie)
+CLIENT_ID_FALLBACKS = ("reject", "client-ip", "cookie")
+COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 6265 cookie-name (a token)
 
 DEFAULT_LATENCY_MS: Mapping[str, int] = MappingProxyType(
     {"us-east": 10, "eu-west": 50, "asia-south": 100, "oceania": 150, "ca-central": 30}
@@ -154,6 +160,8 @@ class Config:
     client_timeout_ms: int = 60_000
     drain_grace_ms: int = 30_000
     default_client_region: str | None = None
+    client_id_fallback: str = "reject"
+    client_id_cookie: str = "lbd_client"
     session_idle_timeout: int = 9000
     max_sessions: int = 1_000_000
     retry_body_limit_bytes: int = 64 * 1024
@@ -181,6 +189,8 @@ TOP_LEVEL_KEYS = (
     "client_timeout_ms",
     "drain_grace_ms",
     "default_client_region",
+    "client_id_fallback",
+    "client_id_cookie",
     "session_idle_timeout",
     "max_sessions",
     "retry_body_limit_bytes",
@@ -250,6 +260,8 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "health": _health,
         "limits": _limits,
         "splice_responses": _boolean,
+        "client_id_fallback": _client_id_fallback,
+        "client_id_cookie": _cookie_name,
         **dict.fromkeys(INTEGER_KEYS, _non_negative_int),
     }
     values = {key: parse(raw[key], f"{where}: {key}") for key, parse in parsers.items() if key in raw}
@@ -273,6 +285,18 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
 def _mode(value: object, where: str) -> Mode:
     if value not in MODES:
         raise ConfigError(f"{where}: must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def _client_id_fallback(value: object, where: str) -> str:
+    if value not in CLIENT_ID_FALLBACKS:
+        raise ConfigError(f"{where}: must be one of {', '.join(CLIENT_ID_FALLBACKS)}; got {value!r}")
+    return str(value)
+
+
+def _cookie_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not COOKIE_NAME.match(value):
+        raise ConfigError(f"{where}: must be a cookie name (1-64 letters, digits or !#$%&'*+.^_`|~-); got {value!r}")
     return value
 
 

@@ -220,6 +220,7 @@ class Reloader:
             pool.close_idle(server_id=spec.id)
         for server_id in plan.removed:
             registry.deregister(server_id)
+            self._sessions.remove_server(server_id)  # its clients are placed afresh at their next request
             pool.close_idle(server_id=server_id)
 
     def _apply_mode(self, old: Config, new: Config, applies: bool) -> list[str]:

@@ -86,9 +86,11 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
     while wait and server.state.active > 0 and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)
     in_flight = server.state.active
-    state.registry.deregister(server_id)
-    persist(request)
-    state.proxy.pool.close_idle(server_id=server_id)
+    if state.registry.get(server_id) is server:  # not re-registered under this id while it drained
+        state.registry.deregister(server_id)
+        state.sessions.remove_server(server_id)
+        persist(request)
+        state.proxy.pool.close_idle(server_id=server_id)
     return web.json_response(
         {
             "removed": server_id,

@@ -21,6 +21,7 @@ import httptools
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled
 from lbd.proxy.headers import CRLF, FORWARD, REQUEST_KINDS, SEP, simple_response
+from lbd.proxy.request import Refused
 
 if TYPE_CHECKING:
     from lbd.proxy.context import ProxyContext
@@ -35,16 +36,6 @@ LINGER_S: Final = 5.0
 # send its first request, which is then served (its bytes may already be on the way; Go's
 # http.Server waits the same way).
 FIRST_REQUEST_GRACE_S: Final = 1.0
-
-
-class Refused(Exception):
-    """Raised from a parser callback to stop parsing a request lbd will not take."""
-
-    def __init__(self, status: int, text: str, reason: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.reason = reason  # the lbd_client_rejections_total label
 
 
 class ClientConnection(FlowControlled):
@@ -180,6 +171,9 @@ class ClientConnection(FlowControlled):
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
+        if not self.in_head:
+            self._trailer_field(name, value)
+            return
         # counted here, checked once the head is complete or a read leaves it incomplete: what a
         # single read can hold bounds what is parsed before the check
         self.header_count += 1
@@ -199,12 +193,12 @@ class ClientConnection(FlowControlled):
         breach = self._head_limit_breach(self.head_bytes)
         if breach is not None:
             raise breach
-        exchange.headers_complete(self.parser.get_method(), self._http_version(exchange.conn_tokens))
+        refused = exchange.headers_complete(self.parser.get_method(), self._http_version(exchange.conn_tokens))
+        if refused is not None:
+            raise refused
         max_body = self.limits.max_body_bytes
         if max_body and exchange.content_length > max_body:
             raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
-        if exchange.version == "1.0" and exchange.request_chunked:
-            raise Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
         if self.closing:
             return
         self.requests += 1
@@ -232,17 +226,20 @@ class ClientConnection(FlowControlled):
         return version
 
     def on_body(self, body: bytes) -> None:
-        assert self.parsing is not None
+        exchange = self.parsing
+        if exchange is None:
+            return  # the request was answered before its body arrived (refused): the rest is dropped
         max_body = self.limits.max_body_bytes
         if max_body:
             self.body_bytes += len(body)
             if self.body_bytes > max_body:
                 raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
-        self.parsing.request_body(body)
+        exchange.request_body(body)
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
-        assert exchange is not None
+        if exchange is None:
+            return  # answered before it was all read
         self.parsing = None
         if exchange.upgrade is not None:
             self.upgrading = exchange
@@ -350,6 +347,14 @@ class ClientConnection(FlowControlled):
         if len(exchange.early_tunnel) > PENDING_LIMIT:
             self.hold(BUFFER_FULL)
 
+    def _trailer_field(self, name: bytes, value: bytes) -> None:
+        """A field of a chunked body's trailer section (llhttp reports it like a header): bounded
+        like a head, then dropped (lbd ends a chunked body it forwards without trailers)."""
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.limits.max_header_bytes:
+            limit = self.limits.max_header_bytes
+            raise Refused(431, f"the request head and trailer are larger than {limit} bytes", "headers_too_large")
+
     def _head_limit_breach(self, head_bytes: int) -> Refused | None:
         """431 when the head has too many fields or too many bytes."""
         limits = self.limits
@@ -385,6 +390,8 @@ class ClientConnection(FlowControlled):
     def _refuse(self, refused: Refused, linger: bool = True) -> None:
         """Bad framing is never guessed at and limits are not negotiable: answer if we can still
         speak, and close."""
+        if self.lingering:
+            return  # answered and half-closed already: what follows is dropped unparsed
         self.ctx.rejections[refused.reason] += 1
         broken = self.parsing
         self.parsing = None

@@ -26,6 +26,7 @@ REJECTIONS: Final = (
     "too_many_headers",
     "body_too_large",
     "malformed",
+    "unsupported",
 )
 
 
@@ -62,6 +63,8 @@ class ProxyContext:
         # client_body_timeout / send_timeout)
         self.client_timeout_s = config.client_timeout_ms / 1000.0
         self.retry_body_limit = config.retry_body_limit_bytes  # request bytes kept to replay a failed attempt
+        self.client_id_fallback = config.client_id_fallback  # for a request without client-id
+        self.client_id_cookie = config.client_id_cookie.encode()
         self.pool.splice_responses(config.splice_responses)
         # the config's `timeout_base + region latency`, looked up once per region rather than per request
         self._timeouts = {region: config.upstream_timeout_s(region) for region in config.regions.latency_ms}

@@ -9,6 +9,7 @@ has reached the client yet. It reports each outcome to the registry and never de
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -19,8 +20,8 @@ from lbd.proxy.headers import (
     CLIENT_ID,
     CLIENT_REGION,
     CONNECTION,
-    CONNECTION_OPTIONS,
     CONTENT_LENGTH,
+    COOKIE,
     CRLF,
     HOST,
     SEP,
@@ -33,18 +34,28 @@ from lbd.proxy.headers import (
     connection_tokens,
     is_chunked,
     merged_line,
+    named_hop_by_hop,
     simple_response,
     status_line,
     wants_keep_alive,
     without_named,
 )
+from lbd.proxy.request import Refused, cookie_value, host_problem, origin_form, unsupported_coding, without_h2c
 from lbd.proxy.response import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, ResponseHead
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
     from lbd.proxy.upstream import UpstreamConnection
 
+# RFC 9110 §9.2.2; any other method (POST, PATCH, LOCK, an unknown one) may change something each
+# time it is processed, so it is never sent twice (nginx's proxy_next_upstream without non_idempotent)
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# A request that is never sent twice takes a pooled connection only if it was in use this recently: a
+# server closes an idle connection (its keep-alive timeout, 2 s or more for common servers) only after
+# longer, so a failure on it means the server had the request, and the client gets a 502. An older
+# connection might be one the server is closing just now; a new one is opened instead.
+NON_IDEMPOTENT_REUSE_S: Final = 1.0
+ANY_IDLE: Final = float("inf")
 PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
 CHUNK_END: Final = b"0\r\n\r\n"
 X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"
@@ -61,6 +72,7 @@ class Exchange:
         "conn_tokens",
         "connecting",
         "content_length",
+        "cookie",
         "ctx",
         "deadline",
         "deferred_reply",
@@ -72,6 +84,7 @@ class Exchange:
         "head",
         "header_pieces",
         "host",
+        "hosts",
         "is_head",
         "keep_alive",
         "last_activity",
@@ -86,9 +99,11 @@ class Exchange:
         "response_started",
         "retried_stale",
         "server",
+        "set_cookie",
         "started_at",
         "status",
         "timeout_s",
+        "transfer_encoding",
         "tunnel_open",
         "until_close",
         "upgrade",
@@ -109,12 +124,16 @@ class Exchange:
         self.client_id: bytes | None = None
         self.client_region: bytes | None = None
         self.host: bytes | None = None
+        self.hosts = 0  # Host fields received (exactly one is valid in HTTP/1.1)
+        self.cookie: bytes | None = None
+        self.set_cookie = b""  # the Set-Cookie line issuing a new client id (client_id_fallback = "cookie")
         self.forwarded_for: bytes | None = None
         self.via: bytes | None = None
         self.conn_tokens: frozenset[bytes] = frozenset()
+        self.transfer_encoding: bytes | None = None
         self.request_chunked = False
         self.has_body = False
-        self.content_length = 0
+        self.content_length = -1  # -1: no Content-Length
         self.deferred_reply: tuple[int, str] | None = None
         self.upgrade: bytes | None = None
         self.is_head = False
@@ -150,23 +169,32 @@ class Exchange:
 
     def special_header(self, kind: int, name: bytes, value: bytes) -> None:
         """A request header lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`); the client
-        connection appends every other header to `header_pieces` itself."""
+        connection appends every other header to `header_pieces` itself. Host and the framing
+        headers are written by lbd itself (`_build_head`), never forwarded as they came."""
         if kind == CLIENT_ID:
             self.client_id = value
         elif kind == CLIENT_REGION:
             self.client_region = value
+        elif kind == COOKIE:
+            self.cookie = value if self.cookie is None else self.cookie + b"; " + value
         elif kind == HOST:
+            self.hosts += 1
             self.host = value
+            return
         elif kind == CONNECTION:
             self.conn_tokens = self.conn_tokens | connection_tokens(value)
             return
         elif kind == TRANSFER_ENCODING:
-            self.request_chunked = is_chunked(value)
+            prior = self.transfer_encoding
+            self.transfer_encoding = value if prior is None else prior + b", " + value
+            self.request_chunked = is_chunked(self.transfer_encoding)
             self.has_body = True
             return
         elif kind == CONTENT_LENGTH:
-            self.content_length = int(value) if value.isdigit() else 0  # the parser rejects anything else
+            digits = value.strip()  # llhttp allows digits only, but keeps trailing whitespace
+            self.content_length = int(digits) if digits.isdigit() else 0
             self.has_body = self.content_length > 0
+            return
         elif kind == UPGRADE:
             self.upgrade = value
             return
@@ -180,13 +208,40 @@ class Exchange:
             return  # dropped
         self.header_pieces += (name, SEP, value, CRLF)
 
-    def headers_complete(self, method: bytes, version: str) -> None:
+    def headers_complete(self, method: bytes, version: str) -> Refused | None:
+        """The head is complete: check what llhttp does not (request.py), settle what is forwarded."""
         self.method = method
         self.version = version
         self.is_head = method == b"HEAD"
         self.keep_alive = wants_keep_alive(version, self.conn_tokens)
-        if self.upgrade is None or b"upgrade" not in self.conn_tokens:
-            self.upgrade = None
+        if method == b"CONNECT":
+            return Refused(405, "lbd is a reverse proxy; CONNECT is not supported", "malformed")
+        refused = host_problem(self.hosts, self.host, version)
+        if refused is not None:
+            return refused
+        if self.url[:1] != b"/":
+            try:
+                self.url, authority = origin_form(method, self.url)
+            except Refused as bad_target:
+                return bad_target
+            if authority is not None:
+                self.host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
+        if self.transfer_encoding is not None:
+            if version == "1.0":
+                return Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
+            refused = unsupported_coding(self.transfer_encoding)
+            if refused is not None:
+                return refused
+        if self.upgrade is not None:
+            if b"upgrade" not in self.conn_tokens:
+                self.upgrade = None
+            else:
+                self.upgrade = without_h2c(self.upgrade)
+                if self.upgrade is None:
+                    # served as a plain request; llhttp reads the rest of the connection as upgraded
+                    # bytes, so nothing more can be parsed on it
+                    self.keep_alive = False
+        return None
 
     def request_body(self, chunk: bytes) -> None:
         if self.server is not None:
@@ -231,18 +286,34 @@ class Exchange:
     def start(self) -> None:
         """Called when this exchange's turn on the client connection comes."""
         self.ctx.requests_total += 1
-        if self.method == b"CONNECT":
-            self._refuse(405, "lbd is a reverse proxy; CONNECT is not supported")
-            return
         if self.client_id is None:
-            self._refuse(400, "missing the client-id header; lbd routes each client by it")
-            return
+            self.client_id = self._fallback_client_id()
+            if self.client_id is None:
+                self._refuse(400, "missing the client-id header; lbd routes each client by it")
+                return
         try:
             server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
             return
         self._forward_to(server)
+
+    def _fallback_client_id(self) -> bytes | None:
+        """A client id for a request without the header (`client_id_fallback`): the client's IP
+        address, or lbd's cookie (issued now when the request brings none); None: refuse."""
+        fallback = self.ctx.client_id_fallback
+        if fallback == "client-ip":
+            return self.client.client_ip
+        if fallback != "cookie":
+            return None
+        name = self.ctx.client_id_cookie
+        if self.cookie is not None:
+            known = cookie_value(self.cookie, name)
+            if known is not None:
+                return known
+        issued = secrets.token_urlsafe(16).encode()
+        self.set_cookie = b"Set-Cookie: " + name + b"=" + issued + b"; Path=/; HttpOnly; SameSite=Lax\r\n"
+        return issued
 
     def _client(self) -> str:
         assert self.client_id is not None
@@ -271,7 +342,11 @@ class Exchange:
         self.started_at = time.perf_counter()
         self.head = self._build_head(server)
         self._arm_timer()
-        connection = None if fresh_connection else self.ctx.pool.acquire(server)
+        if fresh_connection:
+            connection = None
+        else:
+            recent = ANY_IDLE if self.method in IDEMPOTENT_METHODS else NON_IDEMPOTENT_REUSE_S
+            connection = self.ctx.pool.acquire(server, recent)
         if connection is not None:
             self._attach(connection)
         else:
@@ -279,29 +354,35 @@ class Exchange:
             self.connecting.add_done_callback(self._connected)
 
     def _build_head(self, server: Server) -> bytes:
-        """The request head for `server`: end-to-end headers as they came, then X-Forwarded-*,
-        Via and the framing lbd chose."""
+        """The request head for `server`: the Host asked for, end-to-end headers as they came, then
+        X-Forwarded-*, Via and the framing lbd chose (never a peer's framing headers as they came)."""
         pieces = self.header_pieces
-        if self.conn_tokens and (named := self.conn_tokens - CONNECTION_OPTIONS):
+        if self.conn_tokens and (named := named_hop_by_hop(self.conn_tokens)):
             pieces = without_named(pieces, named)
         client = self.client
         host = self.host
+        if self.request_chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif self.content_length >= 0:
+            framing = b"Content-Length: %d\r\n" % self.content_length
+        else:
+            framing = b""
         return b"".join(
             (
                 self.method,
                 b" ",
                 self.url,
-                b" HTTP/1.1\r\n",
+                b" HTTP/1.1\r\nHost: ",
+                b"%s:%d" % (server.spec.host.encode(), server.spec.port) if host is None else host,
+                CRLF,
                 *pieces,
                 client.forwarded_for_line
                 if self.forwarded_for is None
                 else merged_line(b"X-Forwarded-For", self.forwarded_for, client.client_ip),
                 X_FORWARDED_PROTO_LINE,
-                b"Host: %s:%d\r\n" % (server.spec.host.encode(), server.spec.port)
-                if host is None
-                else b"X-Forwarded-Host: " + host + CRLF,
+                b"" if host is None else b"X-Forwarded-Host: " + host + CRLF,
                 VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
-                b"Transfer-Encoding: chunked\r\n" if self.request_chunked else b"",
+                framing,
                 b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF,
                 CRLF,
             )
@@ -368,6 +449,8 @@ class Exchange:
                 lines.append(b"Connection: close\r\n")
             elif self.version == "1.0":
                 lines.append(b"Connection: keep-alive\r\n")
+        if self.set_cookie:
+            lines.append(self.set_cookie)
         self.client.write(b"".join((status_line(status, head.reason), *lines, CRLF)))
 
     def response_body(self, body: bytes | memoryview) -> None:
@@ -410,12 +493,15 @@ class Exchange:
         else:
             self._upstream_error(Outcome.RESET, "closed the connection before responding")
 
-    def upstream_failed_bad_response(self, what: str) -> None:
+    def upstream_failed_bad_response(self, what: str, unsent: bool) -> None:
+        """The server's response broke its framing. `unsent`: nothing of it has left lbd yet (it was
+        all in the read that broke, and that read's writes were dropped), so the client gets a 502."""
         if self.finished:
             return
-        if self.response_started:
+        if self.response_started and not unsent:
             self._abort(Outcome.BAD_RESPONSE)
         else:
+            self.response_started = self.chunked_to_client = self.until_close = False
             self.failed_over = self.retried_stale = True  # the server saw the request: no replay
             self._upstream_error(Outcome.BAD_RESPONSE, f"sent a malformed response ({what})")
 
@@ -454,11 +540,13 @@ class Exchange:
     def _upstream_error(self, outcome: Outcome, what: str) -> None:
         """A failure before any response byte reached the client: retry when safe, else 502/504.
 
-        A pooled connection the server had already closed (the keep-alive race) is retried once on
-        a fresh connection to the same server: the request never reached it. Any other failure is
-        retried once on a backup server, and the client's session moves there, except a server
-        that timed out after receiving the request: its deadline was the request's budget (as
-        HAProxy's default `retry-on conn-failure`), so the client gets its 504 at the deadline.
+        A request is sent again only when that is safe (`_replayable`): nothing was sent (the
+        connection was refused or never opened), or the method is idempotent. An idempotent request
+        reset on a pooled connection (which the server may have closed as idle: the keep-alive race)
+        is retried once on a new connection to the same server; any other failure once on a backup
+        server, and the client's session moves there. A server that timed out after receiving the
+        request is not retried: its deadline was the request's budget (HAProxy's default
+        `retry-on conn-failure`), so the client gets its 504 at the deadline.
         """
         failed = self.upstream
         self.upstream = None
@@ -484,15 +572,13 @@ class Exchange:
 
     def _replayable(self, outcome: Outcome, reached_server: bool) -> bool:
         """Safe and worth sending again: nothing reached the client and every request byte so far is
-        kept. A refused connection means no server saw anything; otherwise the server may have, so
-        non-idempotent methods only when their (small) body was completely received."""
+        kept. Without a connection (refused, or the connect timed out) no server saw anything; once
+        a byte may have reached a server's application, only an idempotent method is sent again."""
         if self.response_started or not self.buffered:
             return False
-        if outcome is Outcome.CONNECT_FAILED or (outcome is Outcome.TIMEOUT and not reached_server):
-            return True
-        if outcome is Outcome.TIMEOUT:
-            return False
-        return self.method in IDEMPOTENT_METHODS or self.request_complete
+        if not reached_server:
+            return outcome is Outcome.CONNECT_FAILED or outcome is Outcome.TIMEOUT
+        return outcome is not Outcome.TIMEOUT and self.method in IDEMPOTENT_METHODS
 
     def _retry_on(self, server: Server, failure: Outcome | None) -> None:
         """Settle the failed attempt (`failure` None: not the server's fault), then start again."""
@@ -613,7 +699,7 @@ class Exchange:
 def _response_header_pieces(head: ResponseHead) -> list[bytes]:
     """The response's end-to-end headers as the client gets them, ending with our Via."""
     pieces = head.header_pieces
-    if head.conn_tokens and (named := head.conn_tokens - CONNECTION_OPTIONS):
+    if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
         pieces = head.forwarded_without(named)
     return [*pieces, VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)]
 

@@ -63,6 +63,11 @@ class FlowControlled:
             else:
                 self.transport.write(b"".join(corked))  # written at once (uvloop queues writelines)
 
+    def drop_corked(self) -> None:
+        """Forget the writes gathered since `cork` (they must not leave); the outer flush sends nothing."""
+        if self._corked is not None:
+            self._corked = []
+
     def hold(self, reason: int) -> None:
         if not self.held_by and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()

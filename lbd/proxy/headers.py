@@ -21,6 +21,7 @@ X_FORWARDED_FOR: Final = 6  # merged into lbd's own
 HOST: Final = 7  # forwarded; also named in X-Forwarded-Host
 CLIENT_ID: Final = 8  # forwarded; routes the request
 CLIENT_REGION: Final = 9  # forwarded; routes the request in dynamic mode
+COOKIE: Final = 10  # forwarded; carries the client id when `client_id_fallback = "cookie"`
 
 _HOP_BY_HOP: Final = {b"keep-alive": DROP, b"proxy-connection": DROP, b"te": DROP, b"trailer": DROP}
 RESPONSE_HEADERS: Final = {
@@ -39,6 +40,8 @@ REQUEST_HEADERS: Final = {
     b"host": HOST,
     b"client-id": CLIENT_ID,
     b"client-region": CLIENT_REGION,
+    b"cookie": COOKIE,
+    b"http2-settings": DROP,  # only means something with an h2c upgrade, which lbd never lets through
 }
 FORWARD: Final = -1  # not in the table: forwarded as it came
 
@@ -71,6 +74,10 @@ VIA_VALUE: Final = b"1.1 lbd"
 VIA_LINE: Final = b"Via: " + VIA_VALUE + CRLF
 # Connection options that are not header names (RFC 9110 §7.6.1)
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Never removed because a `Connection` header names them: the framing lbd forwards is lbd's own, and
+# a peer that could strip Content-Length from a message whose body still follows would smuggle that
+# body past lbd as a request (or response) of its own.
+NEVER_HOP_BY_HOP: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _COMMON_CONNECTION_VALUES: Final = {
     value: frozenset({value.lower()})
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
@@ -83,6 +90,11 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     if common is not None:
         return common
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
+def named_hop_by_hop(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    """The header names a `Connection` header's options declare hop-by-hop, less those lbd keeps."""
+    return tokens - CONNECTION_OPTIONS - NEVER_HOP_BY_HOP
 
 
 def is_chunked(transfer_encoding: bytes) -> bool:

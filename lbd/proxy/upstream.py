@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from lbd.models import Server
 from lbd.proxy.flow import PEER_WRITE_FULL, FlowControlled
+from lbd.proxy.request import upgrade_offered
 from lbd.proxy.response import (
     CHUNKED,
     LENGTH,
@@ -104,6 +105,7 @@ class UpstreamConnection(FlowControlled):
         client_transport = client.transport
         # a client still sending earlier bytes gets copies: a view it kept would pin the buffer
         lagging = client_transport is not None and client_transport.get_write_buffer_size() > 0
+        started = exchange.response_started
         corked = client.cork()  # the head and body this read carries leave in one write
         try:
             if self.head_start:
@@ -115,7 +117,10 @@ class UpstreamConnection(FlowControlled):
         except BadResponse as bad:
             self.broken = True
             if not self.done:
-                exchange.upstream_failed_bad_response(str(bad))
+                unsent = corked and not started  # all of the response so far is in this read's writes
+                if unsent:
+                    client.drop_corked()
+                exchange.upstream_failed_bad_response(str(bad), unsent)
                 return
         finally:
             if corked:
@@ -176,6 +181,8 @@ class UpstreamConnection(FlowControlled):
         if head.status == 101:
             if exchange.upgrade is None:
                 raise BadResponse("101 Switching Protocols to a request that did not ask to upgrade")
+            if not upgrade_offered(exchange.upgrade, head.upgrade):
+                raise BadResponse("101 Switching Protocols to a protocol the request did not offer")
             exchange.response_head(head, NO_BODY)
             exchange.start_tunnel(bytes(view[pos:end]))
             return -1
@@ -311,15 +318,21 @@ class UpstreamPool:
         self.read_view = memoryview(self.read_buffer)
         self.head_view = self.read_view[:HEAD_READ_BYTES]
 
-    def acquire(self, server: Server) -> UpstreamConnection | None:
+    def acquire(self, server: Server, idle_below_s: float) -> UpstreamConnection | None:
+        """The most recently used idle connection to `server`, if it has been idle less than
+        `idle_below_s` (an older one stays for requests that accept it)."""
         idle = self._idle.get(server.id)
         while idle:
-            connection = idle.pop()
-            if connection.server is not server:  # the id was re-registered (or reloaded) elsewhere
-                connection.close()
-                continue
+            connection = idle[-1]
             transport = connection.transport
-            if transport is not None and not transport.is_closing() and not connection.lost:
+            if connection.server is not server:  # the id was re-registered (or reloaded) elsewhere
+                idle.pop().close()
+            elif transport is None or transport.is_closing() or connection.lost:
+                idle.pop()
+            elif self.loop.time() - connection.idle_since >= idle_below_s:
+                return None
+            else:
+                idle.pop()
                 connection.reused = True
                 return connection
         return None
