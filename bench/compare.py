@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text saved with the results (e.g. 'machine busy')")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--lbd-cmd", default=str(VENV_BIN / "lbd"), help="command that runs lbd [.venv/bin/lbd]")
+    parser.add_argument(
+        "--base-lbd-cmd",
+        help="also measure this lbd (e.g. another checkout's .venv/bin/lbd) as rows base-static and base-dynamic, "
+        "interleaved with the others: a change's effect measured in one run",
+    )
     args = parser.parse_args(argv)
     args.duration = args.duration or 3.0
     args.warmup = args.warmup if args.warmup is not None else 1.0
@@ -70,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.stream_mib = args.stream_mib or (256 if args.quick else 1024)
     args.repeat = max(1, args.repeat or (1 if args.quick else 5))
     args.phases = split(args.only, PHASES, "--only")
+    if args.base_lbd_cmd:
+        args.phases += [f"base-{phase.removeprefix('lbd-')}" for phase in args.phases if phase.startswith("lbd-")]
     args.response_list = split(args.responses, tuple(PATHS), "--responses")
     args.conn_list = [int(value) for value in args.conns.split(",") if value]
     return args
@@ -116,6 +123,8 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
         return
     if name == "haproxy":
         child, port, socket_path = stack.start_haproxy()
+    elif name.startswith("base-"):
+        child, port, socket_path = stack.start_lbd(name.removeprefix("base-"), command=stack.base_lbd_command)
     else:
         child, port, socket_path = stack.start_lbd(name.removeprefix("lbd-"))
     try:
@@ -150,7 +159,7 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
     back, in an order rotated between rounds: a ratio then compares runs made seconds apart, not
     minutes, so drift of a shared machine cancels out of it.
     """
-    names = [phase for phase in args.phases if phase in PROXIES]
+    names = [phase for phase in args.phases if phase in PROXIES or phase.startswith("base-")]
     plan = [(response, conns) for response in args.response_list for conns in args.conn_list]
     rows = {(name, response, conns): Row(name, response, conns) for name in names for response, conns in plan}
     counted: dict[str, object] = {}
@@ -258,6 +267,7 @@ def build_report(
             "proxy_cpu": args.proxy_cpu,
             "load_cpu": args.load_cpu,
             "lbd_command": args.lbd_cmd,
+            "base_lbd_command": args.base_lbd_cmd,
             "wrk": "-t1 --latency -s bench/wrk/clients.lua (10,000 client ids, 7 client regions)",
             "backends": "3 server blocks of one nginx (1 worker), /tiny = 3 bytes, /64k = 65536 bytes",
         },
@@ -283,6 +293,7 @@ def main() -> int:
     where = machine()  # before the run: the lbd commit measured, not one made meanwhile
     workdir = Path(tempfile.mkdtemp(prefix="lbbench-"))
     stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd))
+    stack.base_lbd_command = shlex.split(args.base_lbd_cmd or "")
     rows: list[Row] = []
     counted: dict[str, object] = {}
     memory = None

@@ -132,6 +132,7 @@ class Stack:
     proxy_cpu: int | None
     load_cpu: int | None
     lbd_command: list[str] = field(default_factory=lambda: [str(VENV_BIN / "lbd")])
+    base_lbd_command: list[str] = field(default_factory=list)  # --base-lbd-cmd: a second lbd measured beside
     children: list[Child] = field(default_factory=list)
     backend_ports: list[int] = field(default_factory=list)
 
@@ -225,18 +226,21 @@ class Stack:
         self.wait_http(child, port, "/health", {})
         return child, port
 
-    def start_lbd(self, mode: str, extra: list[dict[str, object]] | None = None) -> tuple[Child, int, Path]:
-        """lbd in `mode`; static gets the servers from --servers, dynamic has them registered over the API."""
+    def start_lbd(
+        self, mode: str, extra: list[dict[str, object]] | None = None, command: list[str] | None = None
+    ) -> tuple[Child, int, Path]:
+        """lbd in `mode` (run by `command`, else the one under test); static gets the servers from
+        --servers, dynamic has them registered over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
         servers_file = rundir / "servers.json"
         servers_file.write_text(json.dumps(self.servers_json() + (extra or [])))
-        argv = [*self.lbd_command, "start", "--listen", f"127.0.0.1:{port}", "--mode", mode]
+        argv = [*(command or self.lbd_command), "start", "--listen", f"127.0.0.1:{port}", "--mode", mode]
         argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
         if mode == "static":
             argv += ["--servers", str(servers_file)]
-        child = self.spawn(f"lbd-{mode}", argv, self.proxy_cpu)
+        child = self.spawn(f"{'base' if command else 'lbd'}-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
         self.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"})

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
-from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled
+from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
 from lbd.proxy.headers import CRLF, FORWARD, REQUEST_KINDS, SEP, simple_response
-from lbd.proxy.request import Refused
+from lbd.proxy.request import Refused, RequestHead, body_too_large
 
 if TYPE_CHECKING:
     from lbd.proxy.context import ProxyContext
-    from lbd.proxy.upstream import UpstreamConnection
 
 MAX_PIPELINED: Final = 16
 # After answering a client that is still sending its request, keep reading (and dropping) its bytes
@@ -43,6 +42,7 @@ class ClientConnection(FlowControlled):
         self.ctx = ctx
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None  # the request whose bytes are arriving now
+        self.head = RequestHead()  # the parsing request's head (the last one's once its head is complete)
         self.active: Exchange | None = None  # the request being answered now
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.upgrading: Exchange | None = None
@@ -52,8 +52,8 @@ class ClientConnection(FlowControlled):
         self.forwarded_for_line = b"X-Forwarded-For: unknown\r\n"  # for requests that bring no X-Forwarded-For
         self.closing = False
         self.write_paused = False
-        self.feeding = False  # parsing our bytes: upstream writes they cause are corked until the end
-        self.corked_upstreams: list[FlowControlled] = []
+        self.feeding = False  # parsing our bytes: upstream writes they cause are gathered until the end
+        self.gathering: list[FlowControlled] = []  # upstream connections whose writes are gathered
         self.idle_since = ctx.loop.time()
         self.limits = ctx.limits
         self.in_head = False  # between a request's first byte and the end of its headers
@@ -112,10 +112,10 @@ class ClientConnection(FlowControlled):
                 self._refuse(Refused(400, f"malformed request: {reason}", "malformed"))
         finally:
             self.feeding = False
-            if self.corked_upstreams:
-                for upstream in self.corked_upstreams:
+            if self.gathering:
+                for upstream in self.gathering:
                     upstream.flush()
-                self.corked_upstreams.clear()
+                self.gathering.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
@@ -140,12 +140,10 @@ class ClientConnection(FlowControlled):
 
     def _hold_source(self, hold: bool) -> None:
         """Our socket buffer is full (or drained): pause (resume) whatever feeds it."""
-        source: FlowControlled | None = None
-        if self.active is not None:
-            source = self.active.upstream
-        elif self.tunnel is not None:
-            protocol: object = self.tunnel.get_protocol()
-            source = protocol if isinstance(protocol, FlowControlled) else None
+        if self.tunnel is not None:
+            hold_peer(self.tunnel, hold)
+            return
+        source = self.active.upstream if self.active is not None else None
         if source is not None:
             if hold:
                 source.hold(PEER_WRITE_FULL)
@@ -155,22 +153,20 @@ class ClientConnection(FlowControlled):
     # --- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = Exchange(self)
+        exchange = self.parsing = Exchange(self)
+        self.head = exchange.request
         self.in_head = True
         self.head_bytes = self.head_received = self.header_count = self.body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        exchange = self.parsing
-        assert exchange is not None
-        exchange.url += url
+        head = self.head
+        head.url += url
         self.head_bytes += len(url)
-        if len(exchange.url) > self.limits.max_request_line_bytes:
+        if len(head.url) > self.limits.max_request_line_bytes:
             limit = self.limits.max_request_line_bytes
             raise Refused(414, f"the request target is longer than {limit} bytes", "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        exchange = self.parsing
-        assert exchange is not None
         if not self.in_head:
             self._trailer_field(name, value)
             return
@@ -180,9 +176,9 @@ class ClientConnection(FlowControlled):
         self.head_bytes += len(name) + len(value) + 4
         kind = REQUEST_KINDS.of(name)
         if kind == FORWARD:
-            exchange.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
+            self.head.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
         else:
-            exchange.special_header(kind, name, value)
+            self.head.field(kind, name, value)
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
@@ -193,12 +189,13 @@ class ClientConnection(FlowControlled):
         breach = self._head_limit_breach(self.head_bytes)
         if breach is not None:
             raise breach
-        refused = exchange.headers_complete(self.parser.get_method(), self._http_version(exchange.conn_tokens))
+        head = exchange.request
+        refused = head.complete(self.parser.get_method(), self._http_version(head.conn_tokens))
         if refused is not None:
             raise refused
         max_body = self.limits.max_body_bytes
-        if max_body and exchange.content_length > max_body:
-            raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
+        if max_body and head.content_length > max_body:
+            raise body_too_large(max_body)
         if self.closing:
             return
         self.requests += 1
@@ -233,7 +230,7 @@ class ClientConnection(FlowControlled):
         if max_body:
             self.body_bytes += len(body)
             if self.body_bytes > max_body:
-                raise Refused(413, f"the request body is larger than {max_body} bytes", "body_too_large")
+                raise body_too_large(max_body)
         exchange.request_body(body)
 
     def on_message_complete(self) -> None:
@@ -241,7 +238,7 @@ class ClientConnection(FlowControlled):
         if exchange is None:
             return  # answered before it was all read
         self.parsing = None
-        if exchange.upgrade is not None:
+        if exchange.request.upgrade is not None:
             self.upgrading = exchange
         exchange.request_done()
 
@@ -256,10 +253,11 @@ class ClientConnection(FlowControlled):
             self.fd = sock.fileno() if plain else -2
         return self.fd
 
-    def abort(self) -> None:
-        self._corked = None
-        if self.transport is not None:
-            self.transport.abort()
+    def gather_for(self, upstream: FlowControlled) -> None:
+        """While a read of ours is parsed, what it makes lbd write to `upstream` (a request head and
+        the body bytes in the same read) is gathered and leaves in one write when the read is done."""
+        if self.feeding and upstream.cork():
+            self.gathering.append(upstream)
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """The response is complete: serve the next pipelined request, or close."""
@@ -282,27 +280,19 @@ class ClientConnection(FlowControlled):
             self.active = following
             following.start()
 
-    def start_tunnel(self, exchange: Exchange, upstream: UpstreamConnection, upstream_bytes: bytes) -> None:
-        assert self.transport is not None and upstream.transport is not None
+    def tunnel_to(self, peer: asyncio.Transport | None, exchange: Exchange) -> None:
+        """The server switched protocols: what the client sends from now on goes to `peer` unparsed."""
         self.active = None
         self.upgrading = None
-        self.tunnel = upstream.transport
+        self.tunnel = peer
         self.tunnel_exchange = exchange
-        upstream.tunnel = self.transport
         self.release(BUFFER_FULL | PEER_WRITE_FULL)
-        if exchange.early_tunnel:
-            upstream.write(exchange.early_tunnel)
-            exchange.early_tunnel = b""
-        if upstream_bytes:
-            self.write(upstream_bytes)
 
     # --- closing --------------------------------------------------------------------------------
 
     def close(self) -> None:
         self.closing = True
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        super().close()
 
     def _linger(self) -> None:
         """Send the answer and our FIN, then drop what the client still sends until it closes too,
@@ -399,11 +389,12 @@ class ClientConnection(FlowControlled):
         self.closing = True
         if self.active is None:
             self.write(simple_response(refused.status, refused.text, close=True))
+            self.ctx.count_response(refused.status, None)
             if linger:
                 self._linger()
             else:
                 self.close()
         elif self.active is broken:
             self.linger_on_close = True
-            broken.request_refused(refused.status, refused.text)  # its body broke mid-way: stop it now
+            broken.client_failed(refused.status, refused.text)  # its body broke mid-way: stop it now
         # else: a pipelined request behind the active one broke; close after the active response

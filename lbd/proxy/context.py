@@ -10,7 +10,7 @@ from lbd.balancer import Balancer
 from lbd.config import Config
 from lbd.models import Server
 from lbd.proxy.deadlines import DeadlineWheel
-from lbd.proxy.upstream import UpstreamPool
+from lbd.proxy.pool import UpstreamPool
 from lbd.registry import Registry
 
 if TYPE_CHECKING:

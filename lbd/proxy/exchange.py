@@ -1,9 +1,12 @@
-"""One request and its response on their way through the proxy.
+"""One request and its response on their way through the proxy: the only object that knows both
+the client connection and the upstream one.
 
-The client connection feeds the request in (head, body chunks, end); the exchange picks a server,
-streams everything to an upstream connection and the response back, enforces the upstream timeout
-(`timeout_base + region latency`) and turns failures into 502/503/504 while nothing of the response
-has reached the client yet. It reports each outcome to the registry and never decides health.
+The client connection feeds the request in (head, body chunks, end); the exchange asks the balancer
+for a server, makes an `Attempt` against it, streams the request to an upstream connection and the
+response back, framed for this client (`framing.py`). A failure before any response byte reached
+the client is retried or answered as `retry.py` decides (502/503/504); the upstream timeout is
+`timeout_base + region latency`, counted only while lbd waits on the server. Outcomes go to the
+registry through the attempt; the exchange never decides health.
 """
 
 from __future__ import annotations
@@ -15,250 +18,112 @@ from typing import TYPE_CHECKING, Final
 
 from lbd.balancer import BadRoute, NoServer
 from lbd.models import Outcome, Server
+from lbd.proxy import retry
+from lbd.proxy.attempt import Attempt
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL
+from lbd.proxy.framing import (
+    CHUNK_FOR_CLIENT,
+    CLOSE_AFTER,
+    FORWARD_CHUNKED,
+    KEEP_ALIVE_10,
+    for_client,
+)
 from lbd.proxy.headers import (
-    CLIENT_ID,
-    CLIENT_REGION,
-    CONNECTION,
-    CONTENT_LENGTH,
-    COOKIE,
     CRLF,
-    HOST,
-    SEP,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    VIA,
     VIA_LINE,
     VIA_VALUE,
-    X_FORWARDED_FOR,
-    connection_tokens,
-    is_chunked,
     merged_line,
     named_hop_by_hop,
     simple_response,
     status_line,
-    wants_keep_alive,
-    without_named,
 )
-from lbd.proxy.request import Refused, cookie_value, host_problem, origin_form, unsupported_coding, without_h2c
-from lbd.proxy.response import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, ResponseHead
+from lbd.proxy.request import Replay, RequestHead, cookie_value
+from lbd.proxy.response import UNTIL_CLOSE, ResponseHead
+from lbd.proxy.upstream import open_connection
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
     from lbd.proxy.upstream import UpstreamConnection
 
-# RFC 9110 §9.2.2; any other method (POST, PATCH, LOCK, an unknown one) may change something each
-# time it is processed, so it is never sent twice (nginx's proxy_next_upstream without non_idempotent)
-IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
+CHUNK_END: Final = b"0\r\n\r\n"
 # A request that is never sent twice takes a pooled connection only if it was in use this recently: a
 # server closes an idle connection (its keep-alive timeout, 2 s or more for common servers) only after
 # longer, so a failure on it means the server had the request, and the client gets a 502. An older
 # connection might be one the server is closing just now; a new one is opened instead.
 NON_IDEMPOTENT_REUSE_S: Final = 1.0
 ANY_IDLE: Final = float("inf")
-PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
-CHUNK_END: Final = b"0\r\n\r\n"
-X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"
 
 
 class Exchange:
     __slots__ = (
-        "buffered",
-        "chunked_to_client",
+        "attempt",
         "client",
-        "client_id",
-        "client_region",
         "close_after",
-        "conn_tokens",
         "connecting",
-        "content_length",
-        "cookie",
         "ctx",
         "deadline",
         "deferred_reply",
         "early_tunnel",
-        "failed_over",
         "finished",
-        "forwarded_for",
-        "has_body",
-        "head",
-        "header_pieces",
-        "host",
-        "hosts",
-        "is_head",
-        "keep_alive",
+        "flags",
+        "framing",
         "last_activity",
-        "latency_s",
-        "method",
         "pending",
         "pending_size",
         "replay",
-        "replay_size",
-        "request_chunked",
+        "request",
         "request_complete",
         "response_started",
-        "retried_stale",
-        "server",
+        "retried_backup",
+        "retried_same",
         "set_cookie",
-        "started_at",
         "status",
-        "timeout_s",
-        "transfer_encoding",
-        "tunnel_open",
-        "until_close",
-        "upgrade",
         "upstream",
         "upstream_write_full",
-        "url",
-        "version",
-        "via",
     )
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.ctx = client.ctx
-        self.method = b""
-        self.url = b""
-        self.version = "1.1"
-        self.header_pieces: list[bytes] = []  # forwarded headers: name, ": ", value, CRLF, ...
-        self.client_id: bytes | None = None
-        self.client_region: bytes | None = None
-        self.host: bytes | None = None
-        self.hosts = 0  # Host fields received (exactly one is valid in HTTP/1.1)
-        self.cookie: bytes | None = None
-        self.set_cookie = b""  # the Set-Cookie line issuing a new client id (client_id_fallback = "cookie")
-        self.forwarded_for: bytes | None = None
-        self.via: bytes | None = None
-        self.conn_tokens: frozenset[bytes] = frozenset()
-        self.transfer_encoding: bytes | None = None
-        self.request_chunked = False
-        self.has_body = False
-        self.content_length = -1  # -1: no Content-Length
-        self.deferred_reply: tuple[int, str] | None = None
-        self.upgrade: bytes | None = None
-        self.is_head = False
-        self.keep_alive = True
+        self.request = RequestHead()  # filled by the client connection's parser
         self.request_complete = False
-        self.head = b""
-        self.pending: list[bytes] = []
+        self.deferred_reply: tuple[int, str] | None = None
+        self.set_cookie = b""  # the Set-Cookie line issuing a new client id (client_id_fallback = "cookie")
+        self.pending: list[bytes] = []  # request bytes waiting for an upstream connection
         self.pending_size = 0
-        self.buffered = True  # every request byte so far is still in `replay`
-        self.replay: list[bytes] = []
-        self.replay_size = 0
-        self.server: Server | None = None
+        self.replay: Replay | None = None  # an idempotent request's body, kept for a retry
+        self.attempt: Attempt | None = None
         self.upstream: UpstreamConnection | None = None
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.retried_same = False
+        self.retried_backup = False
         self.response_started = False
-        self.until_close = False
-        self.chunked_to_client = False
+        self.framing = 0  # the response body's framing (response.py)
+        self.flags = 0  # how it reaches the client (framing.py)
         self.close_after = False
         self.finished = False
-        self.tunnel_open = False
         self.early_tunnel = b""
-        self.started_at = 0.0
         self.last_activity = 0.0
-        self.latency_s: float | None = None
-        self.timeout_s = 0.0
         self.deadline = 0  # the deadline wheel's handle, 0 when none is armed
         self.upstream_write_full = False
-        self.retried_stale = False
-        self.failed_over = False
         self.status = 0
 
     # --- request side, fed by the client connection's parser ----------------------------------
 
-    def special_header(self, kind: int, name: bytes, value: bytes) -> None:
-        """A request header lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`); the client
-        connection appends every other header to `header_pieces` itself. Host and the framing
-        headers are written by lbd itself (`_build_head`), never forwarded as they came."""
-        if kind == CLIENT_ID:
-            self.client_id = value
-        elif kind == CLIENT_REGION:
-            self.client_region = value
-        elif kind == COOKIE:
-            self.cookie = value if self.cookie is None else self.cookie + b"; " + value
-        elif kind == HOST:
-            self.hosts += 1
-            self.host = value
-            return
-        elif kind == CONNECTION:
-            self.conn_tokens = self.conn_tokens | connection_tokens(value)
-            return
-        elif kind == TRANSFER_ENCODING:
-            prior = self.transfer_encoding
-            self.transfer_encoding = value if prior is None else prior + b", " + value
-            self.request_chunked = is_chunked(self.transfer_encoding)
-            self.has_body = True
-            return
-        elif kind == CONTENT_LENGTH:
-            digits = value.strip()  # llhttp allows digits only, but keeps trailing whitespace
-            self.content_length = int(digits) if digits.isdigit() else 0
-            self.has_body = self.content_length > 0
-            return
-        elif kind == UPGRADE:
-            self.upgrade = value
-            return
-        elif kind == X_FORWARDED_FOR:
-            self.forwarded_for = value if self.forwarded_for is None else self.forwarded_for + b", " + value
-            return
-        elif kind == VIA:
-            self.via = value if self.via is None else self.via + b", " + value
-            return
-        else:
-            return  # dropped
-        self.header_pieces += (name, SEP, value, CRLF)
-
-    def headers_complete(self, method: bytes, version: str) -> Refused | None:
-        """The head is complete: check what llhttp does not (request.py), settle what is forwarded."""
-        self.method = method
-        self.version = version
-        self.is_head = method == b"HEAD"
-        self.keep_alive = wants_keep_alive(version, self.conn_tokens)
-        if method == b"CONNECT":
-            return Refused(405, "lbd is a reverse proxy; CONNECT is not supported", "malformed")
-        refused = host_problem(self.hosts, self.host, version)
-        if refused is not None:
-            return refused
-        if self.url[:1] != b"/":
-            try:
-                self.url, authority = origin_form(method, self.url)
-            except Refused as bad_target:
-                return bad_target
-            if authority is not None:
-                self.host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
-        if self.transfer_encoding is not None:
-            if version == "1.0":
-                return Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
-            refused = unsupported_coding(self.transfer_encoding)
-            if refused is not None:
-                return refused
-        if self.upgrade is not None:
-            if b"upgrade" not in self.conn_tokens:
-                self.upgrade = None
-            else:
-                self.upgrade = without_h2c(self.upgrade)
-                if self.upgrade is None:
-                    # served as a plain request; llhttp reads the rest of the connection as upgraded
-                    # bytes, so nothing more can be parsed on it
-                    self.keep_alive = False
-        return None
-
     def request_body(self, chunk: bytes) -> None:
-        if self.server is not None:
+        if self.attempt is not None:
             self.last_activity = self.ctx.loop.time()
-        if self.request_chunked:
-            self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF)
-        else:
-            self._to_upstream(chunk)
+        self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF if self.request.chunked else chunk)
 
     def request_done(self) -> None:
         self.request_complete = True
         if self.deferred_reply is not None:
             self.reply(*self.deferred_reply, Outcome.OK)
             return
-        if self.request_chunked:
+        if self.request.chunked:
             self._to_upstream(CHUNK_END)
-        if self.server is not None and not self.finished:
+        if self.attempt is not None and not self.finished:
             self.last_activity = self.ctx.loop.time()
             if not self.deadline:
                 self._arm_timer()  # an armed deadline fires no later than needed and re-arms itself
@@ -266,13 +131,8 @@ class Exchange:
     def _to_upstream(self, data: bytes) -> None:
         if self.finished:
             return
-        if self.buffered:
-            self.replay_size += len(data)
-            if self.replay_size <= self.ctx.retry_body_limit:
-                self.replay.append(data)
-            else:
-                self.buffered = False
-                self.replay = []
+        if self.replay is not None:
+            self.replay.add(data)
         if self.upstream is not None:
             self.upstream.write(data)
             return
@@ -285,18 +145,22 @@ class Exchange:
 
     def start(self) -> None:
         """Called when this exchange's turn on the client connection comes."""
-        self.ctx.requests_total += 1
-        if self.client_id is None:
-            self.client_id = self._fallback_client_id()
-            if self.client_id is None:
+        ctx = self.ctx
+        ctx.requests_total += 1
+        request = self.request
+        if request.client_id is None:
+            request.client_id = self._fallback_client_id()
+            if request.client_id is None:
                 self._refuse(400, "missing the client-id header; lbd routes each client by it")
                 return
+        if request.has_body and request.idempotent:
+            self.replay = Replay(ctx.retry_body_limit)
         try:
-            server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
+            server = ctx.balancer.choose(self._client(), self._region(), time.monotonic())
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
             return
-        self._forward_to(server)
+        self._forward_to(server, fresh_connection=False)
 
     def _fallback_client_id(self) -> bytes | None:
         """A client id for a request without the header (`client_id_fallback`): the client's IP
@@ -307,8 +171,8 @@ class Exchange:
         if fallback != "cookie":
             return None
         name = self.ctx.client_id_cookie
-        if self.cookie is not None:
-            known = cookie_value(self.cookie, name)
+        if self.request.cookie is not None:
+            known = cookie_value(self.request.cookie, name)
             if known is not None:
                 return known
         issued = secrets.token_urlsafe(16).encode()
@@ -316,77 +180,37 @@ class Exchange:
         return issued
 
     def _client(self) -> str:
-        assert self.client_id is not None
-        return self.client_id.decode("latin-1")
+        client_id = self.request.client_id
+        assert client_id is not None
+        return client_id.decode("latin-1")
 
     def _region(self) -> str | None:
-        return None if self.client_region is None else self.client_region.decode("latin-1")
+        region = self.request.client_region
+        return None if region is None else region.decode("latin-1")
 
     def _refuse(self, status: int, text: str) -> None:
         """Answer without a server. A bodiless request is answered once fully read, keeping the
         connection; one with a body is answered at once and the connection closed (its body is
         not worth reading)."""
-        if self.request_complete or self.has_body:
+        if self.request_complete or self.request.has_body:
             self.reply(status, text, Outcome.OK)
         else:
             self.deferred_reply = (status, text)
 
-    def _forward_to(self, server: Server, fresh_connection: bool = False) -> None:
-        self.server = server
-        server.state.active += 1
-        server.state.requests += 1
-        self.timeout_s = self.ctx.timeout_s(server)
-        self.last_activity = self.ctx.loop.time()
-        # latency needs a fine clock: uvloop's loop time is in whole milliseconds, taken once per
-        # loop iteration, so a loopback answer would often measure 0
-        self.started_at = time.perf_counter()
-        self.head = self._build_head(server)
+    def _forward_to(self, server: Server, fresh_connection: bool) -> None:
+        ctx = self.ctx
+        self.attempt = Attempt(server, ctx.timeout_s(server))
+        self.last_activity = ctx.loop.time()
         self._arm_timer()
         if fresh_connection:
             connection = None
         else:
-            recent = ANY_IDLE if self.method in IDEMPOTENT_METHODS else NON_IDEMPOTENT_REUSE_S
-            connection = self.ctx.pool.acquire(server, recent)
+            connection = ctx.pool.acquire(server, ANY_IDLE if self.request.idempotent else NON_IDEMPOTENT_REUSE_S)
         if connection is not None:
             self._attach(connection)
         else:
-            self.connecting = self.ctx.loop.create_task(self.ctx.pool.connect(server))
+            self.connecting = ctx.loop.create_task(open_connection(ctx.pool, server))
             self.connecting.add_done_callback(self._connected)
-
-    def _build_head(self, server: Server) -> bytes:
-        """The request head for `server`: the Host asked for, end-to-end headers as they came, then
-        X-Forwarded-*, Via and the framing lbd chose (never a peer's framing headers as they came)."""
-        pieces = self.header_pieces
-        if self.conn_tokens and (named := named_hop_by_hop(self.conn_tokens)):
-            pieces = without_named(pieces, named)
-        client = self.client
-        host = self.host
-        if self.request_chunked:
-            framing = b"Transfer-Encoding: chunked\r\n"
-        elif self.content_length >= 0:
-            framing = b"Content-Length: %d\r\n" % self.content_length
-        else:
-            framing = b""
-        return b"".join(
-            (
-                self.method,
-                b" ",
-                self.url,
-                b" HTTP/1.1\r\nHost: ",
-                b"%s:%d" % (server.spec.host.encode(), server.spec.port) if host is None else host,
-                CRLF,
-                *pieces,
-                client.forwarded_for_line
-                if self.forwarded_for is None
-                else merged_line(b"X-Forwarded-For", self.forwarded_for, client.client_ip),
-                X_FORWARDED_PROTO_LINE,
-                b"" if host is None else b"X-Forwarded-Host: " + host + CRLF,
-                VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
-                framing,
-                b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF,
-                CRLF,
-            )
-        )
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         self.connecting = None
@@ -398,77 +222,81 @@ class Exchange:
                 task.result().close()
             return
         if error is not None:
-            self._upstream_error(Outcome.CONNECT_FAILED, _describe_connect_error(error))
+            self._upstream_failed(Outcome.CONNECT_FAILED, _describe_connect_error(error))
             return
         connection = task.result()
         if connection.lost:  # reset between the connect and this callback: nothing was sent
-            self._upstream_error(Outcome.CONNECT_FAILED, "closed the connection as soon as it was opened")
+            self._upstream_failed(Outcome.CONNECT_FAILED, "closed the connection as soon as it was opened")
             return
         self._attach(connection)
 
     def _attach(self, connection: UpstreamConnection) -> None:
+        attempt = self.attempt
+        assert attempt is not None
         self.upstream = connection
         connection.exchange = self
         client = self.client
-        if self.has_body and client.feeding and connection.cork():
-            client.corked_upstreams.append(connection)  # the head and a body in the same packet: one write
+        if self.request.has_body:
+            client.gather_for(connection)  # the head and the body parsed in the same read: one write
         if client.write_paused:
             connection.hold(PEER_WRITE_FULL)
-        connection.write(b"".join((self.head, *self.pending)) if self.pending else self.head)
+        head = self.request.upstream_head(attempt.server, client.client_ip, client.forwarded_for_line)
+        connection.write(b"".join((head, *self.pending)) if self.pending else head)
         if self.pending:
             self.pending = []
             self.pending_size = 0
-        if client.held_by:
             client.release(BUFFER_FULL)
 
-    # --- response side, fed by the upstream connection's parser ------------------------------
+    # --- response side, fed by the upstream connection ---------------------------------------
 
-    def response_head(self, head: ResponseHead, framing: int) -> None:
-        """Send the response head on to the client, framed for it: a chunked body goes as it came to
-        an HTTP/1.1 client, a body that ends with the connection is chunked for one, and an
-        HTTP/1.0 client gets either body raw, then the connection closed."""
+    def response_head(self, head: ResponseHead, framing: int) -> int:
+        """Send the response head on to the client, framed for it (framing.py); returns those flags."""
+        attempt = self.attempt
+        assert attempt is not None
+        attempt.responded()
         self.response_started = True
         self.status = status = head.status
-        self.latency_s = time.perf_counter() - self.started_at
         lines = _response_header_pieces(head)
+        flags = 0
         if status == 101 and head.upgrade is not None:
             lines.append(b"Connection: upgrade\r\nUpgrade: " + head.upgrade + CRLF)
         else:
-            self.until_close = framing == UNTIL_CLOSE
-            if framing == CHUNKED and self.version == "1.1":
+            request = self.request
+            reusable = self.request_complete and request.keep_alive and not self.client.closing
+            flags = for_client(framing, request.version == "1.1", reusable)
+            if flags & FORWARD_CHUNKED:
                 assert head.transfer_encoding is not None
                 lines.append(b"Transfer-Encoding: " + head.transfer_encoding + CRLF)
-            elif framing == UNTIL_CLOSE and self.version == "1.1":
-                self.chunked_to_client = True
+            elif flags & CHUNK_FOR_CLIENT:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
-            elif framing not in (NO_BODY, LENGTH):
-                self.close_after = True  # an HTTP/1.0 client learns where the body ends from the close
-            if not self.request_complete or not self.keep_alive or self.client.closing:
+            if flags & CLOSE_AFTER:
                 self.close_after = True
-            if self.close_after:
                 lines.append(b"Connection: close\r\n")
-            elif self.version == "1.0":
+            elif flags & KEEP_ALIVE_10:
                 lines.append(b"Connection: keep-alive\r\n")
         if self.set_cookie:
             lines.append(self.set_cookie)
+        self.framing = framing
+        self.flags = flags
         self.client.write(b"".join((status_line(status, head.reason), *lines, CRLF)))
+        return flags
 
     def response_body(self, body: bytes | memoryview) -> None:
-        if self.chunked_to_client:
+        if self.flags & CHUNK_FOR_CLIENT:
             self.client.write(b"%x\r\n" % len(body) + body + CRLF)
         else:
             self.client.write(body)
 
     def interim_response(self, head: ResponseHead) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
-        if self.version == "1.1":
+        if self.request.version == "1.1":
             lines = _response_header_pieces(head)
             self.client.write(b"".join((status_line(head.status, head.reason), *lines, CRLF)))
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
             return
-        if self.chunked_to_client:
+        if self.flags & CHUNK_FOR_CLIENT:
             self.client.write(CHUNK_END)
         connection = self.upstream
         self.upstream = None
@@ -480,41 +308,65 @@ class Exchange:
                 connection.close()
         self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK)
 
+    def server_sent(self) -> None:
+        """The server is not silent: its deadline restarts."""
+        self.last_activity = self.ctx.loop.time()
+
+    # --- what the upstream connection may ask of the client side ------------------------------
+
+    def client_lagging(self) -> bool:
+        """The client still has bytes queued (a view of the shared read buffer would pin it)."""
+        transport = self.client.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
+
+    def gather_client_writes(self) -> bool:
+        """What one upstream read makes lbd write to the client leaves in one write; False when an
+        outer caller already gathers (and will send)."""
+        return self.client.cork()
+
+    def send_gathered(self) -> None:
+        self.client.flush()
+
+    def discard_gathered(self) -> None:
+        """Nothing of what this read wrote may leave (the response turned out malformed)."""
+        self.client.drop_corked()
+
+    def splice_target(self) -> int:
+        """The client socket's descriptor, for moving a body to it in the kernel; negative when it
+        cannot take one now (closing, or an encrypting transport)."""
+        transport = self.client.transport
+        if transport is None or transport.is_closing():
+            return -1
+        return self.client.socket_fd()
+
     # --- failures --------------------------------------------------------------------------------
 
     def upstream_lost(self) -> None:
         """The upstream connection closed under this exchange."""
         if self.finished:
             return
-        if self.response_started and self.until_close:
+        if self.response_started and self.framing == UNTIL_CLOSE:
             self.response_complete(False)  # the body's end was the connection's end
         elif self.response_started:
             self._abort(Outcome.RESET)
         else:
-            self._upstream_error(Outcome.RESET, "closed the connection before responding")
+            self._upstream_failed(Outcome.RESET, "closed the connection before responding")
 
     def upstream_failed_bad_response(self, what: str, unsent: bool) -> None:
         """The server's response broke its framing. `unsent`: nothing of it has left lbd yet (it was
-        all in the read that broke, and that read's writes were dropped), so the client gets a 502."""
+        all in the read that broke, and that read's writes were discarded), so the client gets a 502."""
         if self.finished:
             return
         if self.response_started and not unsent:
             self._abort(Outcome.BAD_RESPONSE)
         else:
-            self.response_started = self.chunked_to_client = self.until_close = False
-            self.failed_over = self.retried_stale = True  # the server saw the request: no replay
-            self._upstream_error(Outcome.BAD_RESPONSE, f"sent a malformed response ({what})")
+            self.response_started = False
+            self.flags = self.framing = 0
+            self._upstream_failed(Outcome.BAD_RESPONSE, f"sent a malformed response ({what})")
 
-    def client_stalled(self) -> None:
-        """The client stopped sending its body, or stopped reading: free the server's slot."""
-        if self.response_started:
-            self._abort(Outcome.CLIENT_ABORTED)
-        else:
-            self._drop_upstream()
-            self.reply(408, "the client sent nothing for too long", Outcome.CLIENT_ABORTED)
-
-    def request_refused(self, status: int, text: str) -> None:
-        """The request's body broke its framing or a limit mid-exchange: stop both sides."""
+    def client_failed(self, status: int, text: str) -> None:
+        """The client broke its request mid-way (its framing, a limit) or went silent: free the
+        server's slot, and answer if nothing of the response has gone yet."""
         if self.finished:
             return
         if self.response_started:
@@ -523,13 +375,6 @@ class Exchange:
             self._drop_upstream()
             self.reply(status, text, Outcome.CLIENT_ABORTED)
 
-    def _drop_upstream(self) -> None:
-        """Abandon the upstream connection mid-exchange (it cannot be reused)."""
-        if self.upstream is not None:
-            self.upstream.exchange = None
-            self.upstream.abort()
-            self.upstream = None
-
     def client_lost(self) -> None:
         """The client went away: stop the upstream side too (its connection cannot be reused)."""
         if self.finished:
@@ -537,59 +382,56 @@ class Exchange:
         self._drop_upstream()
         self._account(Outcome.CLIENT_ABORTED)
 
-    def _upstream_error(self, outcome: Outcome, what: str) -> None:
-        """A failure before any response byte reached the client: retry when safe, else 502/504.
+    def _drop_upstream(self) -> UpstreamConnection | None:
+        """Abandon the upstream connection mid-exchange (it cannot be reused); returns it."""
+        connection = self.upstream
+        if connection is not None:
+            self.upstream = None
+            connection.exchange = None
+            connection.abort()
+        return connection
 
-        A request is sent again only when that is safe (`_replayable`): nothing was sent (the
-        connection was refused or never opened), or the method is idempotent. An idempotent request
-        reset on a pooled connection (which the server may have closed as idle: the keep-alive race)
-        is retried once on a new connection to the same server; any other failure once on a backup
-        server, and the client's session moves there. A server that timed out after receiving the
-        request is not retried: its deadline was the request's budget (HAProxy's default
-        `retry-on conn-failure`), so the client gets its 504 at the deadline.
-        """
-        failed = self.upstream
-        self.upstream = None
-        if failed is not None:
-            failed.exchange = None
-            failed.abort()
-        server = self.server
-        assert server is not None
-        if self._replayable(outcome, reached_server=failed is not None):
-            if outcome is Outcome.RESET and failed is not None and failed.reused and not self.retried_stale:
-                self.retried_stale = True
-                self._retry_on(server, None)
+    def _upstream_failed(self, outcome: Outcome, what: str) -> None:
+        """A failure before any response byte reached the client: retry as retry.decide says, else
+        answer 502 or 504 naming the server."""
+        failed = self._drop_upstream()
+        attempt = self.attempt
+        assert attempt is not None
+        sent = failed is not None
+        kept = self.replay is None or self.replay.kept
+        decision = retry.decide(
+            outcome,
+            sent=sent,
+            reused=failed is not None and failed.reused,
+            idempotent=self.request.idempotent,
+            replayable=not self.response_started and (kept or not sent),
+            retried_same=self.retried_same,
+            retried_backup=self.retried_backup,
+        )
+        server = attempt.server
+        if decision == retry.RETRY_SAME_SERVER:
+            self.retried_same = True
+            self._retry_on(server, None, sent)  # not the server's fault: it had closed the idle connection
+            return
+        if decision == retry.RETRY_BACKUP:
+            self.retried_backup = True
+            backup = self.ctx.balancer.backup(self._client(), self._region(), server, time.monotonic())
+            if backup is not None:
+                self.ctx.failovers += 1
+                self._retry_on(backup, outcome, sent)
                 return
-            if not self.failed_over:
-                self.failed_over = True
-                backup = self.ctx.balancer.backup(self._client(), self._region(), server, time.monotonic())
-                if backup is not None:
-                    self.ctx.failovers += 1
-                    self._retry_on(backup, outcome)
-                    return
-        status = 504 if outcome is Outcome.TIMEOUT else 502
-        self.reply(status, f"upstream {server.id} ({server.spec.url}) {what}", outcome)
+        self.reply(retry.failure_status(outcome), f"upstream {server.id} ({server.spec.url}) {what}", outcome)
 
-    def _replayable(self, outcome: Outcome, reached_server: bool) -> bool:
-        """Safe and worth sending again: nothing reached the client and every request byte so far is
-        kept. Without a connection (refused, or the connect timed out) no server saw anything; once
-        a byte may have reached a server's application, only an idempotent method is sent again."""
-        if self.response_started or not self.buffered:
-            return False
-        if not reached_server:
-            return outcome is Outcome.CONNECT_FAILED or outcome is Outcome.TIMEOUT
-        return outcome is not Outcome.TIMEOUT and self.method in IDEMPOTENT_METHODS
-
-    def _retry_on(self, server: Server, failure: Outcome | None) -> None:
-        """Settle the failed attempt (`failure` None: not the server's fault), then start again."""
-        previous = self.server
-        assert previous is not None
-        previous.state.active -= 1
-        if failure is not None:
-            self.ctx.registry.record_outcome(previous, failure, None)
+    def _retry_on(self, server: Server, failure: Outcome | None, sent: bool) -> None:
+        """Settle the failed attempt, then start again; what was sent goes again from the replay
+        (what was never sent is still pending)."""
+        attempt = self.attempt
+        assert attempt is not None
+        attempt.settle(self.ctx.registry, failure)
         self.ctx.retries += 1
-        self.pending = list(self.replay)
-        self.pending_size = self.replay_size
+        if sent and self.replay is not None:
+            self.pending = list(self.replay.pieces)
+            self.pending_size = self.replay.size
         self._forward_to(server, fresh_connection=True)
 
     def _abort(self, outcome: Outcome) -> None:
@@ -600,7 +442,7 @@ class Exchange:
 
     def reply(self, status: int, text: str, outcome: Outcome) -> None:
         """Answer the client ourselves; close afterwards if the request body was not read."""
-        close = not self.request_complete or not self.keep_alive or self.client.closing
+        close = not self.request_complete or not self.request.keep_alive or self.client.closing
         self.close_after = self.close_after or close
         self.status = status
         self.client.write(simple_response(status, text, close))
@@ -609,7 +451,9 @@ class Exchange:
     # --- timing -----------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        self.deadline = self.ctx.deadlines.move(self, self.deadline, self.last_activity + self.timeout_s)
+        attempt = self.attempt
+        assert attempt is not None
+        self.deadline = self.ctx.deadlines.move(self, self.deadline, self.last_activity + attempt.timeout_s)
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.upstream_write_full = paused
@@ -621,26 +465,28 @@ class Exchange:
             self.client.release(PEER_WRITE_FULL)
 
     def deadline_reached(self) -> None:
-        """Act only while lbd is waiting on the server, and only after `timeout_s` of its silence.
+        """Act only while lbd is waiting on the server, and only after its timeout of silence.
 
         Time spent waiting on the client (a slow upload, a slow reader holding the upstream) does
         not count against the server.
         """
         self.deadline = 0
-        if self.finished:
+        attempt = self.attempt
+        if self.finished or attempt is None:
             return
         now = self.ctx.loop.time()
         upstream = self.upstream
         waiting_on_server = (self.request_complete or self.upstream_write_full) and not (
             upstream is not None and upstream.held
         )
-        deadline = self.last_activity + self.timeout_s
+        timeout_s = attempt.timeout_s
+        deadline = self.last_activity + timeout_s
         if not waiting_on_server:
             stalled_since = self.last_activity + self.ctx.client_timeout_s
             if now < stalled_since:
-                self.deadline = self.ctx.deadlines.arm(self, min(stalled_since, now + self.timeout_s))
+                self.deadline = self.ctx.deadlines.arm(self, min(stalled_since, now + timeout_s))
             else:
-                self.client_stalled()
+                self.client_failed(408, "the client sent nothing for too long")
         elif now < deadline:
             self.deadline = self.ctx.deadlines.arm(self, deadline)
         elif self.response_started:
@@ -649,34 +495,38 @@ class Exchange:
             if self.connecting is not None:
                 self.connecting.cancel()
                 self.connecting = None
-            ms = round(self.timeout_s * 1000)
-            self._upstream_error(Outcome.TIMEOUT, f"did not answer within {ms} ms")
+            self._upstream_failed(Outcome.TIMEOUT, f"did not answer within {round(timeout_s * 1000)} ms")
 
     # --- websocket and other upgrades -------------------------------------------------------------
 
     def start_tunnel(self, upstream_bytes: bytes) -> None:
         """The server switched protocols: from now on bytes flow unparsed both ways."""
         connection = self.upstream
-        assert connection is not None
+        attempt = self.attempt
+        assert connection is not None and attempt is not None
         self.upstream = None
         connection.exchange = None
         self.finished = True
-        self.tunnel_open = True  # the server keeps counting this connection as active until it closes
         self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
-        if self.server is not None:
-            self.ctx.registry.record_outcome(self.server, Outcome.OK, self.latency_s)
-        self.ctx.count_response(101, self.server)
-        self.client.start_tunnel(self, connection, upstream_bytes)
+        attempt.settle_into_tunnel(self.ctx.registry)  # the server counts it as active until it closes
+        self.ctx.count_response(101, attempt.server)
+        client = self.client
+        connection.tunnel_to(client.transport)
+        if self.early_tunnel:
+            connection.write(self.early_tunnel)
+            self.early_tunnel = b""
+        client.tunnel_to(connection.transport, self)
+        if upstream_bytes:
+            client.write(upstream_bytes)
 
     def tunnel_closed(self) -> None:
-        if self.tunnel_open and self.server is not None:
-            self.tunnel_open = False
-            self.server.state.active -= 1
+        if self.attempt is not None:
+            self.attempt.tunnel_closed()
 
     # --- the end ----------------------------------------------------------------------------------
 
     def _account(self, outcome: Outcome) -> None:
-        """Settle this exchange's books exactly once: timer, connect attempt, server counters."""
+        """Settle this exchange's books exactly once: timer, connect attempt, the server's attempt."""
         if self.finished:
             return
         self.finished = True
@@ -685,15 +535,14 @@ class Exchange:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-        server = self.server
-        if server is not None:
-            server.state.active -= 1
-            self.ctx.registry.record_outcome(server, outcome, self.latency_s)
-        self.ctx.count_response(self.status, server)
+        attempt = self.attempt
+        if attempt is not None:
+            attempt.settle(self.ctx.registry, outcome)
+        self.ctx.count_response(self.status, None if attempt is None else attempt.server)
 
     def _finish(self, outcome: Outcome) -> None:
         self._account(outcome)
-        self.client.exchange_finished(self, self.keep_alive and not self.close_after)
+        self.client.exchange_finished(self, self.request.keep_alive and not self.close_after)
 
 
 def _response_header_pieces(head: ResponseHead) -> list[bytes]:

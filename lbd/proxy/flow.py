@@ -68,6 +68,18 @@ class FlowControlled:
         if self._corked is not None:
             self._corked = []
 
+    def close(self) -> None:
+        """Send what is gathered, then close once the transport has written everything."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is gathered or queued."""
+        self._corked = None
+        if self.transport is not None:
+            self.transport.abort()
+
     def hold(self, reason: int) -> None:
         if not self.held_by and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -83,3 +95,14 @@ class FlowControlled:
     @property
     def held(self) -> bool:
         return bool(self.held_by)
+
+
+def hold_peer(transport: asyncio.Transport | None, hold: bool) -> None:
+    """In a tunnel each side knows the other only by its transport: pause (resume) reading the peer
+    whose bytes fill (no longer fill) this side's socket buffer."""
+    peer: object = transport.get_protocol() if transport is not None else None
+    if isinstance(peer, FlowControlled):
+        if hold:
+            peer.hold(PEER_WRITE_FULL)
+        else:
+            peer.release(PEER_WRITE_FULL)

@@ -1,17 +1,46 @@
-"""What lbd accepts in a request head beyond llhttp's own syntax rules (RFC 9112 §3, §6, §7).
+"""A client's request head: what lbd reads from it, what it accepts, and the head a server gets.
 
-llhttp (through httptools) checks the syntax: one Content-Length, no Content-Length beside
-Transfer-Encoding, chunked last, no control characters. The rules here are the ones a proxy must add
-so that what it forwards means exactly what the client sent: one valid Host, a target the server
-reads the same way, no transfer coding lbd would silently drop, no h2c upgrade. Pure functions of
-bytes; a breach is a `Refused` naming what was wrong.
+llhttp (through httptools) checks the syntax as bytes arrive: one Content-Length, no Content-Length
+beside Transfer-Encoding, chunked last, no control characters. `RequestHead.complete` adds the rules
+a proxy needs so that what it forwards means exactly what the client sent (one valid Host, a target
+the server reads the same way, no transfer coding lbd would drop, no h2c upgrade); a breach is a
+`Refused` naming what was wrong. Once complete, the head does not change: `upstream_head` builds
+what each attempt sends from it, and `Replay` keeps the body bytes a retry would send again.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from lbd.proxy.headers import is_chunked
+from lbd.models import Server
+from lbd.proxy.headers import (
+    CLIENT_ID,
+    CLIENT_REGION,
+    CONNECTION,
+    CONTENT_LENGTH,
+    COOKIE,
+    CRLF,
+    HOST,
+    SEP,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    VIA,
+    VIA_LINE,
+    VIA_VALUE,
+    X_FORWARDED_FOR,
+    connection_tokens,
+    is_chunked,
+    merged_line,
+    named_hop_by_hop,
+    wants_keep_alive,
+    without_named,
+)
+
+# RFC 9110 §9.2.2; any other method (POST, PATCH, LOCK, an unknown one) may change something each
+# time it is processed, so it is never sent twice (retry.py)
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 class Refused(Exception):
@@ -29,6 +58,191 @@ _HOST_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 # Bytes of a cookie value lbd takes as a client id (RFC 6265 cookie-octet, without quotes)
 _COOKIE_VALUE_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if c not in b'",;\\')
 MAX_COOKIE_ID: Final = 128
+
+
+class RequestHead:
+    """The request line and the fields lbd acts on, gathered as llhttp reports them; every other
+    field is kept as it came in `header_pieces` (name, ": ", value, CRLF, ...), to be forwarded."""
+
+    __slots__ = (
+        "chunked",
+        "client_id",
+        "client_region",
+        "conn_tokens",
+        "content_length",
+        "cookie",
+        "forwarded_for",
+        "has_body",
+        "header_pieces",
+        "host",
+        "hosts",
+        "idempotent",
+        "is_head",
+        "keep_alive",
+        "method",
+        "transfer_encoding",
+        "upgrade",
+        "url",
+        "version",
+        "via",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.header_pieces: list[bytes] = []
+        self.client_id: bytes | None = None
+        self.client_region: bytes | None = None
+        self.host: bytes | None = None
+        self.hosts = 0  # Host fields received (exactly one is valid in HTTP/1.1)
+        self.cookie: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.via: bytes | None = None
+        self.conn_tokens = _NO_TOKENS
+        self.transfer_encoding: bytes | None = None
+        self.chunked = False
+        self.has_body = False
+        self.content_length = -1  # -1: no Content-Length
+        self.upgrade: bytes | None = None
+        self.is_head = False
+        self.idempotent = True
+        self.keep_alive = True
+
+    def field(self, kind: int, name: bytes, value: bytes) -> None:
+        """A field lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`). Host and the framing
+        fields are written by lbd itself (`upstream_head`), never forwarded as they came."""
+        if kind == CLIENT_ID:
+            self.client_id = value
+        elif kind == CLIENT_REGION:
+            self.client_region = value
+        elif kind == COOKIE:
+            self.cookie = value if self.cookie is None else self.cookie + b"; " + value
+        elif kind == HOST:
+            self.hosts += 1
+            self.host = value
+            return
+        elif kind == CONNECTION:
+            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+            return
+        elif kind == TRANSFER_ENCODING:
+            prior = self.transfer_encoding
+            self.transfer_encoding = value if prior is None else prior + b", " + value
+            self.chunked = is_chunked(self.transfer_encoding)
+            self.has_body = True
+            return
+        elif kind == CONTENT_LENGTH:
+            digits = value.strip()  # llhttp allows digits only, but keeps trailing whitespace
+            self.content_length = int(digits) if digits.isdigit() else 0
+            self.has_body = self.content_length > 0
+            return
+        elif kind == UPGRADE:
+            self.upgrade = value
+            return
+        elif kind == X_FORWARDED_FOR:
+            self.forwarded_for = value if self.forwarded_for is None else self.forwarded_for + b", " + value
+            return
+        elif kind == VIA:
+            self.via = value if self.via is None else self.via + b", " + value
+            return
+        else:
+            return  # dropped
+        self.header_pieces += (name, SEP, value, CRLF)
+
+    def complete(self, method: bytes, version: str) -> Refused | None:
+        """The head is whole: check what llhttp does not, and settle what is forwarded."""
+        self.method = method
+        self.version = version
+        self.is_head = method == b"HEAD"
+        self.idempotent = method in IDEMPOTENT_METHODS
+        self.keep_alive = wants_keep_alive(version, self.conn_tokens)
+        if method == b"CONNECT":
+            return Refused(405, "lbd is a reverse proxy; CONNECT is not supported", "malformed")
+        refused = host_problem(self.hosts, self.host, version)
+        if refused is not None:
+            return refused
+        if self.url[:1] != b"/":
+            try:
+                self.url, authority = origin_form(method, self.url)
+            except Refused as bad_target:
+                return bad_target
+            if authority is not None:
+                self.host = authority  # RFC 9112 §3.2.2: the target's authority replaces Host
+        if self.transfer_encoding is not None:
+            if version == "1.0":
+                return Refused(400, "malformed request: Transfer-Encoding in HTTP/1.0 (RFC 9112 §6.1)", "malformed")
+            refused = unsupported_coding(self.transfer_encoding)
+            if refused is not None:
+                return refused
+        if self.upgrade is not None:
+            if b"upgrade" not in self.conn_tokens:
+                self.upgrade = None
+            else:
+                self.upgrade = without_h2c(self.upgrade)
+                if self.upgrade is None:
+                    # served as a plain request; llhttp reads the rest of the connection as upgraded
+                    # bytes, so nothing more can be parsed on it
+                    self.keep_alive = False
+        return None
+
+    def upstream_head(self, server: Server, client_ip: bytes, forwarded_for_line: bytes) -> bytes:
+        """The head `server` is sent: the Host asked for, end-to-end fields as they came, then
+        X-Forwarded-*, Via and the framing lbd chose (never a peer's framing fields as they came)."""
+        pieces = self.header_pieces
+        if self.conn_tokens and (named := named_hop_by_hop(self.conn_tokens)):
+            pieces = without_named(pieces, named)
+        host = self.host
+        if self.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif self.content_length >= 0:
+            framing = b"Content-Length: %d\r\n" % self.content_length
+        else:
+            framing = b""
+        return b"".join(
+            (
+                self.method,
+                b" ",
+                self.url,
+                b" HTTP/1.1\r\nHost: ",
+                b"%s:%d" % (server.spec.host.encode(), server.spec.port) if host is None else host,
+                CRLF,
+                *pieces,
+                forwarded_for_line
+                if self.forwarded_for is None
+                else merged_line(b"X-Forwarded-For", self.forwarded_for, client_ip),
+                X_FORWARDED_PROTO_LINE,
+                b"" if host is None else b"X-Forwarded-Host: " + host + CRLF,
+                VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
+                framing,
+                b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF,
+                CRLF,
+            )
+        )
+
+
+class Replay:
+    """The request body bytes sent so far, kept (up to `limit`) so a retry can send them again."""
+
+    __slots__ = ("kept", "limit", "pieces", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.kept = True  # every byte so far is in `pieces`
+
+    def add(self, data: bytes) -> None:
+        if self.kept:
+            self.size += len(data)
+            if self.size <= self.limit:
+                self.pieces.append(data)
+            else:
+                self.kept = False
+                self.pieces = []
+
+
+def body_too_large(limit: int) -> Refused:
+    return Refused(413, f"the request body is larger than {limit} bytes", "body_too_large")
 
 
 def valid_host(value: bytes) -> bool:

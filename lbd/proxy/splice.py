@@ -15,7 +15,7 @@ import os
 from typing import Final
 
 # At most this much per move: what the client's socket refuses is queued in its transport, so a move
-# may put no more there than one read could (upstream.READ_BUFFER_BYTES).
+# may put no more there than one read could (pool.READ_BUFFER_BYTES).
 MOVE_BYTES: Final = 128 * 1024
 PIPE_BYTES: Final = 256 * 1024  # room for a move's worth of socket buffers, whatever their sizes
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)

@@ -1,15 +1,20 @@
-"""Connections to backend servers: reading their responses, and a keep-alive pool per server."""
+"""A connection to a server: writing a request to it, and reading the server's response.
+
+It talks only to the exchange it carries (and, once upgraded, to the peer transport of its tunnel);
+reuse across exchanges is the pool's (pool.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
-import ssl
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from lbd.models import Server
-from lbd.proxy.flow import PEER_WRITE_FULL, FlowControlled
+from lbd.proxy.flow import FlowControlled, hold_peer
+from lbd.proxy.framing import DECHUNK
+from lbd.proxy.pool import HEAD_READ_BYTES, UpstreamPool
 from lbd.proxy.request import upgrade_offered
 from lbd.proxy.response import (
     CHUNKED,
@@ -20,29 +25,31 @@ from lbd.proxy.response import (
     ChunkedBody,
     parse_head,
 )
-from lbd.proxy.splice import Splicer
 
 if TYPE_CHECKING:
-    from lbd.proxy.client import ClientConnection
     from lbd.proxy.exchange import Exchange
 
-MAX_IDLE_PER_SERVER: Final = 128
 # Linux treats a request/response connection as interactive and delays its ACKs (up to 40 ms) to
 # piggyback them on the next request. A server sending a response larger than its socket's send
 # buffer then waits for that ACK, and the response stalls for the full delay: about 1% of 64 KiB
 # responses did (`make bench`). A read that leaves a response incomplete therefore acknowledges at
 # once (TCP_QUICKACK); a response read whole costs nothing extra.
 TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform has none
-# One buffer every upstream connection reads into (a read is handled before the next begins). It
-# holds a whole 64 KiB response with its head, so where bodies are not spliced such a response is
-# one read, as with uvloop's own reads.
-READ_BUFFER_BYTES: Final = 128 * 1024
-# Where bodies can be spliced (splice.py), a response's first read takes at most this much (its head
-# and the start of its body), and a body with at least SPLICE_FROM bytes still to come is moved in
-# the kernel; HAProxy reads a first 16 KiB buffer the same way before it splices.
-HEAD_READ_BYTES: Final = 16 * 1024
-SPLICE_FROM: Final = 16 * 1024
+SPLICE_FROM: Final = 16 * 1024  # a Content-Length body with this much still to come is spliced
 HEAD: Final = -1  # UpstreamConnection.framing while a response head is expected
+
+
+async def open_connection(pool: UpstreamPool, server: Server) -> UpstreamConnection:
+    """A new connection to `server` (TLS for an https:// one)."""
+    spec = server.spec
+    connection = UpstreamConnection(pool, server)
+    await pool.loop.create_connection(
+        lambda: cast(asyncio.Protocol, connection),  # it speaks the protocol interface (flow.py)
+        spec.host,
+        spec.port,
+        ssl=pool.tls if spec.scheme == "https" else None,
+    )
+    return connection
 
 
 class UpstreamConnection(FlowControlled):
@@ -101,12 +108,11 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
-        client = exchange.client
-        client_transport = client.transport
         # a client still sending earlier bytes gets copies: a view it kept would pin the buffer
-        lagging = client_transport is not None and client_transport.get_write_buffer_size() > 0
+        lagging = exchange.client_lagging()
         started = exchange.response_started
-        corked = client.cork()  # the head and body this read carries leave in one write
+        gathered = exchange.gather_client_writes()  # the head and body this read carries leave in one write
+        pending = False
         try:
             if self.head_start:
                 buf = bytearray(self.head_start) + buf[:nbytes]  # owned: views of it can be kept
@@ -117,24 +123,24 @@ class UpstreamConnection(FlowControlled):
         except BadResponse as bad:
             self.broken = True
             if not self.done:
-                unsent = corked and not started  # all of the response so far is in this read's writes
+                unsent = gathered and not started  # all of the response so far is in this read's writes
                 if unsent:
-                    client.drop_corked()
+                    exchange.discard_gathered()
                 exchange.upstream_failed_bad_response(str(bad), unsent)
                 return
         finally:
-            if corked:
-                client.flush()
-            pending = client_transport is not None and client_transport.get_write_buffer_size() > 0
+            if gathered:
+                exchange.send_gathered()
+            pending = exchange.client_lagging()
             if pending and not lagging:
                 pool.renew_read_buffer()  # the client transport holds views of this one until it drains
         if nbytes == HEAD_READ_BYTES and not pending and self.framing == LENGTH and self.length_left >= SPLICE_FROM:
-            self._splice(client)  # the read filled the head buffer: more of the body is waiting
+            self._splice(exchange)  # the read filled the head buffer: more of the body is waiting
         if self.done:
             self.done = False
             exchange.response_complete(self.keep_alive and not self.broken)
             return
-        exchange.last_activity = pool.loop.time()  # the server is not silent: its deadline restarts
+        exchange.server_sent()
         if self.tcp_socket is not None:
             self._acknowledge_now()
 
@@ -179,16 +185,17 @@ class UpstreamConnection(FlowControlled):
             exchange.interim_response(head)
             return pos
         if head.status == 101:
-            if exchange.upgrade is None:
+            offered = exchange.request.upgrade
+            if offered is None:
                 raise BadResponse("101 Switching Protocols to a request that did not ask to upgrade")
-            if not upgrade_offered(exchange.upgrade, head.upgrade):
+            if not upgrade_offered(offered, head.upgrade):
                 raise BadResponse("101 Switching Protocols to a protocol the request did not offer")
             exchange.response_head(head, NO_BODY)
             exchange.start_tunnel(bytes(view[pos:end]))
             return -1
-        framing = head.framing(exchange.is_head)
+        framing = head.framing(exchange.request.is_head)
         self.keep_alive = head.keep_alive(framing)
-        exchange.response_head(head, framing)
+        flags = exchange.response_head(head, framing)
         if framing == NO_BODY:
             self.done = True
         elif framing == LENGTH:
@@ -196,7 +203,7 @@ class UpstreamConnection(FlowControlled):
             self.done = self.length_left == 0
         elif framing == CHUNKED:
             self.chunks = ChunkedBody()
-            self.dechunk = exchange.version == "1.0"
+            self.dechunk = bool(flags & DECHUNK)
         self.framing = HEAD if self.done else framing
         return pos
 
@@ -221,23 +228,25 @@ class UpstreamConnection(FlowControlled):
             self.done = True
         return pos
 
-    def _splice(self, client: ClientConnection) -> None:
+    def _splice(self, exchange: Exchange) -> None:
         """Move what the server has sent of a large body on to the client in the kernel. Only with
         nothing queued in the client's transport (bytes leave in order), once per read (a fast
         download does not hold the loop), and what the client's socket will not take now goes
         through its transport, which then has bytes queued: no more splicing until it drains."""
-        splicer = self.pool.splicer
-        transport = client.transport
-        target = client.socket_fd()
-        if splicer is None or self.fd < 0 or transport is None or transport.is_closing() or target < 0:
+        pool = self.pool
+        splicer = pool.splicer
+        if splicer is None or self.fd < 0:
+            return
+        target = exchange.splice_target()
+        if target < 0:
             return
         moved, refused, overran = splicer.move(self.fd, target, self.length_left)
         if splicer.unsupported:
-            self.pool.splicer = None
+            pool.splice_responses(False)
         self.broken = self.broken or overran
         self.length_left -= moved
         if refused:
-            client.write(refused)
+            exchange.response_body(refused)
         if moved and self.length_left == 0:
             self.done = True
             self.framing = HEAD
@@ -253,23 +262,14 @@ class UpstreamConnection(FlowControlled):
     def pause_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.upstream_write_paused(True)
-        elif self.tunnel is not None:
-            self.tunnel_peer_hold(True)
+        else:
+            hold_peer(self.tunnel, True)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.upstream_write_paused(False)
-        elif self.tunnel is not None:
-            self.tunnel_peer_hold(False)
-
-    def tunnel_peer_hold(self, hold: bool) -> None:
-        """In a tunnel the client protocol is reachable only through its transport."""
-        peer: object = self.tunnel.get_protocol() if self.tunnel is not None else None
-        if isinstance(peer, FlowControlled):
-            if hold:
-                peer.hold(PEER_WRITE_FULL)
-            else:
-                peer.release(PEER_WRITE_FULL)
+        else:
+            hold_peer(self.tunnel, False)
 
     def _acknowledge_now(self) -> None:
         """More of the response is due: ACK what arrived instead of waiting for a next request."""
@@ -278,103 +278,18 @@ class UpstreamConnection(FlowControlled):
 
     # --- used by the exchange and the pool ------------------------------------------------------
 
-    def close(self) -> None:
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
+    @property
+    def usable(self) -> bool:
+        """Open, as far as lbd knows: no close seen from either side."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self.lost
 
-    def abort(self) -> None:
-        self._corked = None
-        if self.transport is not None:
-            self.transport.abort()
+    def tunnel_to(self, peer: asyncio.Transport | None) -> None:
+        """The server switched protocols: what it sends from now on goes to `peer` unparsed."""
+        self.tunnel = peer
 
 
 def _forward(exchange: Exchange, view: memoryview, start: int, stop: int, copy: bool) -> None:
     """Body bytes on to the client: a view of the read buffer, or a copy (`copy`, see buffer_updated)."""
     piece = view[start:stop]
     exchange.response_body(bytes(piece) if copy else piece)
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per server, newest first (LIFO keeps few connections warm)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout_s: float = 30.0) -> None:
-        self.loop = loop
-        self.idle_timeout_s = idle_timeout_s
-        self._idle: dict[str, list[UpstreamConnection]] = {}
-        self._tls = ssl.create_default_context()
-        self.pipe = Splicer.make()  # None where splice(2) is not available
-        self.splicer: Splicer | None = self.pipe  # None while bodies are not spliced (`splice_responses`)
-        self.renew_read_buffer()
-
-    def splice_responses(self, enabled: bool) -> None:
-        """Splice large response bodies where the platform can (config key `splice_responses`)."""
-        self.splicer = self.pipe if enabled and self.pipe is not None and not self.pipe.unsupported else None
-
-    def renew_read_buffer(self) -> None:
-        """A transport kept views of the read buffer (its client is slower than its server): the next
-        reads go to a new one, and the old one is freed once that transport has sent them."""
-        self.read_buffer = bytearray(READ_BUFFER_BYTES)
-        self.read_view = memoryview(self.read_buffer)
-        self.head_view = self.read_view[:HEAD_READ_BYTES]
-
-    def acquire(self, server: Server, idle_below_s: float) -> UpstreamConnection | None:
-        """The most recently used idle connection to `server`, if it has been idle less than
-        `idle_below_s` (an older one stays for requests that accept it)."""
-        idle = self._idle.get(server.id)
-        while idle:
-            connection = idle[-1]
-            transport = connection.transport
-            if connection.server is not server:  # the id was re-registered (or reloaded) elsewhere
-                idle.pop().close()
-            elif transport is None or transport.is_closing() or connection.lost:
-                idle.pop()
-            elif self.loop.time() - connection.idle_since >= idle_below_s:
-                return None
-            else:
-                idle.pop()
-                connection.reused = True
-                return connection
-        return None
-
-    async def connect(self, server: Server) -> UpstreamConnection:
-        spec = server.spec
-        connection = UpstreamConnection(self, server)
-        await self.loop.create_connection(
-            lambda: cast(asyncio.Protocol, connection),  # it speaks the protocol interface (flow.py)
-            spec.host,
-            spec.port,
-            ssl=self._tls if spec.scheme == "https" else None,
-        )
-        return connection
-
-    def release(self, connection: UpstreamConnection) -> None:
-        """Keep a connection whose exchange ended cleanly; close it if the pool is full."""
-        connection.exchange = None
-        if connection.held_by:
-            connection.release(PEER_WRITE_FULL)
-        idle = self._idle.get(connection.server.id)
-        if idle is None:
-            idle = self._idle[connection.server.id] = []
-        if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
-            connection.close()
-            return
-        connection.idle_since = self.loop.time()
-        idle.append(connection)
-
-    def forget(self, connection: UpstreamConnection) -> None:
-        idle = self._idle.get(connection.server.id)
-        if idle and connection in idle:
-            idle.remove(connection)
-
-    def close_idle(self, older_than_s: float | None = None, server_id: str | None = None) -> None:
-        """Close idle connections: all, those of one server, or those idle too long."""
-        now = self.loop.time()
-        for sid, idle in list(self._idle.items()):
-            if server_id is not None and sid != server_id:
-                continue
-            keep = [c for c in idle if older_than_s is not None and now - c.idle_since < older_than_s]
-            for connection in idle:
-                if connection not in keep:
-                    connection.close()
-            self._idle[sid] = keep

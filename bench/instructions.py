@@ -1,0 +1,110 @@
+"""lbd's CPU instructions per proxied request, counted by valgrind's callgrind: the same count for the
+same code and traffic whatever else the machine is doing, so two builds compare exactly where
+`make bench`'s req/s swing by half from minute to minute.
+
+    .venv/bin/python -m bench.instructions                                  # this checkout's lbd
+    .venv/bin/python -m bench.instructions --lbd-cmd OTHER/.venv/bin/lbd    # and another one beside it
+
+One nginx backend answers /tiny; lbd runs under callgrind (static and dynamic mode); after a warm-up,
+the counters are zeroed, a fixed number of small GETs go through over keep-alive connections (each
+with its own client id, some new and some returning), and the counters are dumped. Prints the
+instructions per request of each lbd and mode (all of lbd: Python, uvloop, the compiled modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.stack import VENV_BIN, Stack, admin, free_port, tool
+
+WARMUP = 300
+
+
+def requests_through(port: int, count: int, clients: int) -> None:
+    """`count` GET /tiny over 4 keep-alive connections, client ids cycling over `clients`."""
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(4)]
+    try:
+        for n in range(count):
+            connection = connections[n % len(connections)]
+            connection.request("GET", "/tiny", headers={"client-id": f"c{n % clients}", "client-region": "us-east"})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"request {n}: HTTP {response.status}")
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def counted(output: Path) -> int:
+    """The total instruction count of a callgrind dump (its `totals:` or `summary:` line)."""
+    for line in output.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {output}")
+
+
+def measure(stack: Stack, command: list[str], mode: str, count: int, clients: int) -> float:
+    port = free_port()
+    rundir = Path(tempfile.mkdtemp(prefix="instr-", dir=stack.workdir))
+    socket_path = rundir / "lbd.sock"
+    out = rundir / "callgrind.out"
+    servers = [{"id": "s1", "url": f"http://127.0.0.1:{stack.backend_ports[0]}", "region": "us-east", "capacity": 1000}]
+    (rundir / "servers.json").write_text(json.dumps(servers))
+    argv = [tool("valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}", *command, "start"]
+    argv += ["--listen", f"127.0.0.1:{port}", "--mode", mode, "--admin-socket", str(socket_path)]
+    argv += ["--state-dir", str(rundir / "state"), "--servers", str(rundir / "servers.json"), "--log-level", "warning"]
+    child = stack.spawn(f"lbd-{mode}", argv, None)
+    try:
+        stack.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"}, timeout_s=120)
+        requests_through(port, WARMUP, clients)
+        pid = str(child.pid)
+        subprocess.run([tool("callgrind_control"), "--zero", pid], check=True, capture_output=True)
+        requests_through(port, count, clients)
+        before = set(rundir.glob("callgrind.out*"))
+        subprocess.run([tool("callgrind_control"), "--dump", pid], check=True, capture_output=True)
+        deadline = time.monotonic() + 60
+        while not (set(rundir.glob("callgrind.out*")) - before - {out}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        dumps = sorted(set(rundir.glob("callgrind.out*")) - before - {out})
+        if not dumps:
+            raise RuntimeError(f"callgrind wrote no dump:\n{child.tail()}")
+        status, _ = admin(socket_path, "GET", "/v1/status")
+        if status != 200:
+            raise RuntimeError(f"lbd answered {status} after the run")
+        return counted(dumps[-1]) / count
+    finally:
+        stack.stop(child)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lbd-cmd", action="append", help="an lbd to measure (repeatable) [.venv/bin/lbd]")
+    parser.add_argument("--requests", type=int, default=3000, help="requests counted per lbd and mode [3000]")
+    parser.add_argument("--clients", type=int, default=1000, help="distinct client ids [1000]")
+    parser.add_argument("--modes", default="static,dynamic")
+    args = parser.parse_args()
+    commands = args.lbd_cmd or [str(VENV_BIN / "lbd")]
+    with tempfile.TemporaryDirectory(prefix="lb-instr-") as workdir:
+        stack = Stack(Path(workdir), None, None)
+        try:
+            stack.start_nginx(big_bytes=1, count=1)
+            print(f"{'lbd':<50} {'mode':<8} {'instructions/request':>21}")
+            for command in commands:
+                for mode in args.modes.split(","):
+                    per_request = measure(stack, shlex.split(command), mode, args.requests, args.clients)
+                    print(f"{command:<50} {mode:<8} {per_request:>21,.0f}", flush=True)
+        finally:
+            stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
