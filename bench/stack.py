@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lbctl.client import UnixHTTPConnection
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 SERVER_REGIONS = ("us-east", "eu-west", "asia-south")  # one nginx backend in each
@@ -99,22 +101,9 @@ def http_get(port: int, path: str, headers: dict[str, str], timeout: float = 2.0
         connection.close()
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over lbd's admin Unix socket."""
-
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
 def admin(socket_path: Path, method: str, path: str, body: object = None) -> tuple[int, object]:
     """One admin API call; returns the status and the decoded JSON answer."""
-    connection = UnixHTTPConnection(str(socket_path))
+    connection = UnixHTTPConnection(socket_path, timeout=5.0)
     try:
         payload = None if body is None else json.dumps(body).encode()
         connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})

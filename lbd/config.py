@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -96,28 +96,16 @@ class Regions:
 class HealthSettings:
     """`[health]`: active checks (HAProxy's inter/fall/rise) and passive outlier detection."""
 
-    interval_ms: int = 2000
-    timeout_ms: int = 1000
-    fall: int = 3
-    rise: int = 2
+    interval_ms: int = field(default=2000, metadata={"min": 50})
+    timeout_ms: int = field(default=1000, metadata={"min": 10})
+    fall: int = field(default=3, metadata={"min": 1})
+    rise: int = field(default=2, metadata={"min": 1})
     cooldown_ms: int = 120_000
     max_cooldown_ms: int = 600_000
     path: str = "/health"
-    passive_fall: int = 3
+    passive_fall: int = field(default=3, metadata={"min": 1})
     passive_5xx: bool = False
     panic_threshold: float = 0.5
-
-
-HEALTH_INT_KEYS = {  # key: smallest allowed value
-    "interval_ms": 50,
-    "timeout_ms": 10,
-    "fall": 1,
-    "rise": 1,
-    "cooldown_ms": 0,
-    "max_cooldown_ms": 0,
-    "passive_fall": 1,
-}
-HEALTH_KEYS = (*HEALTH_INT_KEYS, "path", "passive_5xx", "panic_threshold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,24 +113,34 @@ class ClientLimits:
     """What one client may send or hold open; each breach is answered (status in the comment), the
     connection closed and the breach counted. Defaults follow HAProxy, Envoy and nginx."""
 
-    max_connections: int = 16_384  # client connections open at once; beyond it, 503 (HAProxy maxconn)
-    max_request_line_bytes: int = 8192  # 414 (nginx large_client_header_buffers: 8k)
-    max_header_bytes: int = 65_536  # request line + headers; 431 (Envoy max_request_headers_kb: 60)
-    max_headers: int = 100  # header fields; 431 (Envoy max_headers_count: 100, HAProxy maxhdr: 101)
+    # client connections open at once; beyond it, 503 (HAProxy maxconn)
+    max_connections: int = field(default=16_384, metadata={"min": 1})
+    # 414 (nginx large_client_header_buffers: 8k)
+    max_request_line_bytes: int = field(default=8192, metadata={"min": 64})
+    # request line + headers; 431 (Envoy max_request_headers_kb: 60)
+    max_header_bytes: int = field(default=65_536, metadata={"min": 1024})
+    # header fields; 431 (Envoy max_headers_count: 100, HAProxy maxhdr: 101)
+    max_headers: int = field(default=100, metadata={"min": 8})
     max_body_bytes: int = 1 << 30  # 413; 0 means no limit (nginx client_max_body_size)
-    header_timeout_ms: int = 10_000  # to receive a request head; 408 (HAProxy timeout http-request)
-    keepalive_timeout_ms: int = 60_000  # idle between requests, then closed (nginx keepalive_timeout)
+    # to receive a request head; 408 (HAProxy timeout http-request)
+    header_timeout_ms: int = field(default=10_000, metadata={"min": 100})
+    # idle between requests, then closed (nginx keepalive_timeout)
+    keepalive_timeout_ms: int = field(default=60_000, metadata={"min": 100})
 
 
-LIMIT_KEYS = {  # key: smallest allowed value
-    "max_connections": 1,
-    "max_request_line_bytes": 64,
-    "max_header_bytes": 1024,
-    "max_headers": 8,
-    "max_body_bytes": 0,
-    "header_timeout_ms": 100,
-    "keepalive_timeout_ms": 100,
-}
+def _keys(settings: type) -> tuple[str, ...]:
+    """A settings table's keys: its dataclass fields, in declaration order (the file's order)."""
+    return tuple(f.name for f in fields(settings))
+
+
+def _int_minimums(settings: type) -> dict[str, int]:
+    """The integer keys of a settings table, each with its smallest allowed value (0 unless declared)."""
+    return {f.name: f.metadata.get("min", 0) for f in fields(settings) if f.type == "int"}
+
+
+HEALTH_KEYS = _keys(HealthSettings)
+HEALTH_INT_KEYS = _int_minimums(HealthSettings)
+LIMIT_KEYS = _int_minimums(ClientLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +163,7 @@ class Config:
     session_idle_timeout: int = 9000
     max_sessions: int = 1_000_000
     retry_body_limit_bytes: int = 64 * 1024
+    non_idempotent_reuse_ms: int = 1000  # a POST takes a pooled connection only if it served this recently
     splice_responses: bool = True  # large response bodies moved in the kernel (HAProxy's option splice-response)
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
@@ -175,39 +174,8 @@ class Config:
         return (self.timeout_base_ms + self.regions.latency_ms.get(region, 0)) / 1000.0
 
 
-TOP_LEVEL_KEYS = (
-    "mode",
-    "servers",
-    "listen",
-    "admin_socket",
-    "state_dir",
-    "admin_listen",
-    "admin_token",
-    "metrics_listen",
-    "timeout_base_ms",
-    "shutdown_grace_ms",
-    "client_timeout_ms",
-    "drain_grace_ms",
-    "default_client_region",
-    "client_id_fallback",
-    "client_id_cookie",
-    "session_idle_timeout",
-    "max_sessions",
-    "retry_body_limit_bytes",
-    "splice_responses",
-    "regions",
-    "health",
-    "limits",
-)
-INTEGER_KEYS = (
-    "timeout_base_ms",
-    "shutdown_grace_ms",
-    "client_timeout_ms",
-    "drain_grace_ms",
-    "session_idle_timeout",
-    "max_sessions",
-    "retry_body_limit_bytes",
-)
+TOP_LEVEL_KEYS = _keys(Config)
+INTEGER_KEYS = tuple(_int_minimums(Config))
 MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
 # Bound to a socket or a directory when lbd starts: a reload that changes one is refused (restart lbd).

@@ -1,10 +1,11 @@
 """The daemon: wires registry, sessions, balancer, proxy and admin API, and owns their lifetimes.
 
-Three phases, as in uvicorn: startup (bind every listener, or fail with a clear message), serve
-until SIGTERM/SIGINT, shutdown (stop accepting, let requests in flight finish within the grace
-period, snapshot the sticky sessions, remove the socket file). State saved in the state directory
-is restored before the listeners open (see lbd/state.py). SIGHUP reloads the config file, like
-`lbctl reload` (see lbd/reload.py).
+Three phases, as in uvicorn: start (bind every listener, or fail with a clear message), serve
+until SIGTERM/SIGINT, shut down (stop accepting, let requests in flight finish within the grace
+period, snapshot the sticky sessions, remove the socket file). Everything the start opens is
+registered in one exit stack, so it is closed however the daemon ends, a failed start included.
+State saved in the state directory is restored before the listeners open (see lbd/state.py).
+SIGHUP reloads the config file, like `lbctl reload` (see lbd/reload.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 
 from aiohttp import web
 
-from lbd.admin.app import AdminState, create_admin_app
+from lbd.admin.app import create_admin_app
+from lbd.admin.common import AdminState
 from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
@@ -81,70 +83,64 @@ class Daemon:
             await reloader.reload()
 
     async def run(self) -> None:
+        """Start (every listener bound, or a clear error), serve until SIGTERM/SIGINT, shut down.
+        Whatever the start opened is closed again however it ends, a failed start included."""
+        async with contextlib.AsyncExitStack() as opened:
+            proxy, reloader = await self._start(opened)
+            await self._serve(proxy, reloader)
+        log.info("stopped")
+
+    async def _start(self, opened: contextlib.AsyncExitStack) -> tuple[ProxyServer, Reloader]:
+        """Open the proxy and admin listeners, the health checker and the session sweeper; each is
+        registered with `opened` as soon as it exists, so a later failure closes it again."""
         config = self.config
         loop = asyncio.get_running_loop()
         _raise_fd_limit(config.limits.max_connections)
         proxy_ctx = ProxyContext(loop, self.registry, self.balancer, config)
         proxy = ProxyServer(proxy_ctx)
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)
-        runners: list[web.AppRunner] = []
-        sweeper: asyncio.Task[None] | None = None
+        opened.callback(remove_socket, config.admin_socket, admin_inode)
+        opened.callback(admin_sock.close)
         checker = HealthChecker(self.registry, config.health)
         reloader = Reloader(
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
             proxy=proxy_ctx, checker=checker, state=self.keeper,
         )  # fmt: skip
+        address = await _listen(proxy, config)
+        opened.push_async_callback(proxy.close)
+        listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
+        state = AdminState(
+            reloader, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic(),
+            persist=self._persist,
+        )  # fmt: skip
+        opened.push_async_callback((await _serve(create_admin_app(state), web.SockSite, admin_sock)).cleanup)
+        if config.admin_listen is not None:
+            tcp_app = create_tcp_admin_app(state)
+            listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, opened, "the admin API")
+        if config.metrics_listen is not None:
+            collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats)
+            metrics_app = create_metrics_app(collectors)
+            listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, opened, "metrics")
+            log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
+        sweeper = loop.create_task(self._sweep_sessions())
+        opened.push_async_callback(_cancelled, sweeper)
+        await checker.start()
+        opened.push_async_callback(checker.stop)
         signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
                    signal.SIGHUP: lambda: self._reload_on_sighup(reloader)}  # fmt: skip
-        try:
-            address = await _listen(proxy, config)
-            listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
-            state = AdminState(
-                reloader,
-                self.registry,
-                self.balancer,
-                self.sessions,
-                proxy_ctx,
-                listeners,
-                time.monotonic(),
-                persist=self._persist,
-            )
-            runners.append(await _serve(create_admin_app(state), web.SockSite, admin_sock))
-            if config.admin_listen is not None:
-                tcp_app = create_tcp_admin_app(state)
-                listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, runners, "the admin API")
-            if config.metrics_listen is not None:
-                collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats)
-                metrics_app = create_metrics_app(collectors)
-                listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, runners, "metrics")
-                log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
-            sweeper = loop.create_task(self._sweep_sessions())
-            await checker.start()
-            for signum, handler in signals.items():
-                loop.add_signal_handler(signum, handler)
-            log.info(
-                "proxy listening on http://%s (%s mode, %d servers, %s data plane); admin API on %s",
-                address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
-            )  # fmt: skip
-            await self._serve_until_stopped(proxy, reloader)
-        finally:
-            await checker.stop()
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
-            for runner in runners:
-                await runner.cleanup()
-            admin_sock.close()
-            remove_socket(config.admin_socket, admin_inode)
-            for signum in signals:
-                loop.remove_signal_handler(signum)
-        log.info("stopped")
+        for signum, handler in signals.items():
+            loop.add_signal_handler(signum, handler)
+            opened.callback(loop.remove_signal_handler, signum)
+        log.info(
+            "proxy listening on http://%s (%s mode, %d servers, %s data plane); admin API on %s",
+            address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
+        )  # fmt: skip
+        return proxy, reloader
 
-    async def _serve_until_stopped(self, proxy: ProxyServer, reloader: Reloader) -> None:
-        """The serve phase, once every listener is up: wait for SIGTERM/SIGINT, stop the proxy (requests
-        in flight finish within the grace period in effect), then snapshot the sticky sessions."""
+    async def _serve(self, proxy: ProxyServer, reloader: Reloader) -> None:
+        """Serve until SIGTERM/SIGINT, then stop the proxy gracefully (requests in flight finish
+        within the grace period in effect) and snapshot the sticky sessions."""
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
@@ -197,9 +193,15 @@ async def _serve(
     return runner
 
 
-async def _serve_tcp(app: web.Application, address: Address, runners: list[web.AppRunner], what: str) -> str:
-    """Serve `app` on TCP (its runner joins `runners`); returns the bound address (port 0 resolved)."""
+async def _serve_tcp(app: web.Application, address: Address, opened: contextlib.AsyncExitStack, what: str) -> str:
+    """Serve `app` on TCP (cleaned up with `opened`); returns the bound address (port 0 resolved)."""
     runner = await _serve(app, web.TCPSite, address.host, address.port, what=what)
-    runners.append(runner)
+    opened.push_async_callback(runner.cleanup)
     host, port = runner.addresses[0][:2]
     return str(Address(host, port))
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -118,6 +118,13 @@ class Server:
     def id(self) -> str:
         return self.spec.id
 
+    @property
+    def in_rotation(self) -> bool:
+        """Takes new requests: its health admits traffic and it is not draining. The one meaning of
+        "in rotation" everywhere (`lbctl servers`, `lbctl status`, routing)."""
+        state = self.state
+        return state.health.in_rotation and not state.draining
+
     def to_json(self, now: float, wall_offset: float) -> dict[str, Any]:
         """`now` is the monotonic clock; `wall_offset` turns monotonic times into Unix times."""
         state = self.state
@@ -129,7 +136,7 @@ class Server:
         return {
             **self.spec.to_json(),
             "health": state.health.value,
-            "in_rotation": state.health.in_rotation and not state.draining,
+            "in_rotation": self.in_rotation,
             "draining": state.draining,
             "active": state.active,
             "requests": state.requests,

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lbd.admin.app import AdminState, create_admin_app
+from lbd.admin.app import create_admin_app
+from lbd.admin.common import AdminState
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
 from lbd.config import Config, ConfigSource

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness.backends import Backend, backends
-from tests.harness.clients import RawConnection, build_request, wait_for
-from tests.harness.daemon import Lbd, running_lbd
+from tests.harness.clients import RawConnection, build_request
+from tests.harness.daemon import Lbd, running_lbd, wait_until
 
 LIMITS = """
 [limits]
@@ -194,7 +194,7 @@ def test_chunked_body_growing_past_the_limit_is_413(limited: tuple[Lbd, Backend]
         response = connection.read_response()
         assert response.status == 413
         assert connection.closed_by_peer(2.0)
-    assert wait_for(lambda: all(s["active"] == 0 for s in daemon.servers().values()), timeout=3)
+    wait_until(lambda: all(s["active"] == 0 for s in daemon.servers().values()), timeout=3)
     assert serves(daemon)
 
 
@@ -265,13 +265,13 @@ def test_connections_beyond_max_connections_get_503_and_are_closed(tmp_path: Pat
     with backends("solo") as (backend,), running_lbd(["--config", str(config)], [backend.entry()]) as daemon:
         held = [RawConnection(daemon.port) for _ in range(40)]
         try:
-            wait_for(lambda: daemon.get("/v1/status")["clients"]["connections"] == 40)
+            wait_until(lambda: daemon.get("/v1/status")["clients"]["connections"] == 40)
             with RawConnection(daemon.port) as extra:
                 response = extra.read_response()
                 assert response.status == 503 and "too many client connections" in response.body.decode()
                 assert extra.closed_by_peer(2.0)
             held.pop().close()
-            wait_for(lambda: daemon.get("/v1/status")["clients"]["connections"] == 39)
+            wait_until(lambda: daemon.get("/v1/status")["clients"]["connections"] == 39)
             assert serves(daemon)  # room again
         finally:
             for connection in held:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.harness.backends import Backend, backends
-from tests.harness.clients import RawConnection, build_request, closed_port, curl, raw_exchange, wait_for
+from tests.harness.clients import RawConnection, build_request, closed_port, curl, raw_exchange
 from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
 
 
@@ -88,7 +88,7 @@ def test_unreachable_backend_is_a_fast_502_naming_the_server() -> None:
             assert status == 502, body
             assert b"dead-1" in body
             assert elapsed < 1.0, f"502 took {elapsed:.2f} s"
-        assert wait_for(lambda: no_active_requests(daemon))
+        wait_until(lambda: no_active_requests(daemon))
         assert daemon.servers()["dead-1"]["errors"] >= 3
 
 
@@ -127,7 +127,7 @@ def test_slow_backend_is_a_504_after_the_timeout() -> None:
         finally:
             connection.close()
         assert serves(daemon)
-        assert wait_for(lambda: no_active_requests(daemon))
+        wait_until(lambda: no_active_requests(daemon))
 
 
 # --- 4. no servers ----------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_malformed_chunked_body_mid_request_does_not_hang(single: tuple[Lbd, Bac
     assert outcome.startswith(("HTTP/1.1 400", "closed", "connection reset")), (
         f"malformed chunked body: {outcome} (after {elapsed:.1f} s)"
     )
-    assert wait_for(lambda: no_active_requests(daemon), timeout=3), daemon.servers()
+    wait_until(lambda: no_active_requests(daemon), timeout=3)
     assert serves(daemon)
 
 
@@ -318,8 +318,8 @@ def test_lbd_still_healthy_after_error_storm(single: tuple[Lbd, Backend]) -> Non
         with RawConnection(daemon.port) as connection:  # client gives up mid-download
             connection.send(build_request("GET", "/bytes/20000000", {"Host": "h", "client-id": "c"}))
             connection.read_head()
-    assert wait_for(lambda: no_active_requests(daemon))
-    assert wait_for(lambda: daemon.get("/v1/status")["clients"]["connections"] == 0), daemon.get("/v1/status")
+    wait_until(lambda: no_active_requests(daemon))
+    wait_until(lambda: daemon.get("/v1/status")["clients"]["connections"] == 0)
     assert serves(daemon)
 
 

@@ -10,6 +10,8 @@ on another connection must still get its own response (no response-queue poisoni
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,6 +102,16 @@ REFUSED_400 = {
     "target-not-a-path": b"GET x HTTP/1.1\r\n" + H + b"\r\n",
     "target-other-scheme": b"GET ftp://other/x HTTP/1.1\r\n" + H + b"\r\n",
     "asterisk-not-options": b"GET * HTTP/1.1\r\n" + H + b"\r\n",
+    "host-with-comma": b"GET /x HTTP/1.1\r\nHost: evil.example,good.example\r\nclient-id: c\r\n\r\n",
+    "two-client-ids": b"GET /x HTTP/1.1\r\nHost: h\r\nclient-id: a\r\nclient-id: b\r\n\r\n",
+    # llhttp parses nothing after the head of an upgrade request: a body it declares would never be
+    # forwarded, and the server would read lbd's next request on that connection as that body
+    "upgrade-with-length": b"GET /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Content-Length: 5\r\n\r\nhello",
+    "h2c-with-length": b"GET /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+    b"Content-Length: 22\r\n\r\n",
+    "upgrade-with-chunked": b"POST /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n" + chunked(SMUGGLED),
 }
 
 PROBES: dict[str, Probe] = {name: Probe(raw, 400) for name, raw in REFUSED_400.items()}
@@ -173,6 +185,17 @@ PROBES |= {
     "chunked-tab": Probe(post(b"Transfer-Encoding:\tchunked\r\n", chunked(SMUGGLED)), 200, (("POST", "/p"),)),
     "options-asterisk": Probe(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 200, (("OPTIONS", "*"),)),
     "absolute-form": Probe(b"GET http://other.example/x?q=1 HTTP/1.1\r\n" + H + b"\r\n", 200, (("GET", "/x?q=1"),)),
+    "absolute-form-options": Probe(
+        b"OPTIONS http://other.example HTTP/1.1\r\n" + H + b"\r\n", 200, (("OPTIONS", "*"),)
+    ),
+    "host-with-trailing-whitespace": Probe(
+        b"GET /x HTTP/1.1\r\nHost: h \t\r\nclient-id: c\r\n\r\n", 200, (("GET", "/x"),)
+    ),
+    "upgrade-without-body": Probe(
+        b"GET /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+        200,
+        (("GET", "/ws"),),
+    ),
     "http10-without-host": Probe(b"GET /old HTTP/1.0\r\nclient-id: c\r\n\r\n", 200, (("GET", "/old"),)),
 }
 
@@ -242,6 +265,53 @@ def test_an_absolute_form_target_sets_host_and_x_forwarded_host(proxied: tuple[L
     assert seen.target == "/x"
     assert seen.header_all("host") == ["other.example:8080"]
     assert seen.header_all("x-forwarded-host") == ["other.example:8080"]
+
+
+def test_a_client_s_forwarded_header_never_contradicts_lbd_s_own(proxied: tuple[Lbd, RecordingBackend]) -> None:
+    """lbd states the client's address, protocol and host in X-Forwarded-*; RFC 7239's Forwarded from
+    a client could say otherwise, so it is removed, and Host is trimmed of trailing whitespace."""
+    daemon, backend = proxied
+    before = len(backend.seen)
+    with RawConnection(daemon.port) as connection:
+        connection.send(
+            b"GET /x HTTP/1.1\r\nHost: front.example \r\nclient-id: c\r\n"
+            b"Forwarded: for=1.2.3.4;host=evil.example;proto=https\r\nX-Forwarded-Proto: https\r\n\r\n"
+        )
+        assert connection.read_response().status == 200
+    (seen,) = backend.seen[before:]
+    assert seen.header("forwarded") is None
+    assert seen.header_all("host") == seen.header_all("x-forwarded-host") == ["front.example"]
+    assert seen.header_all("x-forwarded-proto") == ["http"]
+
+
+def test_a_trailer_that_never_ends_is_refused_and_costs_nothing(proxied: tuple[Lbd, RecordingBackend]) -> None:
+    """llhttp gathers a trailer field until its line ends: a client that never ends it is cut once
+    its framing passes max_header_bytes, while everybody else is served."""
+    daemon, _ = proxied
+    with RawConnection(daemon.port) as attacker:
+        attacker.send(post(b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nX-T: "))
+        sent = 0
+        while sent < 8 << 20 and not select.select([attacker.sock], [], [], 0.01)[0]:  # bounded, far past the limit
+            attacker.send(b"a" * 65536)
+            sent += 65536
+        response = attacker.read_response()
+        assert response.status == 431 and b"chunk framing and trailer" in response.body, response
+        assert sent <= 1 << 20, f"lbd read {sent} bytes of an endless trailer before refusing it"
+    with RawConnection(daemon.port) as victim:
+        victim.send(build_request("GET", "/victim", {"client-id": "v"}))
+        assert victim.read_response().status == 200
+
+
+def test_a_half_closed_client_gets_the_answers_to_what_it_sent(proxied: tuple[Lbd, RecordingBackend]) -> None:
+    """A client that sends its requests and then its FIN (`nc -N`, some scripts) is answered, every
+    pipelined request in order, before lbd closes."""
+    daemon, _ = proxied
+    with RawConnection(daemon.port) as client:
+        client.send(build_request("GET", "/one", {"client-id": "h"}) + build_request("GET", "/two", {"client-id": "h"}))
+        client.sock.shutdown(socket.SHUT_WR)
+        bodies = [client.read_response().body for _ in range(2)]
+        assert [body.split(b" #")[0] for body in bodies] == [b"seen GET /one", b"seen GET /two"]
+        assert client.closed_by_peer()
 
 
 def test_an_http10_request_without_host_gets_the_server_s_address(proxied: tuple[Lbd, RecordingBackend]) -> None:
@@ -380,7 +450,7 @@ def test_an_idempotent_request_reset_after_reading_is_retried() -> None:
 def test_a_post_after_a_long_idle_never_meets_a_closing_pooled_connection() -> None:
     """The keep-alive race: a server resets, unprocessed, a request that arrives on a connection idle
     past its keep-alive timeout. A GET on such a pooled connection is retried on a new one; a POST is
-    never sent over a connection idle that long (NON_IDEMPOTENT_REUSE_S), so it needs no retry."""
+    never sent over a connection idle that long (non_idempotent_reuse_ms), so it needs no retry."""
     with (
         recording_backend(idle_timeout_s=1.2) as backend,
         running_lbd(entries=[server_entry("r", backend.port)]) as daemon,
@@ -399,7 +469,7 @@ def test_a_post_after_a_long_idle_never_meets_a_closing_pooled_connection() -> N
 
 
 def test_a_post_reuses_a_connection_that_just_served() -> None:
-    """Within NON_IDEMPOTENT_REUSE_S a pooled connection is trusted for a POST too: sequential POSTs
+    """Within non_idempotent_reuse_ms a pooled connection is trusted for a POST too: sequential POSTs
     keep one upstream connection."""
     with recording_backend() as backend, running_lbd(entries=[server_entry("r", backend.port)]) as daemon:
         with RawConnection(daemon.port) as client:

@@ -9,41 +9,21 @@ acknowledged change survives a crash.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 
-from lbd.admin.app import ApiError, server_json, state_of
+from lbd.admin.common import ApiError, persist, read_json, state_of
+from lbd.admin.views import server_json
 from lbd.config import MODES, Mode, parse_server_list
-from lbd.errors import LbError, ValidationError
+from lbd.errors import ValidationError
 from lbd.models import Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 from lbd.reload import ReloadError
 
+routes = web.RouteTableDef()
 DRAIN_POLL_S = 0.05
-
-
-def persist(request: web.Request) -> None:
-    """Save the state file (write, fsync, rename) before the change is acknowledged."""
-    try:
-        state_of(request).persist()
-    except LbError as exc:
-        raise ApiError(
-            500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"
-        ) from None
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or an HTTP 400 error envelope naming the parse problem."""
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "bad_json", "request body is not usable JSON: nested too deeply") from None
 
 
 def parse_registration(payload: object, known_regions: frozenset[str]) -> list[ServerSpec]:
@@ -70,6 +50,7 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
 
+@routes.post("/v1/servers")
 async def register(request: web.Request) -> web.Response:
     specs = parse_registration(await read_json(request), state_of(request).config.regions.server_regions)
     return register_all(request, specs)
@@ -86,11 +67,15 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
     while wait and server.state.active > 0 and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)
     in_flight = server.state.active
-    if state.registry.get(server_id) is server:  # not re-registered under this id while it drained
-        state.registry.deregister(server_id)
-        state.sessions.remove_server(server_id)
-        persist(request)
-        state.proxy.pool.close_idle(server_id=server_id)
+    if state.registry.get(server_id) is not server:
+        raise ApiError(
+            409, "conflict", f"server {server_id!r} was removed and registered again while it drained; "
+            "the new registration was left in place", "id",
+        )  # fmt: skip
+    state.registry.deregister(server_id)
+    state.sessions.remove_server(server_id)
+    persist(request)
+    state.proxy.pool.close_idle(server_id=server_id)
     return web.json_response(
         {
             "removed": server_id,
@@ -101,15 +86,18 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
     )
 
 
+@routes.delete("/v1/servers/{server_id}")
 async def deregister(request: web.Request) -> web.Response:
     now = request.query.get("now", "false").lower() in ("1", "true", "yes")
     return await remove_server(request, request.match_info["server_id"], wait=not now)
 
 
+@routes.post("/v1/servers/{server_id}/drain")
 async def drain(request: web.Request) -> web.Response:
     return _set_draining(request, True)
 
 
+@routes.post("/v1/servers/{server_id}/undrain")
 async def undrain(request: web.Request) -> web.Response:
     return _set_draining(request, False)
 
@@ -123,10 +111,7 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
     return web.json_response(server_json(server))
 
 
-async def get_mode(request: web.Request) -> web.Response:
-    return web.json_response({"mode": state_of(request).balancer.mode})
-
-
+@routes.put("/v1/mode")
 async def put_mode(request: web.Request) -> web.Response:
     payload = await read_json(request)
     mode = payload.get("mode") if isinstance(payload, dict) else None
@@ -139,52 +124,7 @@ async def put_mode(request: web.Request) -> web.Response:
     return web.json_response({"mode": mode, "previous": previous})
 
 
-async def list_sessions(request: web.Request) -> web.Response:
-    state = state_of(request)
-    server_filter = request.query.get("server")
-    region_filter = request.query.get("region")
-    try:
-        limit = int(request.query.get("limit", "1000"))
-    except ValueError:
-        raise ApiError(400, "bad_query", "query parameter 'limit' must be an integer") from None
-    now = time.monotonic()
-    idle_timeout = state.sessions.idle_timeout_s
-    rows: list[dict[str, object]] = []
-    matched = 0
-    for client_id, session in reversed(list(state.sessions.items(now))):
-        if server_filter and session.server_id != server_filter:
-            continue
-        if region_filter and session.region != region_filter:
-            continue
-        matched += 1
-        if len(rows) < limit:
-            idle = now - session.last_seen
-            rows.append(
-                {
-                    "client_id": client_id,
-                    "server": session.server_id,
-                    "region": session.region,
-                    "idle_s": round(idle, 3),
-                    "expires_in_s": round(idle_timeout - idle, 3),
-                }
-            )
-    return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
-
-
-async def sessions_summary(request: web.Request) -> web.Response:
-    """Counts per server and per client region, kept incrementally (no scan of the table)."""
-    sessions = state_of(request).sessions
-    return web.json_response(
-        {
-            "total": len(sessions),
-            "by_server": dict(sessions.by_server),
-            "by_region": dict(sessions.by_region),
-            "evicted": sessions.evicted,
-            "expired": sessions.expired,
-        }
-    )
-
-
+@routes.delete("/v1/sessions/{client_id}")
 async def clear_session(request: web.Request) -> web.Response:
     client_id = request.match_info["client_id"]
     if not state_of(request).sessions.remove(client_id):
@@ -192,6 +132,7 @@ async def clear_session(request: web.Request) -> web.Response:
     return web.json_response({"cleared": client_id})
 
 
+@routes.delete("/v1/sessions")
 async def clear_server_sessions(request: web.Request) -> web.Response:
     server_id = request.query.get("server")
     if not server_id:
@@ -199,23 +140,10 @@ async def clear_server_sessions(request: web.Request) -> web.Response:
     return web.json_response({"cleared": state_of(request).sessions.remove_server(server_id), "server": server_id})
 
 
+@routes.post("/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
     """Re-read the config file and apply it live; an invalid one changes nothing (422, its message)."""
     try:
         return web.json_response(await state_of(request).reloader.reload())
     except ReloadError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/servers", register)
-    app.router.add_delete("/v1/servers/{server_id}", deregister)
-    app.router.add_post("/v1/servers/{server_id}/drain", drain)
-    app.router.add_post("/v1/servers/{server_id}/undrain", undrain)
-    app.router.add_get("/v1/mode", get_mode)
-    app.router.add_put("/v1/mode", put_mode)
-    app.router.add_get("/v1/sessions", list_sessions)
-    app.router.add_get("/v1/sessions/summary", sessions_summary)
-    app.router.add_delete("/v1/sessions", clear_server_sessions)
-    app.router.add_delete("/v1/sessions/{client_id}", clear_session)
-    app.router.add_post("/v1/reload", reload_config)

@@ -10,8 +10,9 @@ import hmac
 
 from aiohttp import web
 
-from lbd.admin.app import AdminState, ApiError, Handler, api_error, create_admin_app, state_of
-from lbd.admin.mutations import read_json, register, remove_server
+from lbd.admin.app import create_admin_app
+from lbd.admin.common import AdminState, ApiError, Handler, api_error, read_json, state_of
+from lbd.admin.mutations import register, remove_server
 
 
 def bearer_token_required(state: AdminState) -> object:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 
@@ -19,6 +20,7 @@ from lbd.health.machine import probe_due
 from lbd.models import Server
 from lbd.registry import Registry
 
+log = logging.getLogger("lbd.health")
 JITTER = 0.1  # each wait is the interval +-10%, so checks of many servers do not align
 MAX_CONCURRENT_PROBES = 512
 
@@ -28,6 +30,7 @@ class HealthChecker:
         self.registry = registry
         self.settings = settings
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._checked: dict[str, Server] = {}  # the server each checker in `_tasks` checks
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -38,6 +41,7 @@ class HealthChecker:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        self._checked.clear()
         await _cancel(tasks)
         if self._session is not None:
             await self._session.close()
@@ -52,6 +56,7 @@ class HealthChecker:
             return
         session, tasks = self._session, list(self._tasks.values())
         self._tasks.clear()
+        self._checked.clear()
         self._session = self._new_session()  # before anything awaits: new checkers never see the old one
         self._sync()
         await _cancel(tasks)
@@ -64,14 +69,31 @@ class HealthChecker:
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
     def _sync(self) -> None:
-        """Start a checker for each new server, stop those of removed ones."""
+        """Start a checker for each new server (a re-registered id is a new server), stop those of
+        servers that are gone."""
         current = {server.id: server for server in self.registry.servers()}
-        for server_id in set(self._tasks) - set(current):
-            self._tasks.pop(server_id).cancel()
+        for server_id in list(self._tasks):
+            if current.get(server_id) is not self._checked.get(server_id):
+                self._tasks.pop(server_id).cancel()
+                del self._checked[server_id]
         for server_id, server in current.items():
-            task = self._tasks.get(server_id)
-            if task is None or task.done():
-                self._tasks[server_id] = asyncio.get_running_loop().create_task(self._check_forever(server))
+            if server_id not in self._tasks:
+                self._start_checker(server)
+
+    def _start_checker(self, server: Server) -> None:
+        task = asyncio.get_running_loop().create_task(self._check_forever(server))
+        task.add_done_callback(lambda ended: self._checker_ended(ended, server))
+        self._tasks[server.id] = task
+        self._checked[server.id] = server
+
+    def _checker_ended(self, task: asyncio.Task[None], server: Server) -> None:
+        """A checker only ends by being cancelled; one that crashed (a bug) is logged with its
+        traceback and started again, so its server keeps being checked."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("health checker of server %s crashed; starting it again", server.id, exc_info=error)
+        if self._tasks.get(server.id) is task and self.registry.get(server.id) is server:
+            self._start_checker(server)  # its first check waits part of an interval: no busy loop
 
     async def _check_forever(self, server: Server) -> None:
         interval = self.settings.interval_ms / 1000.0

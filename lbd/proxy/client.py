@@ -51,6 +51,7 @@ class ClientConnection(FlowControlled):
         self.client_ip = b"unknown"
         self.forwarded_for_line = b"X-Forwarded-For: unknown\r\n"  # for requests that bring no X-Forwarded-For
         self.closing = False
+        self.half_closed = False  # the client sent its FIN after whole requests: close once they are answered
         self.write_paused = False
         self.feeding = False  # parsing our bytes: upstream writes they cause are gathered until the end
         self.gathering: list[FlowControlled] = []  # upstream connections whose writes are gathered
@@ -61,6 +62,7 @@ class ClientConnection(FlowControlled):
         self.head_received = 0  # bytes read while a head was incomplete (bounds what the parser buffers)
         self.header_count = 0
         self.body_bytes = 0
+        self.framing_bytes = 0  # bytes of chunk framing and trailer read since the last body data
         self.deadline = 0  # the header timeout's (or linger's) handle on the deadline wheel; 0 when unarmed
         self.lingering = False  # answered and half-closed; dropping what the client still sends
         self.linger_on_close = False  # the request being answered was refused before it was all read
@@ -95,10 +97,13 @@ class ClientConnection(FlowControlled):
             self._keep_early_tunnel_bytes(upgrading, data)
             return
         self.feeding = True
+        body_before = self.body_bytes
         try:
             self.parser.feed_data(data)
             if self.in_head:
                 self._head_incomplete(len(data))
+            elif self.parsing is not None and self.head.chunked:
+                self._chunk_framing(len(data), self.body_bytes > body_before)
         except httptools.HttpParserUpgrade as upgrade:
             upgrading = self.upgrading  # set by on_message_complete during the feed
             if upgrading is not None:
@@ -130,6 +135,15 @@ class ClientConnection(FlowControlled):
             waiting.client_lost()
         self.queue.clear()
 
+    def eof_received(self) -> bool | None:
+        """The client half-closed (it will send nothing more): the requests it sent whole are still
+        answered, then the connection closes, as HAProxy keeps half-closed clients; a request cut off
+        mid-way, an idle connection or a tunnel close with it."""
+        if self.parsing is not None or self.tunnel is not None or self.active is None:
+            return None
+        self.half_closed = True
+        return True  # keep the transport open for writing
+
     def pause_writing(self) -> None:
         self.write_paused = True
         self._hold_source(True)
@@ -156,7 +170,7 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing = Exchange(self)
         self.head = exchange.request
         self.in_head = True
-        self.head_bytes = self.head_received = self.header_count = self.body_bytes = 0
+        self.head_bytes = self.head_received = self.header_count = self.body_bytes = self.framing_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         head = self.head
@@ -190,7 +204,8 @@ class ClientConnection(FlowControlled):
         if breach is not None:
             raise breach
         head = exchange.request
-        refused = head.complete(self.parser.get_method(), self._http_version(head.conn_tokens))
+        upgrading = head.upgrade is not None and self.parser.should_upgrade()  # llhttp's view, not a guess
+        refused = head.complete(self.parser.get_method(), self._http_version(head.conn_tokens), upgrading)
         if refused is not None:
             raise refused
         max_body = self.limits.max_body_bytes
@@ -226,11 +241,10 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing
         if exchange is None:
             return  # the request was answered before its body arrived (refused): the rest is dropped
+        self.body_bytes += len(body)
         max_body = self.limits.max_body_bytes
-        if max_body:
-            self.body_bytes += len(body)
-            if self.body_bytes > max_body:
-                raise body_too_large(max_body)
+        if max_body and self.body_bytes > max_body:
+            raise body_too_large(max_body)
         exchange.request_body(body)
 
     def on_message_complete(self) -> None:
@@ -269,7 +283,7 @@ class ClientConnection(FlowControlled):
         if self.parsing is exchange or self.linger_on_close:
             self._linger()  # the client may still be sending the request's body
             return
-        if not keep_alive or self.closing or self.upgrading is exchange:
+        if not keep_alive or self.closing or self.upgrading is exchange or (self.half_closed and not self.queue):
             self.close()
             return
         self.idle_since = self.ctx.loop.time()
@@ -336,6 +350,21 @@ class ClientConnection(FlowControlled):
         exchange.early_tunnel += data
         if len(exchange.early_tunnel) > PENDING_LIMIT:
             self.hold(BUFFER_FULL)
+
+    def _chunk_framing(self, received: int, body_progressed: bool) -> None:
+        """A read of a chunked body: one that carried no body data was all framing (size lines,
+        extensions, a trailer that llhttp gathers until its line ends). Bounded like a head, so a
+        trailer line that never ends costs neither memory nor llhttp's re-copying of it."""
+        if body_progressed:
+            self.framing_bytes = 0
+            return
+        self.framing_bytes += received
+        limit = self.limits.max_header_bytes
+        if self.framing_bytes > limit:
+            refused = Refused(
+                431, f"the request's chunk framing and trailer are larger than {limit} bytes", "headers_too_large"
+            )
+            self._refuse(refused)
 
     def _trailer_field(self, name: bytes, value: bytes) -> None:
         """A field of a chunked body's trailer section (llhttp reports it like a header): bounded

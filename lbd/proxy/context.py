@@ -63,6 +63,7 @@ class ProxyContext:
         # client_body_timeout / send_timeout)
         self.client_timeout_s = config.client_timeout_ms / 1000.0
         self.retry_body_limit = config.retry_body_limit_bytes  # request bytes kept to replay a failed attempt
+        self.non_idempotent_reuse_s = config.non_idempotent_reuse_ms / 1000.0
         self.client_id_fallback = config.client_id_fallback  # for a request without client-id
         self.client_id_cookie = config.client_id_cookie.encode()
         self.pool.splice_responses(config.splice_responses)

@@ -47,11 +47,11 @@ if TYPE_CHECKING:
 
 PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
 CHUNK_END: Final = b"0\r\n\r\n"
-# A request that is never sent twice takes a pooled connection only if it was in use this recently: a
-# server closes an idle connection (its keep-alive timeout, 2 s or more for common servers) only after
-# longer, so a failure on it means the server had the request, and the client gets a 502. An older
-# connection might be one the server is closing just now; a new one is opened instead.
-NON_IDEMPOTENT_REUSE_S: Final = 1.0
+# A request that is never sent twice takes a pooled connection only if it was in use within
+# `non_idempotent_reuse_ms` (1 s): a server closes an idle connection (its keep-alive timeout, 2 s or
+# more for common servers) only after longer, so a failure on it means the server had the request, and
+# the client gets a 502. An older connection might be one the server is closing just now; a new one
+# is opened instead.
 ANY_IDLE: Final = float("inf")
 
 
@@ -205,7 +205,7 @@ class Exchange:
         if fresh_connection:
             connection = None
         else:
-            connection = ctx.pool.acquire(server, ANY_IDLE if self.request.idempotent else NON_IDEMPOTENT_REUSE_S)
+            connection = ctx.pool.acquire(server, ANY_IDLE if self.request.idempotent else ctx.non_idempotent_reuse_s)
         if connection is not None:
             self._attach(connection)
         else:
@@ -213,14 +213,16 @@ class Exchange:
             self.connecting.add_done_callback(self._connected)
 
     def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        if task is not self.connecting:
+            # abandoned (its deadline passed and the request went elsewhere, or the exchange ended)
+            # after it had already connected: the connection is not this exchange's to use
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()
+            return
         self.connecting = None
         if task.cancelled():
             return
         error = task.exception()
-        if self.finished:
-            if error is None:
-                task.result().close()
-            return
         if error is not None:
             self._upstream_failed(Outcome.CONNECT_FAILED, _describe_connect_error(error))
             return

@@ -37,6 +37,7 @@ REQUEST_HEADERS: Final = {
     b"x-forwarded-for": X_FORWARDED_FOR,
     b"x-forwarded-proto": DROP,
     b"x-forwarded-host": DROP,
+    b"forwarded": DROP,  # RFC 7239's form of what lbd states in X-Forwarded-*: a client's would contradict it
     b"host": HOST,
     b"client-id": CLIENT_ID,
     b"client-region": CLIENT_REGION,

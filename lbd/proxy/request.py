@@ -53,8 +53,10 @@ class Refused(Exception):
         self.reason = reason  # the lbd_client_rejections_total label
 
 
-# Bytes of a Host value (RFC 3986 reg-name, IP literal, port): unreserved, sub-delims, "%", ":", "[", "]"
-_HOST_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
+# Bytes of a Host value: a DNS name or IP address (RFC 3986 unreserved, "%" of an IPv6 zone, ":" of a
+# port, "[" "]" of an IPv6 literal). reg-name's sub-delims (",;=!$&'()*+") name no real host and make
+# a Host (and X-Forwarded-Host) that reads as a list.
+_HOST_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%:[]"
 # Bytes of a cookie value lbd takes as a client id (RFC 6265 cookie-octet, without quotes)
 _COOKIE_VALUE_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if c not in b'",;\\')
 MAX_COOKIE_ID: Final = 128
@@ -71,6 +73,7 @@ class RequestHead:
         "conn_tokens",
         "content_length",
         "cookie",
+        "duplicated",
         "forwarded_for",
         "has_body",
         "header_pieces",
@@ -94,6 +97,7 @@ class RequestHead:
         self.header_pieces: list[bytes] = []
         self.client_id: bytes | None = None
         self.client_region: bytes | None = None
+        self.duplicated: bytes | None = None  # a routing field sent twice (lbd and the server could differ)
         self.host: bytes | None = None
         self.hosts = 0  # Host fields received (exactly one is valid in HTTP/1.1)
         self.cookie: bytes | None = None
@@ -112,15 +116,21 @@ class RequestHead:
     def field(self, kind: int, name: bytes, value: bytes) -> None:
         """A field lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`). Host and the framing
         fields are written by lbd itself (`upstream_head`), never forwarded as they came."""
+        # llhttp strips the whitespace before a value but keeps the whitespace after it, which is not
+        # part of the value either (RFC 9110 §5.5)
         if kind == CLIENT_ID:
-            self.client_id = value
+            if self.client_id is not None:
+                self.duplicated = name
+            self.client_id = value.rstrip(b" \t")
         elif kind == CLIENT_REGION:
-            self.client_region = value
+            if self.client_region is not None:
+                self.duplicated = name
+            self.client_region = value.rstrip(b" \t")
         elif kind == COOKIE:
             self.cookie = value if self.cookie is None else self.cookie + b"; " + value
         elif kind == HOST:
             self.hosts += 1
-            self.host = value
+            self.host = value.rstrip(b" \t")
             return
         elif kind == CONNECTION:
             self.conn_tokens = self.conn_tokens | connection_tokens(value)
@@ -149,8 +159,10 @@ class RequestHead:
             return  # dropped
         self.header_pieces += (name, SEP, value, CRLF)
 
-    def complete(self, method: bytes, version: str) -> Refused | None:
-        """The head is whole: check what llhttp does not, and settle what is forwarded."""
+    def complete(self, method: bytes, version: str, upgrading: bool) -> Refused | None:
+        """The head is whole: check what llhttp does not, and settle what is forwarded. `upgrading`:
+        llhttp reads this request as asking to switch protocols (it then parses nothing after the
+        head: no body, no next request)."""
         self.method = method
         self.version = version
         self.is_head = method == b"HEAD"
@@ -161,6 +173,9 @@ class RequestHead:
         refused = host_problem(self.hosts, self.host, version)
         if refused is not None:
             return refused
+        if self.duplicated is not None:
+            name = self.duplicated.decode("latin-1")
+            return Refused(400, f"more than one {name} header; lbd routes by one", "malformed")
         if self.url[:1] != b"/":
             try:
                 self.url, authority = origin_form(method, self.url)
@@ -174,15 +189,18 @@ class RequestHead:
             refused = unsupported_coding(self.transfer_encoding)
             if refused is not None:
                 return refused
-        if self.upgrade is not None:
-            if b"upgrade" not in self.conn_tokens:
-                self.upgrade = None
-            else:
-                self.upgrade = without_h2c(self.upgrade)
-                if self.upgrade is None:
-                    # served as a plain request; llhttp reads the rest of the connection as upgraded
-                    # bytes, so nothing more can be parsed on it
-                    self.keep_alive = False
+        if not upgrading:
+            self.upgrade = None
+        elif self.has_body:
+            # llhttp delivers no body for it: the server would wait for (or read as a request) bytes
+            # lbd never forwards
+            return Refused(
+                400, "a request that asks to upgrade carries no body (Content-Length or chunked)", "malformed"
+            )
+        else:
+            self.upgrade = without_h2c(self.upgrade or b"")
+            if self.upgrade is None:
+                self.keep_alive = False  # served as a plain request; nothing after it can be parsed
         return None
 
     def upstream_head(self, server: Server, client_ip: bytes, forwarded_for_line: bytes) -> bytes:
@@ -292,7 +310,7 @@ def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     if not authority or b"@" in authority or not valid_host(authority):
         raise Refused(400, f"the request target {_show(target)} has no valid host (userinfo is refused)", "malformed")
     if path[:1] != b"/":
-        path = b"/" + path
+        path = b"*" if method == b"OPTIONS" and not path else b"/" + path  # RFC 9112 §3.2.4
     return path, authority
 
 

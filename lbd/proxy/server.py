@@ -52,11 +52,19 @@ class ProxyServer:
         """Stop accepting, let requests in flight finish for up to `grace_s`, then cut the rest."""
         if self._server is not None:
             self._server.close()
+            self._server = None
         for connection in list(self.ctx.connections):
             connection.shutdown()
         deadline = time.monotonic() + grace_s
         while self.ctx.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop at once: no more accepting, every connection cut, the sweeper ended (idempotent)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         for connection in list(self.ctx.connections):
             connection.abort()
         self.ctx.pool.close_idle()
@@ -64,3 +72,4 @@ class ProxyServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+            self._sweeper = None

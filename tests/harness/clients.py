@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -306,12 +305,3 @@ def connections_to_port(port: int, state: str | None = None) -> set[int]:
             elif local_port == port and remote_port != 0:
                 peers.add(remote_port)
     return peers
-
-
-def wait_for(condition: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    value = condition()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = condition()
-    return value

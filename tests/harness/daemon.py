@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,19 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lbctl.client import UnixHTTPConnection
+
 STARTUP_TIMEOUT_S = 15.0
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -94,7 +83,7 @@ class Lbd:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """One admin API call; returns (status, parsed JSON or text)."""
-        connection = UnixHTTPConnection(str(self.socket))
+        connection = UnixHTTPConnection(self.socket, timeout=10.0)
         try:
             payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
             connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})

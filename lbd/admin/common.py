@@ -1,0 +1,118 @@
+"""What every admin handler shares: the state it reads (and changes through), the error envelope
+with its stable codes, and reading a request's JSON body.
+
+Every error is `{"error": {"code": ..., "message": ..., "field"?: ...}}`; lbctl maps the codes to exit
+codes, so they never change meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from lbd.balancer import Balancer
+from lbd.config import Config
+from lbd.errors import LbError
+from lbd.proxy.context import ProxyContext
+from lbd.registry import Registry
+from lbd.reload import Reloader
+from lbd.sessions import SessionTable
+
+log = logging.getLogger("lbd.admin")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminState:
+    """Everything the admin handlers may read (and, through the registry and balancer, change)."""
+
+    reloader: Reloader
+    registry: Registry
+    balancer: Balancer
+    sessions: SessionTable
+    proxy: ProxyContext
+    listeners: dict[str, str]
+    started_at: float
+    persist: Callable[[], None] = lambda: None  # saves the state file; called before answering a change
+
+    @property
+    def config(self) -> Config:
+        """The configuration in effect: a reload replaces it."""
+        return self.reloader.config
+
+
+ADMIN_STATE = web.AppKey("admin_state", AdminState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def state_of(request: web.Request) -> AdminState:
+    return request.app[ADMIN_STATE]
+
+
+class ApiError(Exception):
+    """Raised by handlers; the middleware turns it into the error envelope."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+
+
+def api_error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    error: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return web.json_response({"error": error}, status=status)
+
+
+@web.middleware
+async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTML errors and any unexpected exception into the JSON envelope."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return api_error(exc.status, exc.code, str(exc), exc.field)
+    except web.HTTPNotFound:  # the path as sent (percent-encoded): a decoded one may hold a line break
+        return api_error(404, "not_found", f"no such endpoint: {request.method} {request.raw_path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.raw_path}; use {allowed}"
+        return api_error(405, "method_not_allowed", message)
+    except web.HTTPRequestEntityTooLarge:
+        return api_error(413, "too_large", "request body is too large for the admin API (4 MiB at most)")
+    except web.HTTPException as exc:
+        return api_error(exc.status, "http_error", exc.reason)
+    except Exception:
+        log.exception("admin API: unexpected error on %s %s", request.method, request.path)
+        return api_error(500, "internal_error", "internal error; see the lbd log")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, or an HTTP 400 error envelope naming the parse problem."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "request body is not usable JSON: nested too deeply") from None
+
+
+def persist(request: web.Request) -> None:
+    """Save the state file (write, fsync, rename) before the change is acknowledged."""
+    try:
+        state_of(request).persist()
+    except LbError as exc:
+        raise ApiError(
+            500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"
+        ) from None
+
+
+def dumps(value: object) -> str:
+    """Compact JSON: lbctl and scripts read it, people read lbctl's rendering."""
+    return json.dumps(value, separators=(",", ":"))

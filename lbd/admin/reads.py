@@ -1,0 +1,151 @@
+"""Admin endpoints that only read: status, servers, routes, sessions, config, the API's description.
+
+They read registry snapshots, the session table and the proxy's counters; nothing here changes state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from lbd import __version__
+from lbd.admin.common import ApiError, dumps, state_of
+from lbd.admin.views import server_json, servers_summary
+from lbd.balancer import BadRoute, NoServer
+from lbd.config import config_to_mapping
+
+routes = web.RouteTableDef()
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+def load_openapi(app: web.Application) -> None:
+    app[OPENAPI] = resources.files("lbd.admin").joinpath("openapi.json").read_bytes()
+
+
+@routes.get("/v1/status")
+async def get_status(request: web.Request) -> web.Response:
+    state = state_of(request)
+    proxy = state.proxy
+    body: dict[str, Any] = {
+        "mode": state.balancer.mode,
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - state.started_at, 3),
+        "listeners": state.listeners,
+        "state_dir": str(state.config.state_dir),
+        "servers": servers_summary(state.registry.servers()),
+        "clients": {"connections": len(proxy.connections), "rejected": dict(proxy.rejections)},
+        "requests": {
+            "total": proxy.requests_total,
+            "responses": dict(proxy.responses),
+            "retries": proxy.retries,
+            "failovers": proxy.failovers,
+        },
+        "sessions": {"total": len(state.sessions)},
+        "reload": {"config_file": _optional_str(state.reloader.source.path), **state.reloader.stats.to_json()},
+    }
+    return web.json_response(body, dumps=dumps)
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+@routes.get("/v1/servers")
+async def list_servers(request: web.Request) -> web.Response:
+    servers = [server_json(server) for server in state_of(request).registry.servers()]
+    return web.json_response({"servers": servers}, dumps=dumps)
+
+
+@routes.get("/v1/servers/{server_id}")
+async def get_server(request: web.Request) -> web.Response:
+    server_id = request.match_info["server_id"]
+    server = state_of(request).registry.get(server_id)
+    if server is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    return web.json_response(server_json(server), dumps=dumps)
+
+
+@routes.get("/v1/route/{client_id}")
+async def explain_route(request: web.Request) -> web.Response:
+    """`lbctl route`: the balancer's decision for a client, with candidates; changes nothing."""
+    state = state_of(request)
+    try:
+        body = state.balancer.explain(request.match_info["client_id"], request.query.get("region"), time.monotonic())
+    except BadRoute as exc:
+        raise ApiError(400, "bad_route", str(exc), "region") from None
+    except NoServer as exc:
+        raise ApiError(503, "no_server", str(exc)) from None
+    return web.json_response(body, dumps=dumps)
+
+
+@routes.get("/v1/config")
+async def get_config(request: web.Request) -> web.Response:
+    """The configuration in effect: the file and flags as loaded, with the mode as switched since."""
+    state = state_of(request)
+    effective = dataclasses.replace(state.config, mode=state.balancer.mode)
+    return web.json_response(config_to_mapping(effective), dumps=dumps)
+
+
+@routes.get("/v1/openapi.json")
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3 description of this API, as kept in lbd/admin/openapi.json."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+@routes.get("/v1/mode")
+async def get_mode(request: web.Request) -> web.Response:
+    return web.json_response({"mode": state_of(request).balancer.mode})
+
+
+@routes.get("/v1/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    state = state_of(request)
+    server_filter = request.query.get("server")
+    region_filter = request.query.get("region")
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        raise ApiError(400, "bad_query", "query parameter 'limit' must be an integer") from None
+    now = time.monotonic()
+    idle_timeout = state.sessions.idle_timeout_s
+    rows: list[dict[str, object]] = []
+    matched = 0
+    for client_id, session in reversed(list(state.sessions.items(now))):
+        if server_filter and session.server_id != server_filter:
+            continue
+        if region_filter and session.region != region_filter:
+            continue
+        matched += 1
+        if len(rows) < limit:
+            idle = now - session.last_seen
+            rows.append(
+                {
+                    "client_id": client_id,
+                    "server": session.server_id,
+                    "region": session.region,
+                    "idle_s": round(idle, 3),
+                    "expires_in_s": round(idle_timeout - idle, 3),
+                }
+            )
+    return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
+
+
+@routes.get("/v1/sessions/summary")
+async def sessions_summary(request: web.Request) -> web.Response:
+    """Counts per server and per client region, kept incrementally (no scan of the table)."""
+    sessions = state_of(request).sessions
+    return web.json_response(
+        {
+            "total": len(sessions),
+            "by_server": dict(sessions.by_server),
+            "by_region": dict(sessions.by_region),
+            "evicted": sessions.evicted,
+            "expired": sessions.expired,
+        }
+    )
