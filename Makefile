@@ -29,10 +29,13 @@ install: $(NATIVE)
 native: $(NATIVE)
 
 # Demo backends from examples/servers.json in the background, lbd in the foreground (Ctrl-C stops both).
+# The demo keeps its state in .lbd-demo/ (not your ~/.local/state/lbd), started afresh each time, so a
+# mode switched or a server drained while trying things is gone at the next `make run`.
+DEMO_STATE := .lbd-demo
 run: $(NATIVE)
-	@$(BIN)/python examples/demo_backends.py examples/servers.json & backends=$$!; \
+	@rm -rf $(DEMO_STATE); $(BIN)/python examples/demo_backends.py examples/servers.json & backends=$$!; \
 	trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT INT TERM; \
-	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml
+	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml --state-dir $(DEMO_STATE)
 
 # Tools the end-to-end tests drive as a user would (curl; tmux, a real terminal for
 # `lbctl status --watch`); installed from the system's packages when missing.
@@ -65,7 +68,7 @@ completions: $(INSTALLED)
 	$(BIN)/python -m lbctl.completions completions
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info build
+	rm -rf $(VENV) $(DEMO_STATE) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info build
 	find lbd -name '*.so' -delete
 
 # `make bench`: lbd against HAProxy and nginx straight on loopback, pinned (python -m bench.compare; e.g.

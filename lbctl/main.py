@@ -17,19 +17,21 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from operator import itemgetter
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote, urlencode
 
 import typer
+from rich.console import Group, RenderableType
 
-from lbctl import views
+from lbctl import suggest, views
 from lbctl.client import ApiError, Client, DaemonUnreachable, PermissionDenied
-from lbctl.output import print_error, show, show_text, waiting, watch
+from lbctl.output import print_error, print_note, show, show_text, waiting, watch
 from lbctl.watch import Frame, Sample, frame
+from lbd import __version__
 from lbd.config import MODES, default_admin_socket
 
 EXIT_ERROR = 1
@@ -49,7 +51,7 @@ WATCH_INTERVAL_S = 1.0
 # lbd answers DELETE /v1/servers/{id} once the server's requests in flight are done or its drain
 # grace (drain_grace_ms, 30 s by default) is over; wait well past that before calling lbd gone.
 REMOVE_TIMEOUT_S = 300.0
-EPILOG = "Exit codes: 0 ok, 1 error reported by lbd, 2 usage error, 3 lbd not reachable, 4 not found, 5 conflict."
+EPILOG = "\b\nExit codes: 0 ok, 1 error reported by lbd, 2 usage error,\n3 lbd not reachable, 4 not found, 5 conflict."
 
 app = typer.Typer(
     help="Inspect and drive a running lbd through its admin socket.",
@@ -57,10 +59,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help: value names (not <bool>), 80 columns, greppable
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the admin API's JSON instead of a table.")]
-ServerIdArg = Annotated[str, typer.Argument(metavar="ID", help="The server's id, as `lbctl servers` lists it.")]
+ServerIdArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="ID", help="The server's id, as `lbctl servers` lists it.", autocompletion=suggest.server_ids
+    ),
+]
+ServerIdsArg = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="ID...",
+        help="One or more server ids, as `lbctl servers` lists them.",
+        autocompletion=suggest.server_ids,
+    ),
+]
 
 
 class UsageProblem(Exception):
@@ -69,6 +85,12 @@ class UsageProblem(Exception):
 
 # The daemon's mode names, as a choice Typer validates (a typo is a usage error, exit 2).
 Mode = StrEnum("Mode", {mode.upper(): mode for mode in MODES})  # type: ignore[misc]
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"lbctl {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -85,6 +107,10 @@ def root(
             help="lbd's admin socket (default: $XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock).",
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, help="Print lbctl's version."),
+    ] = False,
 ) -> None:
     # Same default as `lbd start`, so both find each other with no flags at all.
     ctx.obj = Client(socket_path or default_admin_socket())
@@ -115,7 +141,10 @@ def status(
         typer.Option("--count", metavar="N", show_default=False, help="With --watch: stop after N refreshes."),
     ] = None,
 ) -> None:
-    """Show lbd's mode, listeners, uptime, server health and traffic counters (--watch: live)."""
+    """Show lbd's mode, listeners, uptime, server health and traffic counters (--watch: live).
+
+    Example: lbctl status --watch --interval 0.5
+    """
     if not watch_:
         if interval is not None or count is not None:
             raise UsageProblem("--interval and --count only apply with --watch")
@@ -146,6 +175,7 @@ def route(
             "--region",
             metavar="REGION",
             help="The client's region, as its client-region header would say (dynamic mode).",
+            autocompletion=suggest.client_regions,
         ),
     ] = None,
     as_json: JsonFlag = False,
@@ -153,22 +183,44 @@ def route(
     """Show which server lbd would pick for a client now and why, with the ranked candidates; sends nothing.
 
     Reasons: hash, hash_next (static); sticky, best_in_region, fallback_region, backup_nearly_full, moved (dynamic).
+
+    Example: lbctl route alice --region eu-west
     """
     if not client_id:
         raise UsageProblem("CLIENT_ID must not be empty")
-    answer = _client(ctx).get(f"/v1/route/{_segment(client_id)}{_query(region=region)}")
+    client = _client(ctx)
+    try:
+        answer = client.get(f"/v1/route/{_segment(client_id)}{_query(region=region)}")
+    except ApiError as exc:
+        if exc.code != "bad_route":
+            raise
+        known = ", ".join(suggest.client_regions_of(client))
+        if region is None:
+            needs = "lbd is in dynamic mode, which routes a client by its region: pass --region REGION"
+            raise ApiError(exc.status, exc.code, f"{needs} (client regions: {known})") from None
+        raise ApiError(
+            exc.status, exc.code, f"--region {region!r} is not a client region; client regions: {known}"
+        ) from None
+    if region is not None and answer.get("mode") == "static":
+        print_note("--region has no effect in static mode: a client's server depends on its id only")
     show(answer, as_json, views.route_decision)
 
 
 @app.command()
 def servers(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the servers lbd balances across, with health and load (--json: the list itself)."""
+    """List the servers lbd balances across, with health and load (--json: the list itself).
+
+    Example: lbctl servers --json | jq -r '.[] | select(.health != "healthy") | .id'
+    """
     show(_client(ctx).get("/v1/servers")["servers"], as_json, views.servers_table)
 
 
 @app.command()
 def server(ctx: typer.Context, server_id: ServerIdArg, as_json: JsonFlag = False) -> None:
-    """Show one server in detail (exit 4 when lbd has no server with that id)."""
+    """Show one server in detail (exit 4 when lbd has no server with that id).
+
+    Example: lbctl server s1
+    """
     show(_client(ctx).get(f"/v1/servers/{_segment(server_id)}"), as_json, views.server_panel)
 
 
@@ -179,7 +231,12 @@ def register(
     url: Annotated[
         str | None, typer.Option("--url", metavar="URL", help="Its base URL: http://HOST:PORT or https://HOST:PORT.")
     ] = None,
-    region: Annotated[str | None, typer.Option("--region", metavar="REGION", help="Its region, e.g. us-east.")] = None,
+    region: Annotated[
+        str | None,
+        typer.Option(
+            "--region", metavar="REGION", help="Its region, e.g. us-east.", autocompletion=suggest.server_regions
+        ),
+    ] = None,
     capacity: Annotated[
         int | None, typer.Option("--capacity", metavar="N", help="Requests it takes at once; also its weight.")
     ] = None,
@@ -196,6 +253,8 @@ def register(
     """Add servers to a running lbd: one from the flags, or every entry of a file, all or nothing.
 
     Registering a server again with the same fields changes nothing; the same id with other fields is a conflict.
+
+    Example: lbctl register --id s4 --url http://10.0.0.7:9000 --region eu-west --capacity 20
     """
     flags = {"--id": server_id, "--url": url, "--region": region, "--capacity": capacity}
     show(_client(ctx).post("/v1/servers", _registration(flags, from_file)), as_json, views.registration)
@@ -204,29 +263,94 @@ def register(
 @app.command()
 def deregister(
     ctx: typer.Context,
-    server_id: ServerIdArg,
+    server_ids: ServerIdsArg,
     now: Annotated[
         bool, typer.Option("--now", help="Remove at once, without waiting for its requests in flight.")
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove a server: drain it, wait for its requests in flight (up to lbd's drain grace), remove it."""
-    path = f"/v1/servers/{_segment(server_id)}" + ("?now=1" if now else "")
-    with waiting(f"draining {server_id}, waiting for its requests in flight"):
-        answer = _client(ctx).delete(path, timeout=REMOVE_TIMEOUT_S)
-    show(answer, as_json, views.removal)
+    """Remove servers: drain them, wait for their requests in flight (up to lbd's drain grace), remove them.
+
+    With several ids every one is checked first (an unknown id changes nothing, exit 4), all are
+    drained, then each is removed once its requests in flight are done; --json prints a list.
+
+    Example: lbctl deregister s3 s4
+    """
+    client = _client(ctx)
+    _known_servers(client, server_ids)
+    if len(server_ids) > 1 and not now:
+        for server_id in server_ids:  # drained together, so their waits overlap
+            client.post(f"/v1/servers/{_segment(server_id)}/drain")
+    answers = []
+    for server_id in server_ids:
+        path = f"/v1/servers/{_segment(server_id)}" + ("?now=1" if now else "")
+        with waiting(f"draining {server_id}, waiting for its requests in flight"):
+            answers.append(client.delete(path, timeout=REMOVE_TIMEOUT_S))
+    _show_each(answers, as_json, views.removal)
 
 
 @app.command()
-def drain(ctx: typer.Context, server_id: ServerIdArg, as_json: JsonFlag = False) -> None:
-    """Take a server out of rotation: no new clients; its requests in flight finish."""
-    show(_client(ctx).post(f"/v1/servers/{_segment(server_id)}/drain"), as_json, views.drain_state)
+def drain(ctx: typer.Context, server_ids: ServerIdsArg, as_json: JsonFlag = False) -> None:
+    """Take servers out of rotation: no new clients; their requests in flight finish.
+
+    Example: lbctl drain s1 s2
+    """
+    _set_draining(_client(ctx), server_ids, "drain", as_json)
 
 
 @app.command()
-def undrain(ctx: typer.Context, server_id: ServerIdArg, as_json: JsonFlag = False) -> None:
-    """Put a drained server back in rotation."""
-    show(_client(ctx).post(f"/v1/servers/{_segment(server_id)}/undrain"), as_json, views.drain_state)
+def undrain(ctx: typer.Context, server_ids: ServerIdsArg, as_json: JsonFlag = False) -> None:
+    """Put drained servers back in rotation.
+
+    Example: lbctl undrain s1 s2
+    """
+    _set_draining(_client(ctx), server_ids, "undrain", as_json)
+
+
+@app.command()
+def check(ctx: typer.Context, server_ids: ServerIdsArg, as_json: JsonFlag = False) -> None:
+    """Probe servers' health now, without waiting for their next check or the end of a cooldown.
+
+    The result counts like a scheduled check's: a server in cooldown is probed from now on, and is
+    back in rotation after `rise` passes (a failure doubles its cooldown, as a scheduled one would).
+
+    Example: lbctl check s2
+    """
+    client = _client(ctx)
+    _known_servers(client, server_ids)
+    _show_each([client.post(f"/v1/servers/{_segment(sid)}/check") for sid in server_ids], as_json, views.check_result)
+
+
+@app.command()
+def regions(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List the regions: each one's latency, where its clients fall back to, its servers; client-only marked.
+
+    Example: lbctl regions
+    """
+    show(_client(ctx).get("/v1/regions"), as_json, views.regions_table, json_of=itemgetter("regions"))
+
+
+def _set_draining(client: Client, server_ids: list[str], action: str, as_json: bool) -> None:
+    _known_servers(client, server_ids)
+    answers = [client.post(f"/v1/servers/{_segment(server_id)}/{action}") for server_id in server_ids]
+    _show_each(answers, as_json, views.drain_state)
+
+
+def _known_servers(client: Client, server_ids: list[str]) -> None:
+    """Every id names a registered server, or nothing is changed (exit 4)."""
+    known = {server["id"] for server in client.get("/v1/servers")["servers"]}
+    unknown = [server_id for server_id in server_ids if server_id not in known]
+    if unknown:
+        names = ", ".join(repr(server_id) for server_id in unknown)
+        raise ApiError(404, "server_not_found", f"no server with id {names}; nothing was changed")
+
+
+def _show_each(answers: list[Any], as_json: bool, view: Callable[[Any], RenderableType]) -> None:
+    """One answer as it is; several as a list (--json) or one after the other."""
+    if len(answers) == 1:
+        show(answers[0], as_json, view)
+    else:
+        show(answers, as_json, lambda each: Group(*(view(answer) for answer in each)))
 
 
 @app.command()
@@ -236,11 +360,28 @@ def mode(
         Mode | None,
         typer.Argument(metavar="MODE", help="Switch lbd to this mode.", show_default=False),
     ] = None,
+    from_config: Annotated[
+        bool,
+        typer.Option("--from-config", help="Go back to the config file's mode (undo a switch made at run time)."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Print lbd's balancing mode, or switch it (static: by capacity; dynamic: by client region and load)."""
+    """Print lbd's balancing mode, or switch it (static: by capacity; dynamic: by client region and load).
+
+    A mode switched at run time stands over the config file's, across reloads and restarts, until
+    --from-config gives the choice back to the file.
+
+    Example: lbctl mode dynamic
+    """
     client = _client(ctx)
-    answer = client.get("/v1/mode") if new_mode is None else client.put("/v1/mode", {"mode": new_mode.value})
+    if from_config and new_mode is not None:
+        raise UsageProblem("give either MODE or --from-config, not both")
+    if from_config:
+        answer = client.put("/v1/mode", {"from_config": True})
+    elif new_mode is not None:
+        answer = client.put("/v1/mode", {"mode": new_mode.value})
+    else:
+        answer = client.get("/v1/mode")
     show(answer, as_json, views.mode_line)
 
 
@@ -251,16 +392,25 @@ app.add_typer(sessions_app, name="sessions")
 @sessions_app.callback(invoke_without_command=True)
 def sessions(
     ctx: typer.Context,
-    server: Annotated[str | None, typer.Option("--server", metavar="ID", help="Only sessions on this server.")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", metavar="ID", help="Only sessions on this server.", autocompletion=suggest.server_ids),
+    ] = None,
     region: Annotated[
-        str | None, typer.Option("--region", metavar="REGION", help="Only clients from this region.")
+        str | None,
+        typer.Option(
+            "--region", metavar="REGION", help="Only clients from this region.", autocompletion=suggest.client_regions
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", metavar="N", min=1, help="At most N sessions (lbd's default: 1000).")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """List sticky sessions, most recently active first (--json: the list itself); `clear` forgets them."""
+    """List sticky sessions, most recently active first (--json: the list itself); `clear` forgets them.
+
+    Example: lbctl sessions --server s1 --limit 20
+    """
     if ctx.invoked_subcommand is not None:
         return
     query = _query(server=server, region=region, limit=limit)
@@ -278,7 +428,10 @@ def sessions_clear(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Forget one client's session, or every session on a server; their next requests are routed afresh."""
+    """Forget one client's session, or every session on a server; their next requests are routed afresh.
+
+    Example: lbctl sessions clear --server s1
+    """
     if bool(client_id) == bool(server):
         raise UsageProblem("sessions clear takes exactly one of CLIENT_ID or --server ID")
     client = _client(ctx)
@@ -295,6 +448,8 @@ def reload(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
     An invalid file changes nothing (exit 1, its error on one line); so does a change to a key bound at start
     (listen, admin_socket, admin_listen, metrics_listen, state_dir), which needs a restart.
+
+    Example: lbctl reload
     """
     show(_client(ctx).post("/v1/reload"), as_json, views.reload_report)
 
@@ -312,6 +467,8 @@ def config_dump(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Print lbd's effective configuration as TOML that `lbd start --config` accepts back unchanged.
 
     The admin token is never shown; give it with env LBD_ADMIN_TOKEN when starting from the dump.
+
+    Example: lbctl config dump > lbd.toml
     """
     show_text(_client(ctx).get("/v1/config"), as_json, views.config_toml)
 
@@ -398,7 +555,17 @@ def _read_json(path: Path) -> object:
 def main() -> None:
     """Run the app; turn every error into one stderr line and its exit code, never a traceback."""
     try:
-        app(prog_name="lbctl")
+        code = app(prog_name="lbctl", standalone_mode=False)
+    except typer.TyperException as exc:  # a usage error Typer found: one line, naming the command
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "lbctl"
+        message = exc.format_message()
+        if not message and context is not None:  # no arguments at all: the help is the answer
+            print(context.get_help())
+            raise SystemExit(0) from None
+        _fail(f"{message.rstrip('.')} (see '{command} --help')", EXIT_USAGE)
+    except typer.Abort:
+        raise SystemExit(130) from None
     except UsageProblem as exc:
         _fail(str(exc), EXIT_USAGE)
     except PermissionDenied as exc:
@@ -409,6 +576,7 @@ def main() -> None:
         _fail(exc.message, EXIT_CODES_BY_ERROR_CODE.get(exc.code, EXIT_ERROR))
     except Exception as exc:
         _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_ERROR)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -126,6 +126,11 @@ def print_renderable(renderable: RenderableType) -> None:
     Console(highlight=False).print(renderable)
 
 
+def print_note(message: str) -> None:
+    """`lbctl: note: <message>` on stderr: worth knowing, not an error (the exit code stays 0)."""
+    sys.stderr.write(f"lbctl: note: {' '.join(message.split())}\n")
+
+
 def print_error(message: str) -> None:
     """`lbctl: error: <message>` on one line: never wrapped, never Rich markup."""
     one_line = " ".join(message.split())

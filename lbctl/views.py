@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import tomli_w
 from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
@@ -36,7 +36,7 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
     servers = _mapping(status.get("servers"))
     requests = _mapping(status.get("requests"))
     rows: list[tuple[str, RenderableType]] = [
-        ("mode", _text(status.get("mode"))),
+        ("mode", mode_line_of(status)),
         ("version", _text(status.get("version"))),
         ("pid", _text(status.get("pid"))),
         ("uptime", _uptime(status.get("uptime_s"))),
@@ -48,8 +48,20 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("requests", request_counts(requests)),
         ("responses", response_counts(_mapping(requests.get("responses")))),
         ("config", config_line(_mapping(status.get("reload")))),
+        ("state dir", _text(status.get("state_dir"))),
     ]
     return Panel(_key_values(rows), title="lbd status", title_align="left", expand=False)
+
+
+def mode_line_of(status: Mapping[str, Any]) -> Text:
+    """The mode in effect, and whether it is the config's or a run-time choice that overrides it."""
+    mode = _str(status.get("mode"))
+    configured = status.get("config_mode")
+    if status.get("mode_from_config", True) or configured is None:
+        return Text(mode)
+    return Text.assemble(
+        mode, (f" (switched at run time; the config says {configured}: 'lbctl mode --from-config' undoes it)", "yellow")
+    )
 
 
 def config_line(reload: Mapping[str, Any]) -> Text:
@@ -170,13 +182,46 @@ def drain_state(server: Mapping[str, Any]) -> Text:
     return Text(f"{server_id} back in rotation")
 
 
+def check_result(answer: Mapping[str, Any]) -> Text:
+    """`POST /v1/servers/{id}/check`: the probe's result and the health it left."""
+    health = _mapping(answer.get("health"))
+    before, after = health.get("before"), health.get("after")
+    verdict = ("passed", "green") if answer.get("passed") else ("failed", "red")
+    moved = Text.assemble(health_text(before), " -> ", health_text(after)) if before != after else health_text(after)
+    ended = "; its cooldown ended, so it is probed every interval from now on" if answer.get("cooldown_ended") else ""
+    return Text.assemble(
+        f"{_str(answer.get('server'))}: check ", verdict, f" ({_str(answer.get('detail'))}); health ", moved, ended
+    )
+
+
+def regions_table(answer: Mapping[str, Any]) -> RenderableType:
+    """`GET /v1/regions`: every region once; those only clients come from are marked."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for header, justify in (("REGION", "left"), ("LATENCY", "right"), ("SERVERS", "right"), ("FALLS BACK TO", "left")):
+        table.add_column(header, justify=cast(JustifyMethod, justify), overflow="fold")
+    for row in answer.get("regions") or ():
+        region = _mapping(row)
+        latency = region.get("latency_ms")
+        proximity = region.get("proximity")
+        name = _str(region.get("region")) + (" (client only)" if region.get("client_only") else "")
+        fallback = " > ".join(str(r) for r in proximity[1:]) if isinstance(proximity, list) else "(servers only)"
+        table.add_row(name, MISSING if latency is None else f"{latency} ms", _str(region.get("servers")), fallback)
+    return table
+
+
 def mode_line(answer: Mapping[str, Any]) -> Text:
     """`GET /v1/mode` (`mode: static`) or `PUT /v1/mode` (`mode: dynamic (was static)`)."""
     mode = _str(answer.get("mode"))
+    source = (
+        ""
+        if answer.get("from_config", True)
+        else f"; switched at run time, the config says {_str(answer.get('config_mode'))}"
+    )
     if "previous" not in answer:
-        return Text(f"mode: {mode}")
+        return Text(f"mode: {mode}" + (f" ({source[2:]})" if source else ""))
     previous = _str(answer.get("previous"))
-    return Text(f"mode: {mode} (unchanged)" if previous == mode else f"mode: {mode} (was {previous})")
+    change = "unchanged" if previous == mode else f"was {previous}"
+    return Text(f"mode: {mode} ({change}{source})")
 
 
 def reload_report(answer: Mapping[str, Any]) -> Text:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from lbd import logs
 from lbd.config import ConfigSource
 from lbd.daemon import Daemon
 from lbd.errors import LbError
@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: value names (not <bool>), 80 columns, greppable
 )
 
 EXIT_CONFIG = 2
@@ -35,14 +36,21 @@ def _root() -> None:
 
 @app.command()
 def start(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML config file (flags override its keys).")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="Routing mode: static or dynamic.")] = None,
-    servers: Annotated[Path | None, typer.Option("--servers", help="servers.json seed list.")] = None,
-    listen: Annotated[str | None, typer.Option("--listen", help="Proxy address HOST:PORT [127.0.0.1:8080].")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", metavar="FILE", help="TOML config file (flags override its keys).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", metavar="static|dynamic", help="Routing mode: static or dynamic.")
+    ] = None,
+    servers: Annotated[Path | None, typer.Option("--servers", metavar="FILE", help="servers.json seed list.")] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", metavar="HOST:PORT", help="Proxy address HOST:PORT [127.0.0.1:8080].")
+    ] = None,
     admin_socket: Annotated[
         Path | None,
         typer.Option(
             "--admin-socket",
+            metavar="PATH",
             envvar="LBD_SOCKET",
             help="Admin API Unix socket [$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-$UID.sock].",
         ),
@@ -51,6 +59,7 @@ def start(
         Path | None,
         typer.Option(
             "--state-dir",
+            metavar="DIR",
             help="Where registrations, drain flags, the run-time mode and sessions survive restarts "
             "[$XDG_STATE_HOME/lbd, else ~/.local/state/lbd].",
         ),
@@ -59,6 +68,7 @@ def start(
         str | None,
         typer.Option(
             "--admin-listen",
+            metavar="HOST:PORT",
             help="Also serve the admin API (and the seed's /register, /deregister) on TCP HOST:PORT; "
             "needs admin_token in the config or env LBD_ADMIN_TOKEN.",
         ),
@@ -67,15 +77,19 @@ def start(
         str | None,
         typer.Option(
             "--metrics-listen",
+            metavar="HOST:PORT",
             help="Also serve Prometheus GET /metrics (and nothing else) on TCP HOST:PORT; no token needed.",
         ),
     ] = None,
     timeout_base_ms: Annotated[
-        int | None, typer.Option("--timeout-base-ms", help="Upstream timeout before region latency [2000].")
+        int | None,
+        typer.Option("--timeout-base-ms", metavar="MS", help="Upstream timeout before region latency [2000]."),
     ] = None,
     shutdown_grace_ms: Annotated[
         int | None,
-        typer.Option("--shutdown-grace-ms", help="How long requests in flight may finish on stop [10000]."),
+        typer.Option(
+            "--shutdown-grace-ms", metavar="MS", help="How long requests in flight may finish on stop [10000]."
+        ),
     ] = None,
     client_id_fallback: Annotated[
         str | None,
@@ -86,10 +100,16 @@ def start(
             "by a cookie lbd issues [reject].",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", metavar="debug|info|warning|error", help="What lbd logs to stderr.")
+    ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option("--log-format", metavar="text|json", help="Lines for people, or one JSON object per line."),
+    ] = "text",
 ) -> None:
     """Run the load balancer in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config file."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     overrides: dict[str, Any] = {  # paths from the working directory (the file's are from the file's directory)
         "mode": mode,
         "servers": _absolute(servers),
@@ -119,7 +139,9 @@ def start(
 
 @app.command("check-config")
 def check_config(
-    path: Annotated[Path, typer.Argument(help="The TOML config file to validate (and the servers file it names).")],
+    path: Annotated[
+        Path, typer.Argument(metavar="FILE", help="The TOML config file to validate (and the servers file it names).")
+    ],
 ) -> None:
     """Validate a config file without starting anything: prints what it would run, or the first error."""
     try:
@@ -144,10 +166,12 @@ def _run(daemon: Daemon) -> None:
         runner.run(daemon.run())
 
 
-def _setup_logging(level: str) -> None:
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        _fail(f"--log-level must be one of debug, info, warning, error; got {level!r}", EXIT_CONFIG)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s lbd %(levelname)s %(message)s")
+def _setup_logging(level: str, log_format: str) -> None:
+    if level.lower() not in logs.LEVELS:
+        _fail(f"--log-level must be one of {', '.join(logs.LEVELS)}; got {level!r}", EXIT_CONFIG)
+    if log_format not in logs.FORMATS:
+        _fail(f"--log-format must be one of {', '.join(logs.FORMATS)}; got {log_format!r}", EXIT_CONFIG)
+    logs.setup(level, log_format)
 
 
 def _fail(message: str, code: int) -> NoReturn:

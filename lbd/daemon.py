@@ -19,10 +19,12 @@ import time
 
 from aiohttp import web
 
+from lbd import systemd
 from lbd.admin.app import create_admin_app
 from lbd.admin.common import AdminState
 from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
+from lbd.audit import AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import Address, Config, ConfigSource
 from lbd.health.active import HealthChecker
@@ -61,6 +63,7 @@ class Daemon:
         if self.keeper is not None:
             self.keeper.restore(persisted)
             self.keeper.restore_sessions(self.sessions)
+        self.audit = AuditTrail()
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self._signal_reloads: set[asyncio.Task[None]] = set()
@@ -79,8 +82,10 @@ class Daemon:
         task.add_done_callback(self._signal_reloads.discard)
 
     async def _reload_logged(self, reloader: Reloader) -> None:
+        systemd.notify(systemd.reloading())
         with contextlib.suppress(ReloadError):  # the reloader logged why; the running config stays
-            await reloader.reload()
+            await reloader.reload("SIGHUP")
+        systemd.notify("READY=1")
 
     async def run(self) -> None:
         """Start (every listener bound, or a clear error), serve until SIGTERM/SIGINT, shut down.
@@ -105,7 +110,7 @@ class Daemon:
         reloader = Reloader(
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
-            proxy=proxy_ctx, checker=checker, state=self.keeper,
+            proxy=proxy_ctx, checker=checker, state=self.keeper, audit=self.audit,
         )  # fmt: skip
         address = await _listen(proxy, config)
         opened.push_async_callback(proxy.close)
@@ -119,7 +124,9 @@ class Daemon:
             tcp_app = create_tcp_admin_app(state)
             listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, opened, "the admin API")
         if config.metrics_listen is not None:
-            collectors = metrics_registry(self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats)
+            collectors = metrics_registry(
+                self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats, self.audit
+            )
             metrics_app = create_metrics_app(collectors)
             listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, opened, "metrics")
             log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
@@ -144,7 +151,9 @@ class Daemon:
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
+        systemd.notify("READY=1", f"STATUS=serving on {proxy.address}")
         await self._stop.wait()
+        systemd.notify("STOPPING=1")
         grace_ms = reloader.config.shutdown_grace_ms
         log.info("stopping: finishing requests in flight (grace %d ms)", grace_ms)
         await proxy.stop(grace_ms / 1000.0)

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from lbd.audit import ACTIONS, AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import MODES
 from lbd.models import LATENCY_BUCKETS_S, Health
@@ -47,12 +48,14 @@ class LbdCollector(Collector):
         sessions: SessionTable,
         proxy: ProxyContext,
         reloads: ReloadStats | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.registry = registry
         self.balancer = balancer
         self.sessions = sessions
         self.proxy = proxy
         self.reloads = reloads or ReloadStats()
+        self.audit = audit or AuditTrail()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._global()
@@ -98,6 +101,14 @@ class LbdCollector(Collector):
         )
         yield CounterMetricFamily("lbd_sessions_expired", "Sessions ended by inactivity.", value=sessions.expired)
         yield GaugeMetricFamily("lbd_servers", "Registered servers.", value=len(self.registry))
+        changes = CounterMetricFamily(
+            "lbd_admin_changes",
+            "Changes made by operators (admin API, reloads, signals), by action.",
+            labels=["action"],
+        )
+        for action in ACTIONS:
+            changes.add_metric([action], self.audit.counts[action])
+        yield changes
         reloads = CounterMetricFamily(
             "lbd_config_reloads", "Config reloads (lbctl reload, SIGHUP) by result.", labels=["result"]
         )
@@ -182,10 +193,11 @@ def metrics_registry(
     sessions: SessionTable,
     proxy: ProxyContext,
     reloads: ReloadStats | None = None,
+    audit: AuditTrail | None = None,
 ) -> CollectorRegistry:
     """A private registry (never prometheus_client's global one): lbd's collector plus process_* metrics."""
     collectors = CollectorRegistry()
-    collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads))
+    collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads, audit))
     ProcessCollector(registry=collectors)
     return collectors
 

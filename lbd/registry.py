@@ -125,6 +125,10 @@ class Registry:
         )
         self._announce(server, transition)
 
+    def end_cooldown(self, server: Server) -> bool:
+        """Probe a server in cooldown from now on (`lbctl check`); whether it was waiting."""
+        return machine.end_cooldown(server.state, time.monotonic())
+
     def record_probe(self, server: Server, ok: bool, detail: str) -> None:
         """An active health check's result."""
         now = time.monotonic()

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from lbd.audit import AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import RESTART_KEYS, Config, ConfigSource, Mode, config_changes
 from lbd.errors import LbError
@@ -47,6 +48,10 @@ class StateFollower(Protocol):
     """The state keeper's part in a reload (lbd/state.py's StateKeeper)."""
 
     def follow_config(self, seed: Iterable[ServerSpec], mode: Mode) -> bool: ...
+
+    def mode_switched(self) -> bool: ...
+
+    def follow_config_mode(self, mode: Mode) -> None: ...
 
     def save(self) -> None: ...
 
@@ -111,6 +116,7 @@ class Reloader:
         proxy: ProxyContext,
         checker: HealthChecker,
         state: StateFollower | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.source = source
         self.config = config
@@ -120,11 +126,12 @@ class Reloader:
         self._balancer = balancer
         self._sessions = sessions
         self._proxy = proxy
-        self._checker = checker
+        self.checker = checker  # the admin API's `lbctl check` probes through it
         self._state = state
+        self.audit = audit or AuditTrail()
         self._lock = asyncio.Lock()  # one reload at a time: each one compares with the config in effect
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, who: str) -> dict[str, Any]:
         """Re-read and apply the config file; returns what changed. ReloadError: nothing changed."""
         async with self._lock:
             try:
@@ -134,12 +141,11 @@ class Reloader:
                 log.error("config not reloaded, the running config stays: %s", exc)
                 raise
         self.stats.record(None)
-        summary = ", ".join(change["key"] for change in report["changed"]) or "no setting changed"
+        changed = "; ".join(f"{c['key']} {_shown(c['old'])} -> {_shown(c['new'])}" for c in report["changed"])
         servers = report["servers"]
-        log.info(
-            "config reloaded from %s: %s; servers added %d, replaced %d, removed %d",
-            self.source.path, summary, len(servers["added"]), len(servers["replaced"]), len(servers["removed"]),
-        )  # fmt: skip
+        moves = ", ".join(f"servers {what} {' '.join(ids)}" for what, ids in servers.items() if ids)
+        summary = "; ".join(part for part in (changed, moves) if part) or "nothing changed"
+        self.audit.record(who, "reload", str(self.source.path), summary, changed=report["changed"], servers=servers)
         for warning in report["warnings"]:
             log.warning("reload: %s", warning)
         return report
@@ -178,7 +184,7 @@ class Reloader:
         applies = self._state is None or self._state.follow_config(seed, new.mode)
         warnings = self._apply_mode(old, new, applies)
         self.config = new
-        await self._checker.apply(new.health)
+        await self.checker.apply(new.health)
         if self._state is not None:
             try:
                 self._state.save()
@@ -196,6 +202,20 @@ class Reloader:
             "mode": self._balancer.mode,
             "warnings": warnings,
         }
+
+    @property
+    def mode_overridden(self) -> bool:
+        """The mode in effect was chosen at run time (`lbctl mode`), not by the config file."""
+        switched = self._state is not None and self._state.mode_switched()
+        return switched or self._balancer.mode != self.config.mode
+
+    def use_config_mode(self) -> Mode:
+        """Drop the run-time choice of mode: the config's mode applies again, now and after restarts."""
+        mode = self.config.mode
+        self._balancer.set_mode(mode)
+        if self._state is not None:
+            self._state.follow_config_mode(mode)
+        return mode
 
     def _check_regions(self, new: Config, plan: SeedPlan) -> None:
         """Every server that stays must be in a region the new config still has (as at start)."""

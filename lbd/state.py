@@ -285,6 +285,11 @@ class StateKeeper:
         self._start_mode = mode
         return True
 
+    def follow_config_mode(self, mode: Mode) -> None:
+        """The operator gave the mode back to the config (`lbctl mode --from-config`), which is in `mode`."""
+        self._mode_decided = False
+        self._start_mode = mode
+
     def current(self) -> PersistedState:
         servers = self.registry.servers()
         return PersistedState(

@@ -191,12 +191,22 @@ def test_mode_shows_and_switches(lbd: Lbd) -> None:
     def status_mode() -> str:
         return str(json.loads(ok(lbd.lbctl("status", "--json")))["mode"])
 
+    override = "switched at run time, the config says dynamic"
     assert ok(lbd.lbctl("mode")) == "mode: dynamic\n"
-    assert ok(lbd.lbctl("mode", "static")) == "mode: static (was dynamic)\n"
+    assert ok(lbd.lbctl("mode", "static")) == f"mode: static (was dynamic; {override})\n"
     assert status_mode() == "static"
-    assert json.loads(ok(lbd.lbctl("mode", "--json"))) == {"mode": "static"}
-    assert ok(lbd.lbctl("mode", "dynamic")) == "mode: dynamic (was static)\n"
+    assert json.loads(ok(lbd.lbctl("mode", "--json"))) == {
+        "mode": "static",
+        "config_mode": "dynamic",
+        "from_config": False,
+    }
+    assert "static (switched at run time; the config says dynamic" in ok(lbd.lbctl("status"))
+    assert ok(lbd.lbctl("mode", "dynamic")) == f"mode: dynamic (was static; {override})\n"
     assert status_mode() == "dynamic"
+    assert ok(lbd.lbctl("mode", "static")) == f"mode: static (was dynamic; {override})\n"
+    assert ok(lbd.lbctl("mode", "--from-config")) == "mode: dynamic (was static)\n"  # the config's again
+    assert json.loads(ok(lbd.lbctl("status", "--json")))["mode_from_config"] is True
+    assert_one_line_error(lbd.lbctl("mode", "static", "--from-config"), 2, "not both")
 
     bogus = lbd.lbctl("mode", "bogus")
     assert bogus.returncode == 2, bogus

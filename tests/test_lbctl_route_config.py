@@ -94,7 +94,7 @@ def test_route_ids_are_one_path_segment(dynamic_lbd: Lbd) -> None:
 def test_route_bad_region_exits_1_naming_it(dynamic_lbd: Lbd) -> None:
     assert_one_line_error(dynamic_lbd.lbctl("route", "x", "--region", "mars"), 1, "mars")
     assert_one_line_error(dynamic_lbd.lbctl("route", "x", "--region", "mars", "--json"), 1, "mars")
-    assert_one_line_error(dynamic_lbd.lbctl("route", "x"), 1, "client-region")
+    assert_one_line_error(dynamic_lbd.lbctl("route", "x"), 1, "pass --region REGION", "us-west (client only)")
     assert_one_line_error(dynamic_lbd.lbctl("route", ""), 2, "CLIENT_ID")
 
 

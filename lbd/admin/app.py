@@ -21,7 +21,10 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
     app[ADMIN_STATE] = state
     reads.load_openapi(app)
     add_metrics_route(
-        app, metrics_registry(state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats)
+        app,
+        metrics_registry(
+            state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats, state.audit
+        ),
     )
     app.add_routes(reads.routes)
     app.add_routes(mutations.routes)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lbd.audit import AuditTrail, peer
 from lbd.balancer import Balancer
 from lbd.config import Config
 from lbd.errors import LbError
@@ -44,6 +45,10 @@ class AdminState:
         """The configuration in effect: a reload replaces it."""
         return self.reloader.config
 
+    @property
+    def audit(self) -> AuditTrail:
+        return self.reloader.audit
+
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +56,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def state_of(request: web.Request) -> AdminState:
     return request.app[ADMIN_STATE]
+
+
+def who(request: web.Request) -> str:
+    """The operator behind this request, for the audit trail."""
+    transport = request.transport
+    return peer(None if transport is None else transport.get_extra_info("socket"), request.remote)
+
+
+def audit(request: web.Request, action: str, subject: str, change: str, **fields: Any) -> None:
+    state_of(request).audit.record(who(request), action, subject, change, **fields)
 
 
 class ApiError(Exception):

@@ -14,7 +14,7 @@ from typing import cast
 
 from aiohttp import web
 
-from lbd.admin.common import ApiError, persist, read_json, state_of
+from lbd.admin.common import ApiError, audit, persist, read_json, state_of, who
 from lbd.admin.views import server_json
 from lbd.config import MODES, Mode, parse_server_list
 from lbd.errors import ValidationError
@@ -46,6 +46,10 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
         raise ApiError(409, "conflict", str(exc), "id") from None
     created = [spec.id for spec in specs if registry.register(spec)[1]]
     persist(request)  # also when nothing was created: a retry after a failed save gets it saved
+    for spec in specs:
+        if spec.id in created:
+            where = f"{spec.url} region {spec.region} capacity {spec.capacity}"
+            audit(request, "register", spec.id, f"registered at {where}", server=spec.to_json())
     servers = [server_json(cast(Server, registry.get(spec.id))) for spec in specs]
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
@@ -73,17 +77,19 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
             "the new registration was left in place", "id",
         )  # fmt: skip
     state.registry.deregister(server_id)
-    state.sessions.remove_server(server_id)
+    dropped = state.sessions.remove_server(server_id)
     persist(request)
     state.proxy.pool.close_idle(server_id=server_id)
-    return web.json_response(
-        {
-            "removed": server_id,
-            "drained": in_flight == 0,
-            "in_flight_at_removal": in_flight,
-            "waited_ms": round((time.monotonic() - started) * 1000),
-        }
-    )
+    answer = {
+        "removed": server_id,
+        "drained": in_flight == 0,
+        "in_flight_at_removal": in_flight,
+        "waited_ms": round((time.monotonic() - started) * 1000),
+        "sessions_dropped": dropped,
+    }
+    how = "drained" if in_flight == 0 else f"{in_flight} requests still in flight"
+    audit(request, "deregister", server_id, f"removed ({how}, {dropped} sessions dropped)", **answer)
+    return web.json_response(answer)
 
 
 @routes.delete("/v1/servers/{server_id}")
@@ -104,24 +110,66 @@ async def undrain(request: web.Request) -> web.Response:
 
 def _set_draining(request: web.Request, draining: bool) -> web.Response:
     server_id = request.match_info["server_id"]
-    server = state_of(request).registry.set_draining(server_id, draining)
+    registry = state_of(request).registry
+    before = registry.get(server_id)
+    was = before is not None and before.state.draining
+    server = registry.set_draining(server_id, draining)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     persist(request)
+    if was != draining:
+        action = "drain" if draining else "undrain"
+        audit(request, action, server_id, f"draining {_yes(was)} -> {_yes(draining)}", old=was, new=draining)
     return web.json_response(server_json(server))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@routes.post("/v1/servers/{server_id}/check")
+async def check(request: web.Request) -> web.Response:
+    """Probe a server now (ending its cooldown's wait); the result counts like a scheduled check's."""
+    state = state_of(request)
+    server_id = request.match_info["server_id"]
+    server = state.registry.get(server_id)
+    if server is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    before = server.state.health.value
+    passed, detail, cooldown_ended = await state.reloader.checker.check_now(server)
+    after = server.state.health.value
+    ended = "; cooldown ended" if cooldown_ended else ""
+    audit(request, "check", server_id, f"{detail}, health {before} -> {after}{ended}", passed=passed, detail=detail)
+    body = {"server": server_id, "passed": passed, "detail": detail, "cooldown_ended": cooldown_ended}
+    return web.json_response({**body, "health": {"before": before, "after": after}, "state": server_json(server)})
 
 
 @routes.put("/v1/mode")
 async def put_mode(request: web.Request) -> web.Response:
+    """`{"mode": "static"|"dynamic"}` switches at run time (the choice then outlives the config's mode);
+    `{"from_config": true}` gives the choice back to the config file."""
     payload = await read_json(request)
-    mode = payload.get("mode") if isinstance(payload, dict) else None
-    if mode not in MODES:
-        raise ApiError(422, "invalid_mode", f"field 'mode' must be one of {', '.join(MODES)}; got {mode!r}", "mode")
-    balancer = state_of(request).balancer
+    state = state_of(request)
+    balancer = state.balancer
     previous = balancer.mode
-    balancer.set_mode(cast(Mode, mode))
+    mode: Mode
+    if isinstance(payload, dict) and payload.get("from_config") is True and "mode" not in payload:
+        mode = state.reloader.use_config_mode()
+        change = f"{previous} -> {mode} (the config's mode again)"
+    else:
+        asked = payload.get("mode") if isinstance(payload, dict) else None
+        if asked not in MODES:
+            allowed = f'one of {", ".join(MODES)}, or {{"from_config": true}} alone'
+            raise ApiError(422, "invalid_mode", f"field 'mode' must be {allowed}; got {asked!r}", "mode")
+        mode = cast(Mode, asked)
+        balancer.set_mode(mode)
+        change = f"{previous} -> {mode}"
     persist(request)
-    return web.json_response({"mode": mode, "previous": previous})
+    audit(request, "mode", "", change, old=previous, new=mode)
+    from_config = not state.reloader.mode_overridden
+    return web.json_response(
+        {"mode": mode, "previous": previous, "config_mode": state.config.mode, "from_config": from_config}
+    )
 
 
 @routes.delete("/v1/sessions/{client_id}")
@@ -129,6 +177,7 @@ async def clear_session(request: web.Request) -> web.Response:
     client_id = request.match_info["client_id"]
     if not state_of(request).sessions.remove(client_id):
         raise ApiError(404, "session_not_found", f"no session for client {client_id!r}")
+    audit(request, "sessions_clear", f"client {client_id}", "session forgotten", client_id=client_id)
     return web.json_response({"cleared": client_id})
 
 
@@ -137,13 +186,22 @@ async def clear_server_sessions(request: web.Request) -> web.Response:
     server_id = request.query.get("server")
     if not server_id:
         raise ApiError(400, "bad_query", "query parameter 'server' is required (or DELETE /v1/sessions/{client_id})")
-    return web.json_response({"cleared": state_of(request).sessions.remove_server(server_id), "server": server_id})
+    cleared = state_of(request).sessions.remove_server(server_id)
+    audit(
+        request,
+        "sessions_clear",
+        f"server {server_id}",
+        f"{cleared} sessions forgotten",
+        server=server_id,
+        cleared=cleared,
+    )
+    return web.json_response({"cleared": cleared, "server": server_id})
 
 
 @routes.post("/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
     """Re-read the config file and apply it live; an invalid one changes nothing (422, its message)."""
     try:
-        return web.json_response(await state_of(request).reloader.reload())
+        return web.json_response(await state_of(request).reloader.reload(who(request)))
     except ReloadError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None

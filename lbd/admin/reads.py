@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from importlib import resources
 from typing import Any
 
@@ -33,6 +34,8 @@ async def get_status(request: web.Request) -> web.Response:
     proxy = state.proxy
     body: dict[str, Any] = {
         "mode": state.balancer.mode,
+        "config_mode": state.config.mode,
+        "mode_from_config": not state.reloader.mode_overridden,
         "version": __version__,
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - state.started_at, 3),
@@ -98,9 +101,36 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+@routes.get("/v1/regions")
+async def list_regions(request: web.Request) -> web.Response:
+    """Every region lbd knows, once: where servers may be placed (those with a latency) and which
+    client regions fall back through which (those with a proximity order); client-only ones marked."""
+    state = state_of(request)
+    regions = state.config.regions
+    servers = Counter(server.spec.region for server in state.registry.servers())
+    rows = [
+        {
+            "region": name,
+            "latency_ms": regions.latency_ms.get(name),
+            "proximity": list(regions.proximity[name]) if name in regions.proximity else None,
+            "servers": servers.get(name, 0),
+            "client_only": name not in regions.latency_ms,
+        }
+        for name in sorted({*regions.latency_ms, *regions.proximity})
+    ]
+    return web.json_response({"regions": rows})
+
+
 @routes.get("/v1/mode")
 async def get_mode(request: web.Request) -> web.Response:
-    return web.json_response({"mode": state_of(request).balancer.mode})
+    state = state_of(request)
+    return web.json_response(
+        {
+            "mode": state.balancer.mode,
+            "config_mode": state.config.mode,
+            "from_config": not state.reloader.mode_overridden,
+        }
+    )
 
 
 @routes.get("/v1/sessions")
@@ -112,6 +142,14 @@ async def list_sessions(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
         raise ApiError(400, "bad_query", "query parameter 'limit' must be an integer") from None
+    if server_filter and state.registry.get(server_filter) is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_filter!r} (query parameter 'server')")
+    client_regions = state.config.regions.proximity
+    if region_filter and region_filter not in client_regions:
+        known = ", ".join(sorted(client_regions))
+        raise ApiError(
+            400, "bad_query", f"query parameter 'region': {region_filter!r} is not a client region; known: {known}"
+        )
     now = time.monotonic()
     idle_timeout = state.sessions.idle_timeout_s
     rows: list[dict[str, object]] = []

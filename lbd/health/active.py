@@ -105,6 +105,15 @@ class HealthChecker:
                     self.registry.record_probe(server, ok, detail)
             await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
 
+    async def check_now(self, server: Server) -> tuple[bool, str, bool]:
+        """An operator's check (`lbctl check`): end a cooldown's wait, probe at once, and apply the
+        result like any scheduled check's. Returns (passed, what happened, whether a cooldown ended)."""
+        ended = self.registry.end_cooldown(server)
+        ok, detail = await self.probe(server)
+        if self.registry.get(server.id) is server:
+            self.registry.record_probe(server, ok, detail)
+        return ok, detail, ended
+
     async def probe(self, server: Server) -> tuple[bool, str]:
         """One check: (passed, what happened). A 2xx passes; anything else fails with its reason."""
         assert self._session is not None

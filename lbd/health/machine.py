@@ -35,6 +35,15 @@ def probe_due(state: ServerState, now: float) -> bool:
     return not state.health_in_cooldown or now >= state.cooldown_until
 
 
+def end_cooldown(state: ServerState, now: float) -> bool:
+    """An operator's `lbctl check`: a server in cooldown or degraded is probed from now on instead of
+    after its cooldown (it still needs `rise` passes to return). Whether it was waiting."""
+    if not state.health_in_cooldown or state.cooldown_until <= now:
+        return False
+    state.cooldown_until = now
+    return True
+
+
 def after_probe(state: ServerState, ok: bool, detail: str, now: float, settings: HealthSettings) -> Transition | None:
     """Count one active check and return the transition it causes, if any."""
     state.last_check_ok = ok

@@ -174,15 +174,21 @@ class Backend:
         return await self._send(request, len(body), lambda start, end: body[start:end])
 
     async def _send(self, request: web.Request, size: int, part: Callable[[int, int], bytes]) -> web.StreamResponse:
-        """A body of `size` bytes, `part(start, end)` of it at a time: with Content-Length, or chunked in
-        64 KiB pieces (made as they are sent) for ?chunked=1."""
-        if not request.query.get("chunked"):
-            return web.Response(body=part(0, size), headers=self._headers())
+        """A body of `size` bytes, `part(start, end)` of it at a time, made as it is sent: the head
+        leaves at once however large the body (a backend that first built 256 MiB would answer later
+        than lbd's upstream timeout on a busy machine). With Content-Length, or chunked in 64 KiB
+        pieces for ?chunked=1."""
         response = web.StreamResponse(headers=self._headers())
-        response.enable_chunked_encoding()
+        piece = CHUNK
+        if request.query.get("chunked"):
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = size
+            piece = 16 * CHUNK
         await response.prepare(request)
-        for start in range(0, size, CHUNK):
-            await response.write(part(start, min(size, start + CHUNK)))
+        if request.method != "HEAD":  # aiohttp would send what is written, even to a HEAD
+            for start in range(0, size, piece):
+                await response.write(part(start, min(size, start + piece)))
         await response.write_eof()
         return response
 
