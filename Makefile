@@ -38,7 +38,7 @@ run: $(NATIVE)
 	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml --state-dir $(DEMO_STATE)
 
 # Tools the end-to-end tests drive as a user would (curl; tmux, a real terminal for
-# `lbctl status --watch`); installed from the system's packages when missing.
+# `lbctl status --watch`; redis-server, the cluster store); installed from the system's packages when missing.
 system-deps:
 	@command -v curl >/dev/null 2>&1 || { \
 	  echo "installing curl for the end-to-end tests"; \
@@ -46,6 +46,9 @@ system-deps:
 	@command -v tmux >/dev/null 2>&1 || { \
 	  echo "installing tmux for the end-to-end tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server for the cluster tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check lbd lbctl tests bench examples
