@@ -35,6 +35,7 @@ from lbd.state import PersistedState, StateKeeper, StateStore
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
+WARM_IDLE_S = 0.5  # how often to look for static-table work when there is none (dynamic mode, or a full table)
 FD_HEADROOM = 1024  # descriptors beyond the client connections: upstream pools, admin, health checks
 
 
@@ -89,6 +90,7 @@ class Daemon:
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)
         runners: list[web.AppRunner] = []
         sweeper: asyncio.Task[None] | None = None
+        warmer: asyncio.Task[None] | None = None
         checker = HealthChecker(self.registry, config.health)
         reloader = Reloader(
             self.source, config, self.seed,
@@ -120,6 +122,7 @@ class Daemon:
                 listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, runners, "metrics")
                 log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
             sweeper = loop.create_task(self._sweep_sessions())
+            warmer = loop.create_task(self._warm_routing())
             await checker.start()
             for signum, handler in signals.items():
                 loop.add_signal_handler(signum, handler)
@@ -130,10 +133,11 @@ class Daemon:
             await self._serve_until_stopped(proxy, reloader)
         finally:
             await checker.stop()
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, warmer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             for runner in runners:
                 await runner.cleanup()
             admin_sock.close()
@@ -154,6 +158,12 @@ class Daemon:
         await proxy.stop(grace_ms / 1000.0)
         if self.keeper is not None:
             self.keeper.save_sessions(self.sessions)
+
+    async def _warm_routing(self) -> None:
+        """Fill the static hash table in slices of about a millisecond, yielding to requests between
+        them (a bucket not filled yet is computed when first used, with the same answer)."""
+        while True:
+            await asyncio.sleep(0 if self.balancer.warm() else WARM_IDLE_S)
 
     async def _sweep_sessions(self) -> None:
         """Expire idle sessions in bounded batches so memory follows the live set."""

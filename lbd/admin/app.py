@@ -27,7 +27,6 @@ from lbd.models import Health, Server
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
-from lbd.routing import dynamic
 from lbd.sessions import SessionTable
 
 
@@ -96,10 +95,11 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         return api_error(500, "internal_error", "internal error; see the lbd log")
 
 
-def server_json(server: Server) -> dict[str, Any]:
-    """A server as the API shows it, with its monotonic times turned into Unix times."""
+def server_json(server: Server, balancer: Balancer) -> dict[str, Any]:
+    """A server as the API shows it, with its monotonic times turned into Unix times, and its dynamic
+    score with the score's terms."""
     now = time.monotonic()
-    return {**server.to_json(now, time.time() - now), "score": round(dynamic.score(server), 4)}
+    return {**server.to_json(now, time.time() - now), **balancer.score_terms(server, now)}
 
 
 def state_of(request: web.Request) -> AdminState:
@@ -141,7 +141,8 @@ def _optional_str(value: object) -> str | None:
 
 
 async def list_servers(request: web.Request) -> web.Response:
-    servers = [server_json(server) for server in state_of(request).registry.servers()]
+    state = state_of(request)
+    servers = [server_json(server, state.balancer) for server in state.registry.servers()]
     return web.json_response({"servers": servers}, dumps=_dumps)
 
 
@@ -150,7 +151,7 @@ async def get_server(request: web.Request) -> web.Response:
     server = state_of(request).registry.get(server_id)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
-    return web.json_response(server_json(server), dumps=_dumps)
+    return web.json_response(server_json(server, state_of(request).balancer), dumps=_dumps)
 
 
 async def explain_route(request: web.Request) -> web.Response:

@@ -66,7 +66,7 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
         raise ApiError(409, "conflict", str(exc), "id") from None
     created = [spec.id for spec in specs if registry.register(spec)[1]]
     persist(request)  # also when nothing was created: a retry after a failed save gets it saved
-    servers = [server_json(cast(Server, registry.get(spec.id))) for spec in specs]
+    servers = [server_json(cast(Server, registry.get(spec.id)), state_of(request).balancer) for spec in specs]
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
 
@@ -118,7 +118,7 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     persist(request)
-    return web.json_response(server_json(server))
+    return web.json_response(server_json(server, state_of(request).balancer))
 
 
 async def get_mode(request: web.Request) -> web.Response:
