@@ -210,10 +210,13 @@ class Stack:
 
     # -- lbd -------------------------------------------------------------------------------------
 
-    def servers_json(self) -> list[dict[str, object]]:
+    def servers_json(self, count: int | None = None) -> list[dict[str, object]]:
+        """One server per backend, or `count` servers spread over the backends (and their regions)."""
+        count = len(self.backend_ports) if count is None else count
+        places = list(zip(self.backend_ports, SERVER_REGIONS, strict=False))
         return [
             {"id": f"s{i + 1}", "url": f"http://127.0.0.1:{port}", "region": region, "capacity": CAPACITY}
-            for i, (port, region) in enumerate(zip(self.backend_ports, SERVER_REGIONS, strict=False))
+            for i, (port, region) in ((i, places[i % len(places)]) for i in range(count))
         ]
 
     def start_sink(self) -> tuple[Child, int]:
@@ -225,18 +228,24 @@ class Stack:
         self.wait_http(child, port, "/health", {})
         return child, port
 
-    def start_lbd(self, mode: str, extra: list[dict[str, object]] | None = None) -> tuple[Child, int, Path]:
-        """lbd in `mode`; static gets the servers from --servers, dynamic has them registered over the API."""
+    def start_lbd(
+        self, mode: str, extra: list[dict[str, object]] | None = None, servers: int | None = None, name: str = ""
+    ) -> tuple[Child, int, Path]:
+        """lbd in `mode` (with `servers` servers over the backends, else one per backend; its log named
+        after `name`, else lbd-MODE); static gets them from --servers, dynamic has them registered
+        over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
         servers_file = rundir / "servers.json"
-        servers_file.write_text(json.dumps(self.servers_json() + (extra or [])))
+        servers_file.write_text(json.dumps(self.servers_json(servers) + (extra or [])))
         argv = [*self.lbd_command, "start", "--listen", f"127.0.0.1:{port}", "--mode", mode]
         argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
         if mode == "static":
             argv += ["--servers", str(servers_file)]
-        child = self.spawn(f"lbd-{mode}", argv, self.proxy_cpu)
+        if os.environ.get("LB_BENCH_CONFIG"):  # an experiment's config file, e.g. other health settings
+            argv += ["--config", os.environ["LB_BENCH_CONFIG"]]
+        child = self.spawn(name or f"lbd-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
         self.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"})
