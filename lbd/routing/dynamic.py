@@ -92,16 +92,18 @@ class RegionMembers:
 
     __slots__ = ("cumulative", "hashes", "ids", "servers")
 
-    def __init__(self) -> None:
-        self.servers: list[Server] = []
-        self.ids: list[str] = []
-        self.hashes: list[int] = []
+    def __init__(self, servers: Iterable[Server] = ()) -> None:
+        self.servers: list[Server] = sorted(servers, key=_server_id)
+        self.ids: list[str] = [server.id for server in self.servers]
+        self.hashes: list[int] = [digest64(server_id) for server_id in self.ids]
         self.cumulative: list[int] = []
+        self._recount()
 
     def __len__(self) -> int:
         return len(self.servers)
 
     def add(self, server: Server) -> None:
+        """One server joins: O(region), a list insertion and a recount."""
         position = bisect_right(self.ids, server.id)
         self.ids.insert(position, server.id)
         self.servers.insert(position, server)
@@ -138,9 +140,11 @@ class RegionIndex:
 
     @staticmethod
     def build(servers: Iterable[Server]) -> RegionIndex:
-        index = RegionIndex()
+        grouped: dict[str, list[Server]] = {}
         for server in servers:
-            index.add(server)
+            grouped.setdefault(server.spec.region, []).append(server)
+        index = RegionIndex()
+        index.by_region = {region: RegionMembers(members) for region, members in grouped.items()}
         return index
 
     def add(self, server: Server) -> None:
@@ -213,6 +217,10 @@ def _best_in_region(
         ):
             best, best_score, best_hash = server, current, server_hash
     return best
+
+
+def _server_id(server: Server) -> str:
+    return server.id
 
 
 def two_choices(
