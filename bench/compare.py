@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text saved with the results (e.g. 'machine busy')")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--lbd-cmd", default=str(VENV_BIN / "lbd"), help="command that runs lbd [.venv/bin/lbd]")
+    parser.add_argument("--lbd-config", type=Path, help="a config file for every lbd (--config), e.g. [health]")
     args = parser.parse_args(argv)
     args.duration = args.duration or 3.0
     args.warmup = args.warmup if args.warmup is not None else 1.0
@@ -274,6 +275,7 @@ def build_report(
             "proxy_cpu": args.proxy_cpu,
             "load_cpu": args.load_cpu,
             "lbd_command": args.lbd_cmd,
+            "lbd_config": None if args.lbd_config is None else str(args.lbd_config),
             "wrk": "-t1 --latency -s bench/wrk/clients.lua (10,000 client ids, 7 client regions)",
             "backends": "3 server blocks of one nginx (1 worker), /tiny = 3 bytes, /64k = 65536 bytes",
         },
@@ -298,7 +300,7 @@ def main() -> int:
     prepare_process(args)
     where = machine()  # before the run: the lbd commit measured, not one made meanwhile
     workdir = Path(tempfile.mkdtemp(prefix="lbbench-"))
-    stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd))
+    stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd), args.lbd_config)
     rows: list[Row] = []
     counted: dict[str, object] = {}
     memory = None

@@ -132,6 +132,7 @@ class Stack:
     proxy_cpu: int | None
     load_cpu: int | None
     lbd_command: list[str] = field(default_factory=lambda: [str(VENV_BIN / "lbd")])
+    lbd_config: Path | None = None  # a config file every lbd gets (--config), e.g. other health settings
     children: list[Child] = field(default_factory=list)
     backend_ports: list[int] = field(default_factory=list)
 
@@ -243,8 +244,8 @@ class Stack:
         argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
         if mode == "static":
             argv += ["--servers", str(servers_file)]
-        if os.environ.get("LB_BENCH_CONFIG"):  # an experiment's config file, e.g. other health settings
-            argv += ["--config", os.environ["LB_BENCH_CONFIG"]]
+        if self.lbd_config is not None:
+            argv += ["--config", str(self.lbd_config)]
         child = self.spawn(name or f"lbd-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
