@@ -38,13 +38,6 @@ def digest64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def mix64(value: int) -> int:
-    """SplitMix64 finalizer: spreads a combined key/server hash uniformly over 64 bits."""
-    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
-    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & MASK64
-    return value ^ (value >> 31)
-
-
 def fmix32(value: i64) -> i64:
     """murmur3's 32-bit finalizer, its multipliers split into powers of two and constants below 2^27
     (0x85EBCA6B = 2^31 + 0x05EBCA6B, 0xC2B2AE35 = 2^31 + 2^30 + 0x02B2AE35), since modulo 2^32
