@@ -67,8 +67,9 @@ def filled(table: BucketTable) -> float:
 
 
 def bench_choice(sizes: list[int]) -> None:
-    print("choosing a server (us per choice; new client = no session, sticky = live session)")
-    print(f"{'servers':>8} {'dyn new':>9} {'dyn sticky':>11} {'static new':>11} {'static cold':>12}")
+    print("choosing a server (us per choice; new = a client id never seen, sticky = live session, again = seen before)")
+    header = f"{'servers':>8} {'dyn new':>9} {'dyn sticky':>11} {'static new':>11} {'static again':>13}"
+    print(f"{header} {'static cold':>12}")
     for size in sizes:
         registry = registry_of(size, one_region=True)
         sessions = SessionTable(9000, 2_000_000)
@@ -80,8 +81,9 @@ def bench_choice(sizes: list[int]) -> None:
         while balancer.warm():
             pass
         static_new = per_call_us(lambda i: balancer.choose(f"u{i}-{time.perf_counter_ns()}", None, 0.0), calls)
+        static_again = per_call_us(lambda i: balancer.choose(f"k{i % 1000}", None, 0.0), calls)
         cold = cold_bucket_us(BucketTable((s.id, s.spec.capacity) for s in registry.servers()))
-        print(f"{size:>8} {new_client:>9.2f} {sticky:>11.2f} {static_new:>11.2f} {cold:>12.1f}")
+        print(f"{size:>8} {new_client:>9.2f} {sticky:>11.2f} {static_new:>11.2f} {static_again:>13.2f} {cold:>12.1f}")
 
 
 def cold_bucket_us(table: BucketTable) -> float:

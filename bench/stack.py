@@ -230,11 +230,16 @@ class Stack:
         return child, port
 
     def start_lbd(
-        self, mode: str, extra: list[dict[str, object]] | None = None, servers: int | None = None, name: str = ""
+        self,
+        mode: str,
+        extra: list[dict[str, object]] | None = None,
+        servers: int | None = None,
+        name: str = "",
+        config: str | None = None,
     ) -> tuple[Child, int, Path]:
         """lbd in `mode` (with `servers` servers over the backends, else one per backend; its log named
-        after `name`, else lbd-MODE); static gets them from --servers, dynamic has them registered
-        over the API."""
+        after `name`, else lbd-MODE; `config` as its config file's text, else --lbd-config's file);
+        static gets the servers from --servers, dynamic has them registered over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
@@ -244,7 +249,10 @@ class Stack:
         argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
         if mode == "static":
             argv += ["--servers", str(servers_file)]
-        if self.lbd_config is not None:
+        if config is not None:
+            (rundir / "lbd.toml").write_text(config)
+            argv += ["--config", str(rundir / "lbd.toml")]
+        elif self.lbd_config is not None:
             argv += ["--config", str(self.lbd_config)]
         child = self.spawn(name or f"lbd-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":

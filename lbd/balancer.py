@@ -28,6 +28,9 @@ from lbd.routing.static import BucketTable, client_bucket, digest64
 from lbd.sessions import Session, SessionTable
 
 WARM_SLICE: Final = 200_000  # hash evaluations per `warm()`: about a millisecond, compiled
+# Client id -> bucket for clients that come back: a dict lookup instead of a SHA-256 (0.02 against
+# 0.5 us). A bucket never depends on the servers, so nothing invalidates it; full, it starts over.
+BUCKET_MEMO_SIZE: Final = 65_536
 # Why a server was chosen (the `reason` of `lbctl route`)
 REASON_HASH: Final = "hash"  # static: the client's first choice
 REASON_HASH_NEXT: Final = "hash_next"  # static: the first choice is out; next in the client's order
@@ -68,6 +71,7 @@ class Balancer:
         servers = registry.servers()
         self._table = BucketTable((s.id, s.spec.capacity) for s in servers)
         self._index = dynamic.RegionIndex.build(servers)
+        self._buckets: dict[str, int] = {}
         registry.subscribe(self._membership_changed)
 
     def _membership_changed(self, change: Change) -> None:
@@ -185,8 +189,17 @@ class Balancer:
             )
         return region
 
+    def _bucket(self, client_id: str) -> int:
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            bucket = client_bucket(client_id)
+            if len(self._buckets) >= BUCKET_MEMO_SIZE:
+                self._buckets.clear()
+            self._buckets[client_id] = bucket
+        return bucket
+
     def _static_choice(self, client_id: str) -> tuple[Server, str]:
-        bucket = client_bucket(client_id)
+        bucket = self._bucket(client_id)
         server_id = self._table.owner(bucket)
         if server_id is None:
             raise NoServer("no servers are registered")
@@ -242,7 +255,7 @@ class Balancer:
         """Where to retry a request whose server failed before answering; re-pins the session."""
         if self.mode == "static":
             try:
-                return self._static_next(client_bucket(client_id), exclude=failed)
+                return self._static_next(self._bucket(client_id), exclude=failed)
             except NoServer:
                 return None
         region = self.resolve_region(client_region)
