@@ -76,7 +76,8 @@ clean:
 
 # `make bench`: lbd against HAProxy and nginx straight on loopback, pinned (python -m bench.compare; e.g.
 # BENCH_ARGS=--quick for a smoke run, BENCH_ARGS='--only haproxy,lbd-static'), then the routing and
-# health-round microbenchmarks. wrk, haproxy and nginx come from the system's packages when missing.
+# health-round microbenchmarks and the cost of registering one server into 10,000 (bench/registration.py).
+# wrk, haproxy and nginx come from the system's packages when missing.
 .PHONY: bench bench-deps
 bench-deps:
 	@PATH="$$PATH:/usr/sbin:/sbin"; command -v wrk >/dev/null 2>&1 || { \
@@ -93,3 +94,4 @@ bench: $(NATIVE) bench-deps
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 	$(BIN)/python bench/microbench.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/health_round.py
+	$(BIN)/python -m bench.registration $(if $(findstring --quick,$(BENCH_ARGS)),--servers 1000)

@@ -8,7 +8,10 @@ Three nginx backends (one worker) and wrk run on CPU 1, the proxies under test o
 time under load. Rows are measured in interleaved rounds: every proxy once per round, back to back;
 a row keeps its median round, and a ratio to HAProxy is the median of the rounds' ratios. Every
 row sends the same requests (bench/wrk/clients.lua: 10,000 client ids with fixed regions), so
-HAProxy's and lbd's hashing and lbd's sticky sessions see the same mix. After the rows, a fresh lbd
+HAProxy's and lbd's hashing and lbd's sticky sessions see the same mix; except the two lbd-new
+rows (tiny responses only): lbd static sending a client id never seen before on every request,
+with 3 servers and with 1,000 (the 1,000 spread over the same three backends, health checks once a
+minute in both), to show what a new client's pick costs as the server count grows. After the rows, a fresh lbd
 (static) holds many idle keep-alive connections, then streams a large body each way, with its RSS
 measured. Prints one table and the targets' verdicts, and writes the same as JSON under
 bench/results/. Exit 0 when everything ran (FAILs included; --strict makes a FAIL exit 1), 1 when a
@@ -39,7 +42,11 @@ from bench.loadgen import run_observed, run_wrk
 from bench.report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
 from bench.stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
 
-PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic")
+PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-new-3", "lbd-new-1000")
+NEW_CLIENT_ROWS = {"lbd-new-3": 3, "lbd-new-1000": 1000}  # static, a new client id per request: servers
+# Their health checks run once a minute: at the default 2 s, checking 1,000 servers takes about a fifth
+# of the proxy CPU all run long, beside every other row, and is not what these rows measure.
+NEW_CLIENT_CONFIG = "[health]\ninterval_ms = 60000\n"
 PHASES = (*PROXIES, "memory")
 PATHS = {"tiny": "/tiny", "64k": "/64k"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure this lbd (e.g. another checkout's .venv/bin/lbd) as rows base-static and base-dynamic, "
         "interleaved with the others: a change's effect measured in one run",
     )
+    parser.add_argument("--lbd-config", type=Path, help="a config file for every lbd (--config), e.g. [health]")
     args = parser.parse_args(argv)
     args.duration = args.duration or 3.0
     args.warmup = args.warmup if args.warmup is not None else 1.0
@@ -125,6 +133,10 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
         child, port, socket_path = stack.start_haproxy()
     elif name.startswith("base-"):
         child, port, socket_path = stack.start_lbd(name.removeprefix("base-"), command=stack.base_lbd_command)
+    elif name in NEW_CLIENT_ROWS:
+        child, port, socket_path = stack.start_lbd(
+            "static", servers=NEW_CLIENT_ROWS[name], name=name, config=NEW_CLIENT_CONFIG
+        )
     else:
         child, port, socket_path = stack.start_lbd(name.removeprefix("lbd-"))
     try:
@@ -141,10 +153,11 @@ def measure_once(args: argparse.Namespace, row: Row, running: Running) -> None:
     try:
         if child is not None:
             child.check_alive()
+        new = row.proxy in NEW_CLIENT_ROWS
         if args.warmup > 0:
-            run_wrk(url, PATHS[row.response], row.conns, args.warmup, args.load_cpu)
+            run_wrk(url, PATHS[row.response], row.conns, args.warmup, args.load_cpu, new)
         pid = child.pid if child is not None else None
-        row.rounds.append(run_observed(url, PATHS[row.response], row.conns, args.duration, args.load_cpu, pid))
+        row.rounds.append(run_observed(url, PATHS[row.response], row.conns, args.duration, args.load_cpu, pid, new))
         if child is not None:
             child.check_alive()
     except (StartError, RuntimeError, OSError) as error:
@@ -161,7 +174,12 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
     """
     names = [phase for phase in args.phases if phase in PROXIES or phase.startswith("base-")]
     plan = [(response, conns) for response in args.response_list for conns in args.conn_list]
-    rows = {(name, response, conns): Row(name, response, conns) for name in names for response, conns in plan}
+    rows = {
+        (name, response, conns): Row(name, response, conns)
+        for name in names
+        for response, conns in plan
+        if name not in NEW_CLIENT_ROWS or response == "tiny"  # they measure routing, not bodies
+    }
     counted: dict[str, object] = {}
     with contextlib.ExitStack() as started:
         running: dict[str, Running] = {}
@@ -170,15 +188,16 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
                 running[name] = started.enter_context(proxy(stack, name))
             except StartError as error:
                 print(f"  {name}: {error}", file=sys.stderr)
-                for response, conns in plan:
-                    rows[(name, response, conns)].failure = str(error).splitlines()[0]
+                for key, row in rows.items():
+                    if key[0] == name:
+                        row.failure = str(error).splitlines()[0]
         for response, conns in plan:
             for round_index in range(args.repeat):
                 order = rotated(list(running), round_index)
                 print(f"  {response:<5} c{conns:<3} round {round_index + 1}/{args.repeat}:", end="", flush=True)
                 for name in order:
-                    row = rows[(name, response, conns)]
-                    if row.failure is None:
+                    row = rows.get((name, response, conns))
+                    if row is not None and row.failure is None:
                         measure_once(args, row, running[name])
                         done = f"{row.rounds[-1].rps:,.0f}" if row.failure is None else "failed"
                         print(f"  {name} {done}", end="", flush=True)
@@ -205,6 +224,9 @@ def stats_line(stats: dict[str, object]) -> str:
         return "unavailable"
     classes = ", ".join(f"{name} {count:,}" for name, count in requests["responses"].items() if count)
     servers = ", ".join(f"{name} {count:,}" for name, count in per_server.items())
+    if len(per_server) > 12:  # the lbd-new-1000 row: how even, not each of them
+        counts = sorted(per_server.values())
+        servers = f"{len(counts)} servers, {counts[0]:,} to {counts[-1]:,} (median {counts[len(counts) // 2]:,})"
     sessions = f"; sessions {stats['sessions']:,}" if isinstance(stats.get("sessions"), int) else ""
     return f"{requests['total']:,} requests ({classes}); per server: {servers}{sessions}"
 
@@ -268,6 +290,7 @@ def build_report(
             "load_cpu": args.load_cpu,
             "lbd_command": args.lbd_cmd,
             "base_lbd_command": args.base_lbd_cmd,
+            "lbd_config": None if args.lbd_config is None else str(args.lbd_config),
             "wrk": "-t1 --latency -s bench/wrk/clients.lua (10,000 client ids, 7 client regions)",
             "backends": "3 server blocks of one nginx (1 worker), /tiny = 3 bytes, /64k = 65536 bytes",
         },
@@ -292,7 +315,7 @@ def main() -> int:
     prepare_process(args)
     where = machine()  # before the run: the lbd commit measured, not one made meanwhile
     workdir = Path(tempfile.mkdtemp(prefix="lbbench-"))
-    stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd))
+    stack = Stack(workdir, args.proxy_cpu, args.load_cpu, shlex.split(args.lbd_cmd), args.lbd_config)
     stack.base_lbd_command = shlex.split(args.base_lbd_cmd or "")
     rows: list[Row] = []
     counted: dict[str, object] = {}

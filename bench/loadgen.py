@@ -67,10 +67,12 @@ def pressure_us() -> int | None:
     return int(some.rsplit("total=", 1)[1])
 
 
-def run_observed(url: str, path: str, connections: int, seconds: float, cpu: int | None, pid: int | None) -> Load:
+def run_observed(
+    url: str, path: str, connections: int, seconds: float, cpu: int | None, pid: int | None, new_clients: bool = False
+) -> Load:
     """`run_wrk`, plus how much CPU the proxy (`pid`) used and waited for, and the machine's CPU pressure."""
     sched, pressure, started = schedstat_ns(pid), pressure_us(), time.monotonic()
-    load = run_wrk(url, path, connections, seconds, cpu)
+    load = run_wrk(url, path, connections, seconds, cpu, new_clients)
     wall = time.monotonic() - started
     sched_after, pressure_after = schedstat_ns(pid), pressure_us()
     if sched and sched_after:
@@ -81,10 +83,11 @@ def run_observed(url: str, path: str, connections: int, seconds: float, cpu: int
     return load
 
 
-def run_wrk(url: str, path: str, connections: int, seconds: float, cpu: int | None) -> Load:
-    """`wrk -t1 -cN -dS --latency` with the many-clients script; killed if it overstays by 30 s."""
+def run_wrk(url: str, path: str, connections: int, seconds: float, cpu: int | None, new_clients: bool = False) -> Load:
+    """`wrk -t1 -cN -dS --latency` with the many-clients script (or, with `new_clients`, a client id
+    never seen before on every request); killed if it overstays by 30 s."""
     argv = [*pin(cpu), tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
-    argv += ["-s", str(SCRIPT), url, "--", path, str(CLIENT_IDS)]
+    argv += ["-s", str(SCRIPT), url, "--", path, str(CLIENT_IDS), *(["new"] if new_clients else [])]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")

@@ -122,6 +122,7 @@ class Stack:
     load_cpu: int | None
     lbd_command: list[str] = field(default_factory=lambda: [str(VENV_BIN / "lbd")])
     base_lbd_command: list[str] = field(default_factory=list)  # --base-lbd-cmd: a second lbd measured beside
+    lbd_config: Path | None = None  # a config file every lbd gets (--config), e.g. other health settings
     children: list[Child] = field(default_factory=list)
     backend_ports: list[int] = field(default_factory=list)
 
@@ -200,10 +201,13 @@ class Stack:
 
     # -- lbd -------------------------------------------------------------------------------------
 
-    def servers_json(self) -> list[dict[str, object]]:
+    def servers_json(self, count: int | None = None) -> list[dict[str, object]]:
+        """One server per backend, or `count` servers spread over the backends (and their regions)."""
+        count = len(self.backend_ports) if count is None else count
+        places = list(zip(self.backend_ports, SERVER_REGIONS, strict=False))
         return [
             {"id": f"s{i + 1}", "url": f"http://127.0.0.1:{port}", "region": region, "capacity": CAPACITY}
-            for i, (port, region) in enumerate(zip(self.backend_ports, SERVER_REGIONS, strict=False))
+            for i, (port, region) in ((i, places[i % len(places)]) for i in range(count))
         ]
 
     def start_sink(self) -> tuple[Child, int]:
@@ -216,20 +220,33 @@ class Stack:
         return child, port
 
     def start_lbd(
-        self, mode: str, extra: list[dict[str, object]] | None = None, command: list[str] | None = None
+        self,
+        mode: str,
+        extra: list[dict[str, object]] | None = None,
+        servers: int | None = None,
+        name: str = "",
+        config: str | None = None,
+        command: list[str] | None = None,
     ) -> tuple[Child, int, Path]:
-        """lbd in `mode` (run by `command`, else the one under test); static gets the servers from
-        --servers, dynamic has them registered over the API."""
+        """lbd in `mode`, run by `command` (else the one under test), with `servers` servers over the
+        backends (else one per backend); its log named after `name`, else lbd-MODE (base-MODE for
+        `command`); `config` as its config file's text, else --lbd-config's file; static gets the
+        servers from --servers, dynamic has them registered over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
         servers_file = rundir / "servers.json"
-        servers_file.write_text(json.dumps(self.servers_json() + (extra or [])))
+        servers_file.write_text(json.dumps(self.servers_json(servers) + (extra or [])))
         argv = [*(command or self.lbd_command), "start", "--listen", f"127.0.0.1:{port}", "--mode", mode]
         argv += ["--admin-socket", str(socket_path), "--state-dir", str(rundir / "state"), "--log-level", "warning"]
         if mode == "static":
             argv += ["--servers", str(servers_file)]
-        child = self.spawn(f"{'base' if command else 'lbd'}-{mode}", argv, self.proxy_cpu)
+        if config is not None:
+            (rundir / "lbd.toml").write_text(config)
+            argv += ["--config", str(rundir / "lbd.toml")]
+        elif self.lbd_config is not None:
+            argv += ["--config", str(self.lbd_config)]
+        child = self.spawn(name or f"{'base' if command else 'lbd'}-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
         self.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"})

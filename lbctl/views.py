@@ -88,11 +88,13 @@ class Column:
 def servers_table(servers: Sequence[Mapping[str, Any]]) -> RenderableType:
     """`GET /v1/servers`: one row per server, in the daemon's order.
 
-    All columns need about 100 terminal columns at two spaces apart. Narrower, they close up to
-    one space and long URLs fold, which keeps every value whole at 80 columns; narrower still, the
-    identity columns give way to the live ones (`lbctl server ID` shows them).
+    All columns need about 120 terminal columns at two spaces apart. Narrower, they close up to
+    one space and long URLs fold; narrower still, the identity columns give way to the live ones
+    (`lbctl server ID` shows them), which keeps every value whole at 80 columns; and narrower again,
+    the dynamic score's terms go too.
     """
     live = [column for column in SERVER_COLUMNS if column.key not in IDENTITY_KEYS]
+    essential = [column for column in live if column.key not in SCORE_KEYS]
     return FirstThatFits(
         [
             (_table_width(servers, SERVER_COLUMNS, gap=2), _servers_table(servers, SERVER_COLUMNS, gap=2)),
@@ -100,8 +102,9 @@ def servers_table(servers: Sequence[Mapping[str, Any]]) -> RenderableType:
                 _table_width(servers, SERVER_COLUMNS, gap=1, url_width=URL_MIN_WIDTH),
                 _servers_table(servers, SERVER_COLUMNS, gap=1),
             ),
+            (_table_width(servers, live, gap=1), _servers_table(servers, live, gap=1)),
         ],
-        fallback=_servers_table(servers, live, gap=1),
+        fallback=_servers_table(servers, essential, gap=1),
     )
 
 
@@ -411,6 +414,15 @@ def _latency(milliseconds: object) -> Text:
     return Text(f"{milliseconds:.1f}ms" if isinstance(milliseconds, int | float) else _str(milliseconds))
 
 
+def _score(score: object) -> Text:
+    return Text(f"{score:.2f}" if isinstance(score, int | float) else _str(score))
+
+
+def _factor(factor: object) -> Text:
+    """The latency factor, `1.00` for a server as fast as its region's typical one."""
+    return Text(f"{factor:.2f}" if isinstance(factor, int | float) else _str(factor))
+
+
 def _drain_flag(draining: object) -> Text:
     """`yes` or `-`, so the few draining servers stand out in a long column."""
     return Text("yes" if draining else MISSING)
@@ -427,8 +439,13 @@ SERVER_COLUMNS: Sequence[Column] = (
     Column("REQUESTS", "requests", _text),
     Column("ERRORS", "errors", _text),
     Column("LATENCY", "latency_ewma_ms", _latency),
+    # the dynamic score and its terms besides capacity and active: latency factor, sessions pinned
+    Column("FACTOR", "latency_factor", _factor),
+    Column("SESS", "sessions", _text),
+    Column("SCORE", "score", _score),
 )
 IDENTITY_KEYS = frozenset(("region", "url", "capacity"))
+SCORE_KEYS = frozenset(("latency_factor", "sessions", "score"))
 SESSION_COLUMNS: Sequence[tuple[str, JustifyMethod]] = (
     ("CLIENT", "left"),
     ("SERVER", "left"),
@@ -447,6 +464,11 @@ SERVER_DETAILS: Sequence[tuple[str, str, Callable[[object], Text]]] = (
     ("requests", "requests", _text),
     ("errors", "errors", _text),
     ("latency (ewma)", "latency_ewma_ms", _latency),
+    ("latency (scored)", "latency_ms", _latency),
+    ("region latency", "region_latency_ms", _latency),
+    ("latency factor", "latency_factor", _factor),
+    ("sessions", "sessions", _text),
+    ("score", "score", _score),
 )
 # The id is the panel's title; hostname and port are already in the URL.
 SERVER_DETAILS_HIDDEN = frozenset(("id", "hostname", "port"))
@@ -461,8 +483,9 @@ def route_decision(answer: Mapping[str, Any]) -> RenderableType:
     """`GET /v1/route/{client_id}`: `alice -> s2 (eu-west): best_in_region`, why, then the candidates.
 
     The candidates are in the balancer's order (rank 1 is its first choice); the chosen one is
-    marked `>` and bold, so it stands out without colour. Only the first ten are listed (and the
-    chosen one wherever it ranks); `--json` has them all.
+    marked `>` and bold, so it stands out without colour. In dynamic mode each shows its score and
+    the score's terms: sessions pinned, load (requests in flight / capacity) and latency factor.
+    Only the first ten are listed (and the chosen one wherever it ranks); `--json` has them all.
     """
     candidates = [_mapping(candidate) for candidate in _sequence(answer.get("candidates"))]
     chosen = answer.get("server")
@@ -502,7 +525,9 @@ def _candidates_table(candidates: Sequence[Mapping[str, Any]], chosen: object) -
     table.add_column("REGION", no_wrap=True)
     if dynamic:
         table.add_column("SCORE", justify="right", no_wrap=True)
+        table.add_column("SESS", justify="right", no_wrap=True)
         table.add_column("LOAD", justify="right", no_wrap=True)
+        table.add_column("FACTOR", justify="right", no_wrap=True)
     else:
         table.add_column("CAPACITY", justify="right", no_wrap=True)
     table.add_column("AVAILABLE", no_wrap=True)
@@ -513,7 +538,12 @@ def _candidates_table(candidates: Sequence[Mapping[str, Any]], chosen: object) -
     ]
     for rank, candidate in shown:
         picked = candidate.get("server") == chosen
-        load = [_score(candidate.get("score")), _load(candidate)] if dynamic else [_text(candidate.get("capacity"))]
+        load = (
+            [_score(candidate.get("score")), _text(candidate.get("sessions")), _load(candidate),
+             _factor(candidate.get("latency_factor"))]
+            if dynamic
+            else [_text(candidate.get("capacity"))]
+        )  # fmt: skip
         available = candidate.get("available")
         table.add_row(
             Text(">" if picked else ""),
@@ -530,10 +560,6 @@ def _candidates_table(candidates: Sequence[Mapping[str, Any]], chosen: object) -
     if hidden <= 0:
         return table
     return Group(table, Text(f"{hidden} more candidates (--json lists them all)", style="dim"))
-
-
-def _score(score: object) -> Text:
-    return Text(f"{score:.2f}" if isinstance(score, int | float) else _str(score))
 
 
 def _load(server: Mapping[str, Any]) -> Text:

@@ -39,6 +39,7 @@ from lbd.state import PersistedState, StateKeeper, StateStore
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
+WARM_IDLE_S = 0.5  # how often to look for static-table work when there is none (dynamic mode, or a full table)
 FD_HEADROOM = 1024  # descriptors beyond the client connections: upstream pools, admin, health checks
 
 
@@ -132,6 +133,8 @@ class Daemon:
             log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
         sweeper = loop.create_task(self._sweep_sessions())
         opened.push_async_callback(_cancelled, sweeper)
+        warmer = loop.create_task(self._warm_routing())
+        opened.push_async_callback(_cancelled, warmer)
         await checker.start()
         opened.push_async_callback(checker.stop)
         signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
@@ -159,6 +162,12 @@ class Daemon:
         await proxy.stop(grace_ms / 1000.0)
         if self.keeper is not None:
             self.keeper.save_sessions(self.sessions)
+
+    async def _warm_routing(self) -> None:
+        """Fill the static hash table in slices of about a millisecond, yielding to requests between
+        them (a bucket not filled yet is computed when first used, with the same answer)."""
+        while True:
+            await asyncio.sleep(0 if self.balancer.warm() else WARM_IDLE_S)
 
     async def _sweep_sessions(self) -> None:
         """Expire idle sessions in bounded batches so memory follows the live set."""

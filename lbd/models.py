@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -15,6 +16,10 @@ MAX_CAPACITY = 1_000_000
 # Upper bounds (seconds) of the per-server upstream latency histogram's buckets, plus +Inf (Prometheus
 # `le` semantics: a value equal to a bound counts in that bucket).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# How fast a server's latency estimate forgets itself while the server gets no answers: after this long
+# without one, what it still holds of its own past is 1/e, the rest is its region's typical latency
+# (Linkerd's EWMA_DECAY and Envoy peak_ewma's decay_time, both 10 s).
+LATENCY_DECAY_S = 10.0
 
 
 class Outcome(StrEnum):
@@ -76,6 +81,20 @@ class ServerSpec:
 
 
 @dataclass(slots=True)
+class RegionLatency:
+    """The typical time to response headers of one region's servers, all their answers together.
+
+    It stands in for a server not measured yet (as Envoy's and Linkerd's default RTT does, but
+    learned per region rather than fixed), and is what an idle server's estimate decays toward.
+    `configured_ms` is the region's configured latency: the typical value before any answer.
+    """
+
+    configured_ms: float = 0.0
+    typical_ms: float = 0.0
+    measured: bool = False
+
+
+@dataclass(slots=True)
 class ServerState:
     """What lbd observes about a server while it runs (times are monotonic seconds)."""
 
@@ -85,6 +104,7 @@ class ServerState:
     requests: int = 0
     errors: int = 0
     latency_ewma_ms: float = 0.0
+    latency_at: float = -1.0  # when the last latency sample came; negative: never measured
     consecutive_failures: int = 0
     consecutive_passes: int = 0
     passive_failures: int = 0
@@ -108,11 +128,23 @@ class ServerState:
     def health_in_cooldown(self) -> bool:
         return self.health in (Health.COOLDOWN, Health.DEGRADED)
 
+    def latency_estimate_ms(self, typical_ms: float, now: float) -> float:
+        """The latency this server is expected to answer in: its EWMA, decaying toward `typical_ms`
+        (its region's) for as long as it gets no answers; `typical_ms` itself when never measured.
+        So an estimate never keeps a server from being measured again."""
+        if self.latency_at < 0.0:
+            return typical_ms
+        idle = now - self.latency_at
+        if idle <= 0.0:
+            return self.latency_ewma_ms
+        return typical_ms + (self.latency_ewma_ms - typical_ms) * math.exp(-idle / LATENCY_DECAY_S)
+
 
 @dataclass(slots=True)
 class Server:
     spec: ServerSpec
     state: ServerState = field(default_factory=ServerState)
+    region_latency: RegionLatency = field(default_factory=RegionLatency)  # shared by the region's servers
 
     @property
     def id(self) -> str:

@@ -1,8 +1,9 @@
 """The single writer of server membership and server state.
 
 Health checks and the admin API change servers only through these methods; the balancer and the
-admin views read `servers()` / `get()`. Every membership change bumps `version`, which is what
-routing caches key on, and notifies subscribers (the balancer rebuilds its hash table).
+admin views read `servers()` / `get()`. Every membership change bumps `version` and tells each
+subscriber what changed (`Change`), so the balancer and the health checker update in proportion to
+the change, not to the membership.
 """
 
 from __future__ import annotations
@@ -10,15 +11,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from lbd.config import HealthSettings
 from lbd.health import machine
-from lbd.models import LATENCY_BUCKETS_S, Outcome, Server, ServerSpec, ServerState
+from lbd.models import LATENCY_BUCKETS_S, Outcome, RegionLatency, Server, ServerSpec, ServerState
 
 log = logging.getLogger("lbd.health")
 
-Listener = Callable[[], None]
-LATENCY_EWMA_WEIGHT = 0.2
+LATENCY_EWMA_WEIGHT = 0.2  # a server's estimate: each answer moves it a fifth of the way
+REGION_LATENCY_WEIGHT = 0.05  # a region's typical latency: about its last 20 answers, whichever servers gave them
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One membership change: the servers that joined and those that left (a re-registration with a
+    new address is a leave, then a join)."""
+
+    added: tuple[Server, ...] = ()
+    removed: tuple[Server, ...] = ()
+
+
+Listener = Callable[[Change], None]
 
 
 def latency_bucket(latency_s: float) -> int:
@@ -45,23 +59,39 @@ class Registry:
         self._servers: dict[str, Server] = {}
         self._listeners: list[Listener] = []
         self._region_latency_ms = region_latency_ms
+        self._regions: dict[str, RegionLatency] = {}
         self.health = health or HealthSettings()
         self.version = 0
         for spec in specs:
             self._servers[spec.id] = self._new_server(spec)
 
     def _new_server(self, spec: ServerSpec) -> Server:
-        """A fresh server whose latency estimate starts at its region's configured latency."""
-        return Server(spec, ServerState(latency_ewma_ms=float(self._region_latency_ms.get(spec.region, 0))))
+        """A fresh server, sharing its region's typical latency; until its first answer its shown
+        latency is the region's configured one (what it is scored by is the region's typical)."""
+        region = self.region_latency(spec.region)
+        return Server(spec, ServerState(latency_ewma_ms=region.configured_ms), region)
+
+    def region_latency(self, region: str) -> RegionLatency:
+        """The typical latency of `region`'s servers (created at its configured latency on first use)."""
+        found = self._regions.get(region)
+        if found is None:
+            configured = float(self._region_latency_ms.get(region, 0))
+            found = self._regions[region] = RegionLatency(configured, configured)
+        return found
 
     def configure(self, region_latency_ms: Mapping[str, int], health: HealthSettings) -> None:
-        """Reloaded settings: servers added from now on start at the new region latencies, and every
-        server's next check or outcome follows the new health thresholds."""
+        """Reloaded settings: new configured region latencies (the typical latency of a region without
+        answers yet follows them), and every server's next check or outcome follows the new health
+        thresholds."""
         self._region_latency_ms = region_latency_ms
+        for name, region in self._regions.items():
+            region.configured_ms = float(region_latency_ms.get(name, 0))
+            if not region.measured:
+                region.typical_ms = region.configured_ms
         self.health = health
 
     def subscribe(self, listener: Listener) -> None:
-        """Call `listener` after every membership change."""
+        """Call `listener` with every membership change, after it happened."""
         self._listeners.append(listener)
 
     def servers(self) -> tuple[Server, ...]:
@@ -92,13 +122,13 @@ class Registry:
             return existing, False
         server = self._new_server(spec)
         self._servers[spec.id] = server
-        self._changed()
+        self._changed(Change(added=(server,)))
         return server, True
 
     def deregister(self, server_id: str) -> Server | None:
         server = self._servers.pop(server_id, None)
         if server is not None:
-            self._changed()
+            self._changed(Change(removed=(server,)))
         return server
 
     def set_draining(self, server_id: str, draining: bool) -> Server | None:
@@ -112,7 +142,7 @@ class Registry:
         """The proxy's report on one forwarded request; `latency_s` is time to response headers."""
         state = server.state
         if latency_s is not None:
-            state.latency_ewma_ms += LATENCY_EWMA_WEIGHT * (latency_s * 1000.0 - state.latency_ewma_ms)
+            self._observe_latency(server, latency_s * 1000.0, time.monotonic())
             state.latency_buckets[latency_bucket(latency_s)] += 1
             state.latency_sum_s += latency_s
         if outcome is Outcome.OK:
@@ -128,6 +158,24 @@ class Registry:
     def end_cooldown(self, server: Server) -> bool:
         """Probe a server in cooldown from now on (`lbctl check`); whether it was waiting."""
         return machine.end_cooldown(server.state, time.monotonic())
+
+    def _observe_latency(self, server: Server, sample_ms: float, now: float) -> None:
+        """Fold one answer's time to headers into the server's estimate and its region's typical
+        latency. The first answer sets each; later ones move the estimate from where it had decayed to
+        while idle (the decay is folded in, so a server recovers from a few slow answers)."""
+        state = server.state
+        region = server.region_latency
+        if state.latency_at < 0.0:
+            state.latency_ewma_ms = sample_ms
+        else:
+            base = state.latency_estimate_ms(region.typical_ms, now)
+            state.latency_ewma_ms = base + LATENCY_EWMA_WEIGHT * (sample_ms - base)
+        state.latency_at = now
+        if region.measured:
+            region.typical_ms += REGION_LATENCY_WEIGHT * (sample_ms - region.typical_ms)
+        else:
+            region.typical_ms = sample_ms
+            region.measured = True
 
     def record_probe(self, server: Server, ok: bool, detail: str) -> None:
         """An active health check's result."""
@@ -153,7 +201,7 @@ class Registry:
                 transition.reason,
             )
 
-    def _changed(self) -> None:
+    def _changed(self, change: Change) -> None:
         self.version += 1
         for listener in self._listeners:
-            listener()
+            listener(change)

@@ -78,7 +78,10 @@ def test_servers_table_shows_every_server(static_lbd: Lbd, three_backends: list[
     result = static_lbd.lbctl("servers")
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
-    assert header == ["ID", "REGION", "URL", "CAPACITY", "HEALTH", "DRAIN", "ACTIVE", "REQUESTS", "ERRORS", "LATENCY"]
+    assert header == [
+        "ID", "REGION", "URL", "CAPACITY", "HEALTH", "DRAIN", "ACTIVE", "REQUESTS", "ERRORS", "LATENCY", "FACTOR",
+        "SESS", "SCORE",
+    ]  # fmt: skip
     for backend in three_backends:
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"{backend.id} "))
         assert backend.url in row

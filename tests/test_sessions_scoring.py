@@ -113,22 +113,15 @@ def test_repin_moves_the_session() -> None:
     assert len(table) == 1
 
 
-# --- scoring --------------------------------------------------------------------------------------
+# --- choosing (scores themselves: tests/test_scoring.py) -----------------------------------------
 
-
-def test_score_prefers_less_loaded_relative_to_capacity_and_faster() -> None:
-    big_busy = make_server("big", capacity=100, active=20)
-    small_idle = make_server("small", capacity=10, active=0)
-    assert dynamic.score(small_idle) < dynamic.score(big_busy)  # 10*1/10=1 < 10*21/100=2.1
-    slow = make_server("slow", latency_ewma_ms=100.0)
-    fast = make_server("fast", latency_ewma_ms=5.0)
-    assert dynamic.score(fast) < dynamic.score(slow)
+NOBODY: Counter[str] = Counter()  # no sessions pinned anywhere
 
 
 def test_pick_chooses_lowest_score_never_the_highest() -> None:
     servers = [make_server("a", active=8), make_server("b", active=1), make_server("c", active=5)]
     index = dynamic.RegionIndex.build(servers)
-    chosen = dynamic.pick(index, digest64("client"), PROXIMITY)
+    chosen = dynamic.pick(index, digest64("client"), PROXIMITY, NOBODY, 0.0)
     assert chosen is not None and chosen.server.id == "b" and not chosen.fallback
 
 
@@ -140,15 +133,15 @@ def test_pick_walks_proximity_when_region_has_nothing_available() -> None:
         make_server("ca", region="ca-central"),
         make_server("eu", region="eu-west"),
     ]
-    chosen = dynamic.pick(dynamic.RegionIndex.build(servers), digest64("c"), PROXIMITY)
+    chosen = dynamic.pick(dynamic.RegionIndex.build(servers), digest64("c"), PROXIMITY, NOBODY, 0.0)
     assert chosen is not None and chosen.server.id == "ca" and chosen.fallback and chosen.region == "ca-central"
 
 
 def test_ties_break_deterministically_and_spread_over_clients() -> None:
     servers = [make_server(f"s{i}") for i in range(4)]
     index = dynamic.RegionIndex.build(servers)
-    first = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY) for i in range(200)]
-    again = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY) for i in range(200)]
+    first = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY, NOBODY, 0.0) for i in range(200)]
+    again = [dynamic.pick(index, digest64(f"client-{i}"), PROXIMITY, NOBODY, 0.0) for i in range(200)]
     assert [p.server.id for p in first if p] == [p.server.id for p in again if p]
     assert len({p.server.id for p in first if p}) == 4  # equal scores do not all land on one server
 
@@ -158,12 +151,27 @@ def test_large_regions_use_two_choices_and_still_find_the_only_free_server() -> 
     servers[537].state.active = 0
     index = dynamic.RegionIndex.build(servers)
     for i in range(20):
-        chosen = dynamic.pick(index, digest64(f"c{i}"), PROXIMITY)
+        chosen = dynamic.pick(index, digest64(f"c{i}"), PROXIMITY, NOBODY, 0.0)
         assert chosen is not None and chosen.server.id == "s0537"
 
 
 def test_pick_can_exclude_the_failed_server() -> None:
     a, b = make_server("a"), make_server("b", active=3)
     index = dynamic.RegionIndex.build([a, b])
-    chosen = dynamic.pick(index, digest64("c"), PROXIMITY, exclude=a)
+    chosen = dynamic.pick(index, digest64("c"), PROXIMITY, NOBODY, 0.0, exclude=a)
     assert chosen is not None and chosen.server is b
+
+
+def test_region_index_follows_joins_and_leaves() -> None:
+    servers = [make_server(f"s{i}", capacity=i + 1) for i in range(5)]
+    index = dynamic.RegionIndex.build(servers[:3])
+    index.add(servers[4])
+    index.add(servers[3])
+    index.remove(servers[0])
+    members = index.by_region["us-east"]
+    assert members.ids == ["s1", "s2", "s3", "s4"]
+    assert members.cumulative == [2, 5, 9, 14]
+    assert members.hashes == [digest64(server_id) for server_id in members.ids]
+    for server in servers[1:]:
+        index.remove(server)
+    assert "us-east" not in index.by_region

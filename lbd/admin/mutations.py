@@ -50,7 +50,7 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
         if spec.id in created:
             where = f"{spec.url} region {spec.region} capacity {spec.capacity}"
             audit(request, "register", spec.id, f"registered at {where}", server=spec.to_json())
-    servers = [server_json(cast(Server, registry.get(spec.id))) for spec in specs]
+    servers = [server_json(cast(Server, registry.get(spec.id)), state_of(request).balancer) for spec in specs]
     return web.json_response({"servers": servers, "created": created}, status=201 if created else 200)
 
 
@@ -120,7 +120,7 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
     if was != draining:
         action = "drain" if draining else "undrain"
         audit(request, action, server_id, f"draining {_yes(was)} -> {_yes(draining)}", old=was, new=draining)
-    return web.json_response(server_json(server))
+    return web.json_response(server_json(server, state_of(request).balancer))
 
 
 def _yes(flag: bool) -> str:
@@ -141,7 +141,9 @@ async def check(request: web.Request) -> web.Response:
     ended = "; cooldown ended" if cooldown_ended else ""
     audit(request, "check", server_id, f"{detail}, health {before} -> {after}{ended}", passed=passed, detail=detail)
     body = {"server": server_id, "passed": passed, "detail": detail, "cooldown_ended": cooldown_ended}
-    return web.json_response({**body, "health": {"before": before, "after": after}, "state": server_json(server)})
+    return web.json_response(
+        {**body, "health": {"before": before, "after": after}, "state": server_json(server, state.balancer)}
+    )
 
 
 @routes.put("/v1/mode")

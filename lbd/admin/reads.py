@@ -61,7 +61,8 @@ def _optional_str(value: object) -> str | None:
 
 @routes.get("/v1/servers")
 async def list_servers(request: web.Request) -> web.Response:
-    servers = [server_json(server) for server in state_of(request).registry.servers()]
+    state = state_of(request)
+    servers = [server_json(server, state.balancer) for server in state.registry.servers()]
     return web.json_response({"servers": servers}, dumps=dumps)
 
 
@@ -71,7 +72,7 @@ async def get_server(request: web.Request) -> web.Response:
     server = state_of(request).registry.get(server_id)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
-    return web.json_response(server_json(server), dumps=dumps)
+    return web.json_response(server_json(server, state_of(request).balancer), dumps=dumps)
 
 
 @routes.get("/v1/route/{client_id}")

@@ -10,14 +10,15 @@ import time
 from collections import Counter
 from typing import Any
 
+from lbd.balancer import Balancer
 from lbd.models import Health, Server
-from lbd.routing import dynamic
 
 
-def server_json(server: Server) -> dict[str, Any]:
-    """A server as the API shows it, with its monotonic times turned into Unix times."""
+def server_json(server: Server, balancer: Balancer) -> dict[str, Any]:
+    """A server as the API shows it, with its monotonic times turned into Unix times, and its dynamic
+    score with the score's terms."""
     now = time.monotonic()
-    return {**server.to_json(now, time.time() - now), "score": round(dynamic.score(server), 4)}
+    return {**server.to_json(now, time.time() - now), **balancer.score_terms(server, now)}
 
 
 def servers_summary(servers: tuple[Server, ...]) -> dict[str, Any]:

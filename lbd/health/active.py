@@ -18,7 +18,7 @@ import aiohttp
 from lbd.config import HealthSettings
 from lbd.health.machine import probe_due
 from lbd.models import Server
-from lbd.registry import Registry
+from lbd.registry import Change, Registry
 
 log = logging.getLogger("lbd.health")
 JITTER = 0.1  # each wait is the interval +-10%, so checks of many servers do not align
@@ -35,7 +35,7 @@ class HealthChecker:
 
     async def start(self) -> None:
         self._session = self._new_session()
-        self.registry.subscribe(self._sync)
+        self.registry.subscribe(self._changed)
         self._sync()
 
     async def stop(self) -> None:
@@ -67,6 +67,17 @@ class HealthChecker:
         connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_PROBES, force_close=True)
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_ms / 1000.0)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+    def _changed(self, change: Change) -> None:
+        """One membership change: stop the checkers of servers that left, start those of newcomers
+        (O(change), so registering one server among 10,000 does not walk the others)."""
+        for server in (*change.removed, *change.added):
+            task = self._tasks.pop(server.id, None)
+            if task is not None:
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        for server in change.added:
+            self._tasks[server.id] = loop.create_task(self._check_forever(server))
 
     def _sync(self) -> None:
         """Start a checker for each new server (a re-registered id is a new server), stop those of

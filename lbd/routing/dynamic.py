@@ -1,22 +1,40 @@
 """Region-aware, load-aware choice of a server for a client without a session (pure, no I/O).
 
-Score (lower is better): `latency_ewma_ms * (active + 1) / capacity`, the peak-EWMA cost of Envoy
-and Linkerd scaled by capacity like Traefik's leasttime: a server twice as big takes twice the
-connections at the same score, and a slow server needs proportionally fewer.
+Score (lower is better), for server `s` of a region:
 
-A server is *available* when it is in rotation, not draining and below its capacity. The client's
-region is tried first; when it has no available server (empty, all full, all draining or out of
-rotation) the client region's proximity order is walked.
+    latency_factor(s) * (sessions(s) + active(s) + 1) / capacity(s)
+
+- `sessions` are the live sticky sessions pinned to the server: each new client is a long-lived
+  assignment, so the clients a server already holds are its load even between their requests;
+  `active` (requests in flight) adds what it is busy with right now. Minimising the ratio to
+  capacity spreads new clients in proportion to capacity (a server twice as big holds twice the
+  sessions at the same score), as Envoy's LEAST_REQUEST weight / (active + 1) and Traefik's
+  leasttime do for requests.
+- `latency_factor` compares the server's latency estimate with its region's typical latency:
+  `(estimate + L) / (typical + L)`, bounded to [1/4, 4], where `L` is the region's configured
+  latency (at least 1 ms). Peak-EWMA (Envoy, Linkerd) multiplies load by latency; relative to the
+  region's peers, the factor only says which server is slower, and `L` keeps jitter far below the
+  region's expected latency from moving clients. A server never measured is scored at the region's
+  typical latency (factor 1, neither favoured nor starved), and an idle server's estimate decays
+  toward it (`ServerState.latency_estimate_ms`). The bound keeps a slow server in use (fewer new
+  clients, never none) and a fast one from taking everything.
+
+A server is *available* when it is in rotation, not draining and below its capacity (capacity is
+the number of concurrent requests it takes). The client's region is tried first; when it has no
+available server (empty, all full, all draining or out of rotation) the client region's proximity
+order is walked.
 
 Within a region of up to `EXACT_SCAN_LIMIT` servers the best score is found by a scan. Larger
-regions use two choices drawn from the client id's hash (power of two choices, as Envoy's
-LEAST_REQUEST and HAProxy's `random(2)`), so a pick costs the same at 10 or 10,000 servers. Ties
-break by a hash of (client id, server id): deterministic, so `lbctl route` predicts what the
-proxy will do and separate lbd processes agree.
+regions compare two servers drawn from the client id's hash with probability proportional to
+capacity (power of two choices, as Envoy's LEAST_REQUEST and HAProxy's `random(2)`), so a pick
+costs the same at 10 or 10,000 servers and shares still follow capacity. Ties break by a hash of
+(client id, server id): deterministic, so `lbctl route` predicts what the proxy will do and
+separate lbd processes agree.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -26,11 +44,37 @@ from lbd.routing.static import MASK64, digest64
 
 EXACT_SCAN_LIMIT: Final = 8
 NEARLY_FULL: Final = 0.9
+LATENCY_FACTOR_BOUND: Final = 4.0
+LATENCY_SCALE_FLOOR_MS: Final = 1.0
 
 
-def score(server: Server) -> float:
-    state = server.state
-    return state.latency_ewma_ms * (state.active + 1) / server.spec.capacity
+def latency_factor(server: Server, now: float) -> float:
+    """How much slower (> 1) or faster (< 1) than its region's typical latency a server answers."""
+    region = server.region_latency
+    typical = region.typical_ms
+    scale = max(region.configured_ms, LATENCY_SCALE_FLOOR_MS)
+    factor = (server.state.latency_estimate_ms(typical, now) + scale) / (typical + scale)
+    return min(LATENCY_FACTOR_BOUND, max(1.0 / LATENCY_FACTOR_BOUND, factor))
+
+
+def score(server: Server, sessions: int, now: float) -> float:
+    """The score of a server holding `sessions` sticky sessions (lower is better)."""
+    return latency_factor(server, now) * (sessions + server.state.active + 1) / server.spec.capacity
+
+
+def score_terms(server: Server, sessions: int, now: float) -> dict[str, int | float]:
+    """The score and what it is made of, as numbers (for `lbctl route` and `lbctl servers`)."""
+    region = server.region_latency
+    factor = latency_factor(server, now)
+    return {
+        "score": round(factor * (sessions + server.state.active + 1) / server.spec.capacity, 4),
+        "sessions": sessions,
+        "active": server.state.active,
+        "capacity": server.spec.capacity,
+        "latency_ms": round(server.state.latency_estimate_ms(region.typical_ms, now), 3),
+        "region_latency_ms": round(region.typical_ms, 3),
+        "latency_factor": round(factor, 4),
+    }
 
 
 def is_available(server: Server) -> bool:
@@ -42,18 +86,79 @@ def is_nearly_full(server: Server) -> bool:
     return server.state.active >= NEARLY_FULL * server.spec.capacity
 
 
-@dataclass(frozen=True, slots=True)
-class RegionIndex:
-    """Servers by region, with each server's id hash precomputed; rebuilt on membership change."""
+class RegionMembers:
+    """One region's servers, sorted by id, with their id hashes and running capacity totals (for
+    drawing servers in proportion to capacity); updated in place on membership change."""
 
-    by_region: Mapping[str, tuple[tuple[Server, int], ...]]
+    __slots__ = ("cumulative", "hashes", "ids", "servers")
+
+    def __init__(self, servers: Iterable[Server] = ()) -> None:
+        self.servers: list[Server] = sorted(servers, key=_server_id)
+        self.ids: list[str] = [server.id for server in self.servers]
+        self.hashes: list[int] = [digest64(server_id) for server_id in self.ids]
+        self.cumulative: list[int] = []
+        self._recount()
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def add(self, server: Server) -> None:
+        """One server joins: O(region), a list insertion and a recount."""
+        position = bisect_right(self.ids, server.id)
+        self.ids.insert(position, server.id)
+        self.servers.insert(position, server)
+        self.hashes.insert(position, digest64(server.id))
+        self._recount()
+
+    def remove(self, server: Server) -> None:
+        position = bisect_right(self.ids, server.id) - 1
+        if position >= 0 and self.servers[position] is server:
+            del self.ids[position], self.servers[position], self.hashes[position]
+            self._recount()
+
+    def _recount(self) -> None:
+        total = 0
+        cumulative = []
+        for server in self.servers:
+            total += server.spec.capacity
+            cumulative.append(total)
+        self.cumulative = cumulative
+
+    def draw(self, fraction32: int) -> int:
+        """The position of the server owning `fraction32 / 2^32` of the region's capacity."""
+        total = self.cumulative[-1]
+        return bisect_right(self.cumulative, (fraction32 * total) >> 32)
+
+
+class RegionIndex:
+    """Servers by region; updated in place as servers join and leave."""
+
+    __slots__ = ("by_region",)
+
+    def __init__(self) -> None:
+        self.by_region: dict[str, RegionMembers] = {}
 
     @staticmethod
     def build(servers: Iterable[Server]) -> RegionIndex:
-        grouped: dict[str, list[tuple[Server, int]]] = {}
-        for server in sorted(servers, key=lambda s: s.id):
-            grouped.setdefault(server.spec.region, []).append((server, digest64(server.id)))
-        return RegionIndex({region: tuple(members) for region, members in grouped.items()})
+        grouped: dict[str, list[Server]] = {}
+        for server in servers:
+            grouped.setdefault(server.spec.region, []).append(server)
+        index = RegionIndex()
+        index.by_region = {region: RegionMembers(members) for region, members in grouped.items()}
+        return index
+
+    def add(self, server: Server) -> None:
+        members = self.by_region.get(server.spec.region)
+        if members is None:
+            members = self.by_region[server.spec.region] = RegionMembers()
+        members.add(server)
+
+    def remove(self, server: Server) -> None:
+        members = self.by_region.get(server.spec.region)
+        if members is not None:
+            members.remove(server)
+            if not members.servers:
+                del self.by_region[server.spec.region]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,38 +172,44 @@ def pick(
     index: RegionIndex,
     client_key: int,
     proximity: Sequence[str],
+    pinned: Mapping[str, int],
+    now: float,
     exclude: Server | None = None,
     accept: Callable[[Server], bool] = is_available,
 ) -> Pick | None:
-    """The best `accept`-able server for a client, walking `proximity` (nearest region first)."""
+    """The best `accept`-able server for a client, walking `proximity` (nearest region first).
+    `pinned` is the live session count per server id."""
     for position, region in enumerate(proximity):
         members = index.by_region.get(region)
-        if not members:
+        if members is None:
             continue
-        chosen = _best_in_region(members, client_key, exclude, accept)
+        chosen = _best_in_region(members, client_key, pinned, now, exclude, accept)
         if chosen is not None:
             return Pick(chosen, region, position > 0)
     return None
 
 
 def _best_in_region(
-    members: Sequence[tuple[Server, int]],
+    members: RegionMembers,
     client_key: int,
+    pinned: Mapping[str, int],
+    now: float,
     exclude: Server | None,
     accept: Callable[[Server], bool],
 ) -> Server | None:
     if len(members) <= EXACT_SCAN_LIMIT:
-        candidates: Iterable[tuple[Server, int]] = members
+        candidates: Iterable[int] = range(len(members))
     else:
-        candidates = _two_choices(members, client_key, exclude, accept)
+        candidates = two_choices(members, client_key, exclude, accept)
     best: Server | None = None
     best_score = 0.0
     best_hash = 0
-    for server, server_hash in candidates:
+    for position in candidates:
+        server = members.servers[position]
         if server is exclude or not accept(server):
             continue
-        state = server.state
-        current = state.latency_ewma_ms * (state.active + 1) / server.spec.capacity  # score(), inlined
+        current = score(server, pinned.get(server.id, 0), now)
+        server_hash = members.hashes[position]
         if (
             best is None
             or current < best_score
@@ -108,21 +219,26 @@ def _best_in_region(
     return best
 
 
-def _two_choices(
-    members: Sequence[tuple[Server, int]],
-    client_key: int,
-    exclude: Server | None,
-    accept: Callable[[Server], bool],
-) -> list[tuple[Server, int]]:
-    """Two acceptable members at positions drawn from the client's hash, probing onward past the
-    unacceptable ones (so a region with few free servers still finds them)."""
+def _server_id(server: Server) -> str:
+    return server.id
+
+
+def two_choices(
+    members: RegionMembers, client_key: int, exclude: Server | None, accept: Callable[[Server], bool]
+) -> list[int]:
+    """The positions of two acceptable members, each drawn in proportion to capacity from the
+    client's hash (its low and high 32 bits) and probing onward past unacceptable ones (so a region
+    with few free servers still finds them). The draws are independent, so both may be the same
+    server: then, as when they tie, each server is chosen with probability capacity / total."""
     count = len(members)
-    found: list[tuple[Server, int]] = []
-    for start in (client_key % count, (client_key >> 32) % count):
+    found: list[int] = []
+    for fraction in (client_key & 0xFFFFFFFF, (client_key >> 32) & 0xFFFFFFFF):
+        start = members.draw(fraction)
         for step in range(count):
-            member = members[(start + step) % count]
-            if member[0] is not exclude and accept(member[0]) and member not in found:
-                found.append(member)
+            position = (start + step) % count
+            server = members.servers[position]
+            if server is not exclude and accept(server):
+                found.append(position)
                 break
     return found
 
@@ -134,11 +250,19 @@ def tie_break(client_key: int, server_hash: int) -> int:
     return mixed ^ (mixed >> 27)
 
 
-def ranked(index: RegionIndex, client_key: int, proximity: Sequence[str]) -> list[tuple[str, Server, float]]:
+def ranked(
+    index: RegionIndex, client_key: int, proximity: Sequence[str], pinned: Mapping[str, int], now: float
+) -> list[tuple[str, Server, float]]:
     """Every server of the regions in `proximity`, best first within each region (for `lbctl route`)."""
     rows: list[tuple[str, Server, float]] = []
     for region in proximity:
-        members = index.by_region.get(region, ())
-        ordered = sorted(members, key=lambda member: (score(member[0]), tie_break(client_key, member[1])))
-        rows.extend((region, server, score(server)) for server, _ in ordered)
+        members = index.by_region.get(region)
+        if members is None:
+            continue
+        scored = [
+            (score(server, pinned.get(server.id, 0), now), tie_break(client_key, server_hash), server)
+            for server, server_hash in zip(members.servers, members.hashes, strict=True)
+        ]
+        scored.sort(key=lambda row: (row[0], row[1]))
+        rows.extend((region, server, current) for current, _, server in scored)
     return rows
