@@ -18,7 +18,8 @@ keep the server they already have.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final
 
 from lbd.config import Mode, Regions
 from lbd.models import Server
@@ -49,9 +50,30 @@ class BadRoute(Exception):
     """The request lacks what its routing needs, or names an unknown region (answered with 400)."""
 
 
-def takes_new_requests(server: Server) -> bool:
-    """In rotation and not draining: may receive requests that are not already in flight."""
-    return server.state.health.in_rotation and not server.state.draining
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A server the balancer considered, in its order, and whether it could take a new client."""
+
+    server: Server
+    region: str
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """`Balancer.explain`'s answer: the choice a request would get now and what it rests on. Data
+    only; the admin API's views put it into words."""
+
+    mode: Mode
+    client_id: str
+    server: Server
+    reason: str  # one of the REASON_* names
+    candidates: tuple[Candidate, ...]
+    now: float
+    bucket: int | None = None  # static: the client id's bucket
+    client_region: str | None = None  # dynamic
+    session: Session | None = None  # dynamic: the live session, if any
+    session_server: Server | None = None  # the session's server as registered now (None: it left)
 
 
 class Balancer:
@@ -112,67 +134,22 @@ class Balancer:
             self.sessions.pin(client_id, server.id, region, now)
         return server
 
-    def explain(self, client_id: str, client_region: str | None, now: float) -> dict[str, Any]:
+    def explain(self, client_id: str, client_region: str | None, now: float) -> RouteDecision:
         """What `choose` would do for this client now, and why, without changing anything."""
         if self.mode == "static":
             server, reason = self._static_choice(client_id)
-            candidates = [
-                {
-                    "server": s.id,
-                    "region": s.spec.region,
-                    "capacity": s.spec.capacity,
-                    "available": takes_new_requests(s),
-                }
-                for s in (self.registry.get(server_id) for server_id in self._table.rank(client_id))
-                if s is not None
-            ]
-            first = candidates[0]["server"] if candidates else None
-            detail = f"hash of the client id picks {server.id}"
-            if reason == REASON_HASH_NEXT:
-                detail = f"first choice {first} is out of rotation or draining; next in the client's hash order"
-            return {"mode": "static", "client_id": client_id, "server": server.id, "reason": reason,
-                    "detail": detail, "bucket": client_bucket(client_id), "candidates": candidates}  # fmt: skip
+            ranked = (self.registry.get(server_id) for server_id in self._table.rank(client_id))
+            static_candidates = tuple(Candidate(s, s.spec.region, s.in_rotation) for s in ranked if s is not None)
+            return RouteDecision("static", client_id, server, reason, static_candidates, now, client_bucket(client_id))
         region = self.resolve_region(client_region)
         session = self.sessions.peek(client_id, now)
         server, reason, _ = self._dynamic_decision(client_id, region, session, now)
-        key = digest64(client_id)
-        pinned = self.sessions.by_server
-        candidates = [
-            {
-                "server": s.id,
-                "region": r,
-                **dynamic.score_terms(s, pinned.get(s.id, 0), now),
-                "available": dynamic.is_available(s),
-            }
-            for r, s, _ in dynamic.ranked(self._index, key, self.regions.proximity[region], pinned, now)
-        ]
-        return {
-            "mode": "dynamic",
-            "client_id": client_id,
-            "client_region": region,
-            "server": server.id,
-            "server_region": server.spec.region,
-            "reason": reason,
-            "detail": self._dynamic_detail(reason, server, region, session),
-            "session": None
-            if session is None
-            else {"server": session.server_id, "idle_s": round(now - session.last_seen, 3)},
-            "candidates": candidates,
-        }
-
-    def _dynamic_detail(self, reason: str, server: Server, region: str, session: Session | None) -> str:
+        ordered = dynamic.ranked(
+            self._index, digest64(client_id), self.regions.proximity[region], self.sessions.by_server, now
+        )
+        candidates = tuple(Candidate(s, r, dynamic.is_available(s)) for r, s, _ in ordered)
         pinned = None if session is None else self.registry.get(session.server_id)
-        if reason == REASON_STICKY:
-            return f"live session with {server.id}"
-        if reason == REASON_BACKUP_FULL and pinned is not None:
-            load = f"{pinned.state.active}/{pinned.spec.capacity}"
-            return f"session server {pinned.id} is nearly full ({load}); served by a backup, session kept"
-        if reason == REASON_MOVED and session is not None:
-            why = "left" if pinned is None else "is draining" if pinned.state.draining else "is out of rotation"
-            return f"session server {session.server_id} {why}; moved to {server.id} and re-pinned"
-        if reason == REASON_FALLBACK:
-            return f"no available server in {region}; nearest region with one is {server.spec.region}"
-        return f"best score among available servers in {region}"
+        return RouteDecision("dynamic", client_id, server, reason, candidates, now, None, region, session, pinned)
 
     def resolve_region(self, client_region: str | None) -> str:
         """The client's region from its header or the configured default; 400 when neither fits."""
@@ -204,7 +181,7 @@ class Balancer:
         if server_id is None:
             raise NoServer("no servers are registered")
         server = self.registry.get(server_id)
-        if server is not None and takes_new_requests(server):
+        if server is not None and server.in_rotation:
             return server, REASON_HASH
         return self._static_next(bucket, exclude=None), REASON_HASH_NEXT
 
@@ -213,7 +190,7 @@ class Balancer:
 
         def usable(server_id: str) -> bool:
             server = self.registry.get(server_id)
-            return server is not None and server is not exclude and takes_new_requests(server)
+            return server is not None and server is not exclude and server.in_rotation
 
         first = self._table.owner(bucket)
         fallback = first if first is not None and usable(first) else self._table.next_choice(bucket, usable)
@@ -230,7 +207,7 @@ class Balancer:
         counts = self.sessions.by_server
         if session is not None:
             pinned = self.registry.get(session.server_id)
-            if pinned is not None and takes_new_requests(pinned):
+            if pinned is not None and pinned.in_rotation:
                 if not dynamic.is_nearly_full(pinned):
                     return pinned, REASON_STICKY, False
                 relief = dynamic.pick(

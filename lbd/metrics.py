@@ -178,7 +178,7 @@ class LbdCollector(Collector):
             capacity.add_metric(labels, server.spec.capacity)
             for value in Health:
                 health.add_metric([*labels, value.value], 1.0 if state.health is value else 0.0)
-            up.add_metric(labels, 1.0 if state.health.in_rotation and not state.draining else 0.0)
+            up.add_metric(labels, 1.0 if server.in_rotation else 0.0)
             draining.add_metric(labels, 1.0 if state.draining else 0.0)
             checks.add_metric([*labels, "passed"], state.checks_passed)
             checks.add_metric([*labels, "failed"], state.checks_failed)

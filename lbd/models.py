@@ -46,11 +46,11 @@ class Health(StrEnum):
     COOLDOWN = "cooldown"
     DEGRADED = "degraded"
 
-    in_rotation: bool  # receives traffic: healthy, or failing but not yet out (set below; read per request)
+    serving: bool  # its health admits traffic: healthy, or failing but not yet out (set below; read per request)
 
 
 for _health in Health:  # a plain attribute, not a property: it is read for every request
-    _health.in_rotation = _health in (Health.HEALTHY, Health.FAILING)
+    _health.serving = _health in (Health.HEALTHY, Health.FAILING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class Server:
         """Takes new requests: its health admits traffic and it is not draining. The one meaning of
         "in rotation" everywhere (`lbctl servers`, `lbctl status`, routing)."""
         state = self.state
-        return state.health.in_rotation and not state.draining
+        return state.health.serving and not state.draining
 
     def to_json(self, now: float, wall_offset: float) -> dict[str, Any]:
         """`now` is the monotonic clock; `wall_offset` turns monotonic times into Unix times."""

@@ -186,12 +186,12 @@ class Registry:
     def _may_eject(self, server: Server) -> bool:
         """Panic guard: passive signals alone never take a region below `panic_threshold` in rotation."""
         region = [s for s in self._servers.values() if s.spec.region == server.spec.region]
-        in_rotation = sum(1 for s in region if s.state.health.in_rotation)
+        in_rotation = sum(1 for s in region if s.state.health.serving)
         return (in_rotation - 1) >= self.health.panic_threshold * len(region)
 
     def _announce(self, server: Server, transition: machine.Transition | None) -> None:
         if transition is not None:
-            level = logging.INFO if transition.new.in_rotation else logging.WARNING
+            level = logging.INFO if transition.new.serving else logging.WARNING
             log.log(
                 level,
                 "server %s: %s -> %s (%s)",

@@ -38,8 +38,8 @@ def test_explain_predicts_choose_and_changes_nothing(mode: str) -> None:
         sessions_before = len(subject.sessions)
         explained = subject.explain(client, region, now=1.0)
         assert len(subject.sessions) == sessions_before  # explaining pins nobody
-        assert subject.choose(client, region, now=1.0).id == explained["server"]
-        assert subject.explain(client, region, now=1.5)["server"] == explained["server"]
+        assert subject.choose(client, region, now=1.0) is explained.server
+        assert subject.explain(client, region, now=1.5).server is explained.server
         if mode == "dynamic":
-            assert subject.explain(client, region, now=1.5)["reason"] in ("sticky", "backup_nearly_full")
-        assert explained["candidates"], explained
+            assert subject.explain(client, region, now=1.5).reason in ("sticky", "backup_nearly_full")
+        assert explained.candidates, explained

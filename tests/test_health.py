@@ -171,7 +171,7 @@ def test_machine_cooldown_straight_back_to_healthy_after_rise_passes() -> None:
         machine.after_probe(state, False, "x", 0.0, SETTINGS)
     assert state.health is Health.COOLDOWN
     machine.after_probe(state, True, "ok", 1.0, SETTINGS)
-    assert state.health is Health.COOLDOWN and not state.health.in_rotation  # rise = 2: not yet
+    assert state.health is Health.COOLDOWN and not state.health.serving  # rise = 2: not yet
     transition = machine.after_probe(state, True, "ok", 1.1, SETTINGS)
     assert transition is not None and (transition.old, transition.new) == (Health.COOLDOWN, Health.HEALTHY)
     assert state.ejections == 1 and state.last_transition_reason == "2 checks passed"

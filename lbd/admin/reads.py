@@ -16,7 +16,7 @@ from aiohttp import web
 
 from lbd import __version__
 from lbd.admin.common import ApiError, dumps, state_of
-from lbd.admin.views import server_json, servers_summary
+from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
 
@@ -80,12 +80,14 @@ async def explain_route(request: web.Request) -> web.Response:
     """`lbctl route`: the balancer's decision for a client, with candidates; changes nothing."""
     state = state_of(request)
     try:
-        body = state.balancer.explain(request.match_info["client_id"], request.query.get("region"), time.monotonic())
+        decision = state.balancer.explain(
+            request.match_info["client_id"], request.query.get("region"), time.monotonic()
+        )
     except BadRoute as exc:
         raise ApiError(400, "bad_route", str(exc), "region") from None
     except NoServer as exc:
         raise ApiError(503, "no_server", str(exc)) from None
-    return web.json_response(body, dumps=dumps)
+    return web.json_response(route_json(decision, state.balancer), dumps=dumps)
 
 
 @routes.get("/v1/config")

@@ -87,7 +87,7 @@ def after_outcome(
         return None
     state.passive_failures += 1
     threshold = 1 if outcome is Outcome.CONNECT_FAILED else settings.passive_fall
-    if state.passive_failures < threshold or not state.health.in_rotation or not may_eject():
+    if state.passive_failures < threshold or not state.health.serving or not may_eject():
         return None
     state.passive_failures = 0
     return _start_cooldown(state, Health.COOLDOWN, f"{threshold} request(s) failed: {outcome.value}", now, settings)
@@ -104,7 +104,7 @@ def _start_cooldown(
     state.consecutive_passes = 0
     if health is Health.COOLDOWN and state.health_in_cooldown:
         return None
-    state.ejections += 1 if state.health.in_rotation else 0
+    state.ejections += 1 if state.health.serving else 0
     return _move(state, health, reason, now)
 
 

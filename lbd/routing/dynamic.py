@@ -79,7 +79,7 @@ def score_terms(server: Server, sessions: int, now: float) -> dict[str, int | fl
 
 def is_available(server: Server) -> bool:
     state = server.state
-    return state.health.in_rotation and not state.draining and state.active < server.spec.capacity
+    return server.in_rotation and state.active < server.spec.capacity
 
 
 def is_nearly_full(server: Server) -> bool:
