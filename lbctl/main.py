@@ -206,13 +206,26 @@ def route(
     show(answer, as_json, views.route_decision)
 
 
+class Output(StrEnum):
+    TABLE = "table"
+    WIDE = "wide"
+
+
 @app.command()
-def servers(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+def servers(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    output: Annotated[
+        Output,
+        typer.Option("-o", "--output", metavar="table|wide", help="wide: every column, whatever the terminal's width."),
+    ] = Output.TABLE,
+) -> None:
     """List the servers lbd balances across, with health and load (--json: the list itself).
 
     Example: lbctl servers --json | jq -r '.[] | select(.health != "healthy") | .id'
     """
-    show(_client(ctx).get("/v1/servers")["servers"], as_json, views.servers_table)
+    view = views.wide_servers_table if output is Output.WIDE else views.servers_table
+    show(_client(ctx).get("/v1/servers")["servers"], as_json, view, wide=output is Output.WIDE)
 
 
 @app.command()
@@ -383,6 +396,33 @@ def mode(
     else:
         answer = client.get("/v1/mode")
     show(answer, as_json, views.mode_line)
+
+
+set_app = typer.Typer(
+    help="Change a setting of a server live.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(set_app, name="set")
+
+
+@set_app.command("capacity")
+def set_capacity(
+    ctx: typer.Context,
+    server_id: ServerIdArg,
+    capacity: Annotated[int, typer.Argument(metavar="N", min=1, help="Requests it takes at once; also its weight.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a server's capacity live, without deregistering it (HAProxy's `set server ... weight`).
+
+    In static mode only the clients the new weight implies move: to the server when it grows, away
+    from it when it shrinks. A server registered at run time keeps the new capacity across restarts;
+    one of the servers file keeps it across reloads that leave its entry alone, until lbd restarts.
+
+    Example: lbctl set capacity s1 40
+    """
+    answer = _client(ctx).put(f"/v1/servers/{_segment(server_id)}/capacity", {"capacity": capacity})
+    show(answer, as_json, views.capacity_line)
 
 
 sessions_app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})

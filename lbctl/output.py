@@ -20,17 +20,22 @@ from rich.text import Text
 Data = TypeVar("Data")
 
 
+WIDE_COLUMNS = 4096  # `-o wide`: no table needs more, and none is cut to the terminal's width
+
+
 def show(
     data: Data,
     as_json: bool,
     view: Callable[[Data], RenderableType],
     json_of: Callable[[Data], object] | None = None,
+    wide: bool = False,
 ) -> None:
-    """Print API data as JSON (the part `json_of` picks, if given), or through its view for a person."""
+    """Print API data as JSON (the part `json_of` picks, if given), or through its view for a person
+    (`wide`: as wide as the view needs, lines longer than the terminal left to it to wrap)."""
     if as_json:
         print_json(data if json_of is None else json_of(data))
     else:
-        print_renderable(view(data))
+        print_renderable(view(data), WIDE_COLUMNS if wide else None)
 
 
 def show_text(data: Data, as_json: bool, to_text: Callable[[Data], str]) -> None:
@@ -121,9 +126,9 @@ def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def print_renderable(renderable: RenderableType) -> None:
+def print_renderable(renderable: RenderableType, width: int | None = None) -> None:
     # highlight=False: colour carries meaning here, Rich's guesses about numbers and paths would not.
-    Console(highlight=False).print(renderable)
+    Console(highlight=False, width=width).print(renderable)
 
 
 def print_note(message: str) -> None:

@@ -9,6 +9,7 @@ the views render both older and newer daemons.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,7 +28,6 @@ HEALTH_STYLES: Mapping[str, str] = {
     "degraded": "red",
 }
 OUT_OF_ROTATION = frozenset(("cooldown", "degraded"))
-URL_MIN_WIDTH = 12
 LISTENER_LABELS: Mapping[str, str] = {"admin": "admin socket"}
 
 
@@ -86,34 +86,118 @@ class Column:
 
 
 def servers_table(servers: Sequence[Mapping[str, Any]]) -> RenderableType:
-    """`GET /v1/servers`: one row per server, in the daemon's order.
+    """`GET /v1/servers`: one row per server, in the daemon's order, every value whole.
 
-    All columns need about 120 terminal columns at two spaces apart. Narrower, they close up to
-    one space and long URLs fold; narrower still, the identity columns give way to the live ones
-    (`lbctl server ID` shows them), which keeps every value whole at 80 columns; and narrower again,
-    the dynamic score's terms go too.
+    All columns need about 120 terminal columns at two spaces apart. Narrower, they close up to one
+    space, then columns go in `SERVERS_DROP_ORDER` (the URL first, then the score's terms, ...) until
+    the rest fits, and a last line names those left out; ID, HEALTH, DRAIN and ACTIVE always stay.
+    `lbctl servers -o wide` shows every column whatever the width; `lbctl server ID` has them all.
     """
-    live = [column for column in SERVER_COLUMNS if column.key not in IDENTITY_KEYS]
-    essential = [column for column in live if column.key not in SCORE_KEYS]
-    return FirstThatFits(
-        [
-            (_table_width(servers, SERVER_COLUMNS, gap=2), _servers_table(servers, SERVER_COLUMNS, gap=2)),
-            (
-                _table_width(servers, SERVER_COLUMNS, gap=1, url_width=URL_MIN_WIDTH),
-                _servers_table(servers, SERVER_COLUMNS, gap=1),
-            ),
-            (_table_width(servers, live, gap=1), _servers_table(servers, live, gap=1)),
-        ],
-        fallback=_servers_table(servers, essential, gap=1),
-    )
+    return ServersThatFit(servers)
 
 
-def server_panel(server: Mapping[str, Any]) -> Panel:
-    """`GET /v1/servers/{id}`: every field, those this version does not know about last."""
+class ServersThatFit:
+    """The servers table with as many columns as the console's width allows (decided when it is
+    drawn, so a live view adapts when the terminal is resized)."""
+
+    def __init__(self, servers: Sequence[Mapping[str, Any]]) -> None:
+        self.servers = servers
+        self.widths = {column.key: _column_width(servers, column) for column in SERVER_COLUMNS}
+
+    def columns_for(self, width: int) -> tuple[list[Column], int, list[Column]]:
+        """The columns that fit `width`, the gap between them, and those left out."""
+        columns = list(SERVER_COLUMNS)
+        for gap in (2, 1):
+            if self._width(columns, gap) <= width:
+                return columns, gap, []
+        left_out: list[Column] = []
+        for key in SERVERS_DROP_ORDER:
+            column = next(c for c in columns if c.key == key)
+            columns.remove(column)
+            left_out.append(column)
+            if self._width(columns, 1) <= width:
+                break
+        return columns, 1, left_out
+
+    def _width(self, columns: Sequence[Column], gap: int) -> int:
+        return sum(self.widths[column.key] for column in columns) + gap * (len(columns) - 1)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        columns, gap, left_out = self.columns_for(options.max_width)
+        yield _servers_table(self.servers, columns, gap)
+        if left_out and self.servers:
+            hidden = ", ".join(column.header for column in left_out)
+            yield Text(f"not shown at this width: {hidden} (-o wide shows them)", style="dim")
+
+
+def wide_servers_table(servers: Sequence[Mapping[str, Any]]) -> RenderableType:
+    """`lbctl servers -o wide`: every column, as wide as it takes."""
+    return _servers_table(servers, SERVER_COLUMNS, gap=2)
+
+
+def _column_width(servers: Sequence[Mapping[str, Any]], column: Column) -> int:
+    return max([len(column.header)] + [column.render(server.get(column.key)).cell_len for server in servers])
+
+
+def server_panel(server: Mapping[str, Any], now: float | None = None) -> Panel:
+    """`GET /v1/servers/{id}`: every field in words (times as "3 s ago", the checks as sentences),
+    those this version does not know about last. `now` is Unix time (default: the clock)."""
+    at = time.time() if now is None else now
     known = [(label, render(server.get(key))) for label, key, render in SERVER_DETAILS]
+    known += [
+        ("in rotation", _text(server.get("in_rotation"))),
+        ("last check", last_check(_mapping(server.get("checks")), at)),
+        ("checks", check_counts(_mapping(server.get("checks")))),
+        ("cooldown", cooldown_left(server.get("cooldown_remaining_s"))),
+        ("ejections", _text(server.get("ejections"))),
+        (
+            "last transition",
+            last_transition(server.get("last_transition_at"), server.get("last_transition_reason"), at),
+        ),
+    ]
     shown = {key for _, key, _ in SERVER_DETAILS} | SERVER_DETAILS_HIDDEN
     extra = [(key, _text(value)) for key, value in server.items() if key not in shown]
     return Panel(_key_values(known + extra), title=f"server {_str(server.get('id'))}", title_align="left", expand=False)
+
+
+def _ago(moment: object, now: float) -> str:
+    if not isinstance(moment, int | float):
+        return "never"
+    return f"{humanize_duration(max(0.0, now - moment))} ago"
+
+
+def last_check(checks: Mapping[str, Any], now: float) -> Text:
+    """`HTTP 404 (failed), 3s ago`, or `none yet`."""
+    if checks.get("last_at") is None:
+        return Text("none yet")
+    verdict = ("passed", "green") if checks.get("last_ok") else ("failed", "red")
+    return Text.assemble(f"{_str(checks.get('last_detail'))} (", verdict, f"), {_ago(checks.get('last_at'), now)}")
+
+
+def check_counts(checks: Mapping[str, Any]) -> Text:
+    """`10 passed, 3 failed; 3 failed in a row`; requests that failed in a row, when any."""
+    text = f"{_str(checks.get('passed'))} passed, {_str(checks.get('failed'))} failed"
+    in_a_row = [
+        f"{checks[key]} {word} in a row"
+        for key, word in (("consecutive_failures", "failed"), ("consecutive_passes", "passed"))
+        if isinstance(checks.get(key), int) and checks[key]
+    ]
+    passive = checks.get("passive_failures")
+    if isinstance(passive, int) and passive:
+        in_a_row.append(f"{passive} requests failed in a row")
+    return Text(text + ("; " + ", ".join(in_a_row) if in_a_row else ""))
+
+
+def cooldown_left(seconds: object) -> Text:
+    if isinstance(seconds, int | float) and seconds > 0:
+        return Text(f"{humanize_duration(seconds)} left", style="yellow")
+    return Text("none")
+
+
+def last_transition(moment: object, reason: object, now: float) -> Text:
+    if moment is None:
+        return Text("none")
+    return Text(f"{_ago(moment, now)}: {_str(reason)}")
 
 
 def listener_rows(listeners: Mapping[str, Any]) -> list[tuple[str, RenderableType]]:
@@ -183,6 +267,13 @@ def drain_state(server: Mapping[str, Any]) -> Text:
     if health in OUT_OF_ROTATION or server.get("in_rotation") is False:
         return Text.assemble(f"{server_id} no longer draining, but out of rotation while ", health_text(health))
     return Text(f"{server_id} back in rotation")
+
+
+def capacity_line(answer: Mapping[str, Any]) -> Text:
+    """`PUT /v1/servers/{id}/capacity`: the capacity as it now stands, and what it was."""
+    capacity, previous = _str(answer.get("capacity")), _str(answer.get("previous_capacity"))
+    change = "unchanged" if capacity == previous else f"was {previous}"
+    return Text(f"{_str(answer.get('id'))} capacity {capacity} ({change})")
 
 
 def check_result(answer: Mapping[str, Any]) -> Text:
@@ -319,21 +410,6 @@ def humanize_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-class FirstThatFits:
-    """The first layout whose width fits the console, else the fallback.
-
-    Width is only known when rendering, so this is how a view offers a roomy layout and compact
-    ones while staying a pure function of its data (and a live view adapts when resized).
-    """
-
-    def __init__(self, layouts: Sequence[tuple[int, RenderableType]], fallback: RenderableType) -> None:
-        self.layouts = layouts
-        self.fallback = fallback
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield next((layout for width, layout in self.layouts if width <= options.max_width), self.fallback)
-
-
 def _servers_table(servers: Sequence[Mapping[str, Any]], columns: Sequence[Column], gap: int) -> Table:
     table = Table(
         box=None,
@@ -343,30 +419,10 @@ def _servers_table(servers: Sequence[Mapping[str, Any]], columns: Sequence[Colum
         caption=None if servers else "no servers registered",
     )
     for column in columns:
-        # Only the URL may wrap: a folded URL is still whole, a cut id or number is not.
-        wraps = column.key == "url"
-        table.add_column(
-            column.header,
-            justify=column.justify,
-            no_wrap=not wraps,
-            overflow="fold" if wraps else "ellipsis",
-        )
+        table.add_column(column.header, justify=column.justify, no_wrap=True, overflow="ellipsis")
     for server in servers:
         table.add_row(*(column.render(server.get(column.key)) for column in columns))
     return table
-
-
-def _table_width(
-    servers: Sequence[Mapping[str, Any]], columns: Sequence[Column], gap: int, url_width: int | None = None
-) -> int:
-    """What `_servers_table` needs to show every cell whole (the URL folded to `url_width` if given)."""
-    widths = [
-        url_width
-        if url_width is not None and column.key == "url"
-        else max([len(column.header)] + [column.render(server.get(column.key)).cell_len for server in servers])
-        for column in columns
-    ]
-    return sum(widths) + gap * (len(columns) - 1)
 
 
 def _key_values(rows: Sequence[tuple[str, RenderableType]]) -> Table:
@@ -444,8 +500,19 @@ SERVER_COLUMNS: Sequence[Column] = (
     Column("SESS", "sessions", _text),
     Column("SCORE", "score", _score),
 )
-IDENTITY_KEYS = frozenset(("region", "url", "capacity"))
-SCORE_KEYS = frozenset(("latency_factor", "sessions", "score"))
+# At a narrow width the servers table leaves columns out in this order (ID, HEALTH, DRAIN and ACTIVE
+# always stay): what `lbctl server ID` shows anyway first, the live counters last.
+SERVERS_DROP_ORDER = (
+    "url",
+    "latency_factor",
+    "sessions",
+    "region",
+    "capacity",
+    "requests",
+    "errors",
+    "latency_ewma_ms",
+    "score",
+)
 SESSION_COLUMNS: Sequence[tuple[str, JustifyMethod]] = (
     ("CLIENT", "left"),
     ("SERVER", "left"),
@@ -471,7 +538,12 @@ SERVER_DETAILS: Sequence[tuple[str, str, Callable[[object], Text]]] = (
     ("score", "score", _score),
 )
 # The id is the panel's title; hostname and port are already in the URL.
-SERVER_DETAILS_HIDDEN = frozenset(("id", "hostname", "port"))
+SERVER_DETAILS_HIDDEN = frozenset(
+    (
+        "id", "hostname", "port", "in_rotation", "checks", "cooldown_remaining_s", "ejections",
+        "last_transition_at", "last_transition_reason",
+    )
+)  # fmt: skip
 
 
 # --- lbctl route -------------------------------------------------------------------------------

@@ -106,6 +106,11 @@ class Balancer:
                 self._table.remove(server.id)
             self._table.add(server.id, server.spec.capacity)
             self._index.add(server)
+        for server in change.reweighted:  # leaves and joins again: only the moves its weight implies
+            self._table.remove(server.id)
+            self._table.add(server.id, server.spec.capacity)
+            self._index.remove(server)
+            self._index.add(server)
 
     def warm(self) -> bool:
         """In static mode, compute a slice of the table's cold buckets; True while some remain."""

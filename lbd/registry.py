@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lbd.config import HealthSettings
 from lbd.health import machine
@@ -30,6 +30,7 @@ class Change:
 
     added: tuple[Server, ...] = ()
     removed: tuple[Server, ...] = ()
+    reweighted: tuple[Server, ...] = ()  # the same servers with a new capacity (`lbctl set capacity`)
 
 
 Listener = Callable[[Change], None]
@@ -130,6 +131,18 @@ class Registry:
         if server is not None:
             self._changed(Change(removed=(server,)))
         return server
+
+    def set_capacity(self, server_id: str, capacity: int) -> tuple[Server, int] | None:
+        """Change a server's capacity live (HAProxy's `set server ... weight`): its routing weight and
+        the load it takes at once. Returns (server, previous capacity); None when there is no such id."""
+        server = self._servers.get(server_id)
+        if server is None:
+            return None
+        previous = server.spec.capacity
+        if capacity != previous:
+            server.spec = replace(server.spec, capacity=capacity)
+            self._changed(Change(reweighted=(server,)))
+        return server, previous
 
     def set_draining(self, server_id: str, draining: bool) -> Server | None:
         """Drain (no new requests; those in flight finish) or undrain; idempotent."""

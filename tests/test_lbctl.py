@@ -17,7 +17,7 @@ import pytest
 from lbctl import main as lbctl_main
 from lbctl.client import Client
 from lbctl.completions import SCRIPT_FILES, write_completions
-from lbctl.views import humanize_duration, reload_report, server_panel, servers_table, status_panel
+from lbctl.views import humanize_duration, reload_report, server_panel, servers_table, status_panel, wide_servers_table
 from tests.harness.backends import Backend
 from tests.harness.cli import assert_one_line_error, render
 from tests.harness.daemon import Lbd, short_tempdir
@@ -270,3 +270,40 @@ def test_completions_are_up_to_date(tmp_path: Path) -> None:
         assert (tmp_path / name).read_text() == committed.read_text(), (
             f"completions/{name} is out of date with the lbctl app; run `make completions`"
         )
+
+
+def test_the_servers_table_never_folds_a_value_and_says_what_it_left_out() -> None:
+    servers = [
+        {
+            "id": f"backend-{n}", "url": f"https://backend-{n}.eu-west.example.internal:8443", "region": "asia-south",
+            "capacity": 100, "health": "cooldown" if n else "healthy", "draining": n == 2, "active": 3,
+            "requests": 123456, "errors": 7, "latency_ewma_ms": 12.5, "latency_factor": 1.25, "sessions": 4200,
+            "score": 43.1,
+        }
+        for n in range(3)
+    ]  # fmt: skip
+    wide = render(servers_table(servers), 200)
+    assert "not shown" not in wide and all(s["url"] in wide for s in servers)
+    narrow = render(servers_table(servers), 80)
+    lines = narrow.splitlines()
+    assert all(len(line.rstrip()) <= 80 for line in lines), narrow
+    assert "not shown at this width: URL" in lines[-1] and "-o wide" in lines[-1]
+    for server in servers:  # what is shown is whole: no id, health or number cut or folded
+        row = next(line for line in lines if line.startswith(f"{server['id']} "))
+        assert server["health"] in row and "…" not in narrow
+    full = render(wide_servers_table(servers), 400)
+    assert all(header in full for header in ("URL", "FACTOR", "SESS", "SCORE")) and servers[0]["url"] in full
+
+
+def test_the_server_panel_reads_as_sentences() -> None:
+    now = 1_800_000_000.0
+    server = {
+        "id": "s1", "health": "cooldown", "in_rotation": False, "cooldown_remaining_s": 78.4, "ejections": 1,
+        "checks": {"last_at": now - 3, "last_ok": False, "last_detail": "HTTP 404", "passed": 10, "failed": 3,
+                   "consecutive_failures": 3, "consecutive_passes": 0, "passive_failures": 0},
+        "last_transition_at": now - 40, "last_transition_reason": "3 checks failed: HTTP 404",
+    }  # fmt: skip
+    text = render(server_panel(server, now), 100)
+    assert "HTTP 404 (failed), 3s ago" in text and "10 passed, 3 failed; 3 failed in a row" in text
+    assert "1m 18s left" in text and "40s ago: 3 checks failed: HTTP 404" in text
+    assert "{" not in text and "1800000" not in text  # no raw JSON, no epoch seconds

@@ -196,3 +196,33 @@ def test_systemd_hears_ready_reloading_and_stopping(four: list[Backend], tmp_pat
     finally:
         notices.close()
         shutil.rmtree(address.parent, ignore_errors=True)
+
+
+def routes(daemon: Lbd, clients: range) -> dict[str, str]:
+    return {f"c{n}": daemon.get(f"/v1/route/c{n}")["server"] for n in clients}
+
+
+def test_set_capacity_moves_only_the_clients_the_new_weight_implies(four: list[Backend]) -> None:
+    with running_lbd(entries=[b.entry(capacity=10) for b in four]) as daemon:
+        before = routes(daemon, range(600))
+        assert ok(daemon.lbctl("set", "capacity", "a1", "30")) == "a1 capacity 30 (was 10)\n"
+        grown = routes(daemon, range(600))
+        moved = {client for client in before if grown[client] != before[client]}
+        assert moved and all(grown[client] == "a1" for client in moved)  # only towards the grown server
+        answer = json.loads(ok(daemon.lbctl("set", "capacity", "a1", "5", "--json")))
+        assert (answer["capacity"], answer["previous_capacity"]) == (5, 30)
+        shrunk = routes(daemon, range(600))
+        moved = {client for client in grown if shrunk[client] != grown[client]}
+        assert moved and all(grown[client] == "a1" for client in moved)  # only away from it
+        assert daemon.servers()["a1"]["capacity"] == 5
+        assert_one_line_error(daemon.lbctl("set", "capacity", "nosuch", "5"), 4, "'nosuch'")
+        assert_one_line_error(daemon.lbctl("set", "capacity", "a1", "0"), 2, "N")
+        assert daemon.request("PUT", "/v1/servers/a1/capacity", {"capacity": "x"})[0] == 422
+        assert "INFO capacity a1 by uid" in daemon.log() and "capacity 30 -> 5" in daemon.log()
+
+
+def test_servers_wide_shows_every_column_at_any_width(operated: Lbd) -> None:
+    narrow = ok(operated.lbctl("servers", env={"COLUMNS": "60"}))
+    assert "URL" not in narrow.splitlines()[0] and "-o wide shows them" in narrow
+    wide = ok(operated.lbctl("servers", "-o", "wide", env={"COLUMNS": "60"}))
+    assert all(header in wide.splitlines()[0] for header in ("URL", "REGION", "FACTOR", "SESS", "SCORE"))

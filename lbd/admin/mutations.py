@@ -18,7 +18,7 @@ from lbd.admin.common import ApiError, audit, persist, read_json, state_of, who
 from lbd.admin.views import server_json
 from lbd.config import MODES, Mode, parse_server_list
 from lbd.errors import ValidationError
-from lbd.models import Server, ServerSpec, parse_server
+from lbd.models import MAX_CAPACITY, Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 from lbd.reload import ReloadError
 
@@ -125,6 +125,27 @@ def _set_draining(request: web.Request, draining: bool) -> web.Response:
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+@routes.put("/v1/servers/{server_id}/capacity")
+async def set_capacity(request: web.Request) -> web.Response:
+    """`{"capacity": N}`: the server's weight and the load it takes at once, changed live. In static
+    mode only the clients the new weight implies move (to it when it grows, away when it shrinks)."""
+    state = state_of(request)
+    server_id = request.match_info["server_id"]
+    payload = await read_json(request)
+    capacity = payload.get("capacity") if isinstance(payload, dict) else None
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
+        message = f"field 'capacity' must be a positive integer (1..{MAX_CAPACITY}); got {capacity!r}"
+        raise ApiError(422, "invalid_server", message, "capacity")
+    changed = state.registry.set_capacity(server_id, capacity)
+    if changed is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    server, previous = changed
+    persist(request)
+    if previous != capacity:
+        audit(request, "capacity", server_id, f"capacity {previous} -> {capacity}", old=previous, new=capacity)
+    return web.json_response({**server_json(server, state.balancer), "previous_capacity": previous})
 
 
 @routes.post("/v1/servers/{server_id}/check")

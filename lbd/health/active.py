@@ -71,13 +71,16 @@ class HealthChecker:
     def _changed(self, change: Change) -> None:
         """One membership change: stop the checkers of servers that left, start those of newcomers
         (O(change), so registering one server among 10,000 does not walk the others)."""
-        for server in (*change.removed, *change.added):
-            task = self._tasks.pop(server.id, None)
-            if task is not None:
-                task.cancel()
-        loop = asyncio.get_running_loop()
+        for server in change.removed:
+            if self._checked.get(server.id) is server:
+                self._tasks.pop(server.id).cancel()
+                del self._checked[server.id]
         for server in change.added:
-            self._tasks[server.id] = loop.create_task(self._check_forever(server))
+            if self._checked.get(server.id) is not server:
+                task = self._tasks.pop(server.id, None)
+                if task is not None:
+                    task.cancel()
+                self._start_checker(server)
 
     def _sync(self) -> None:
         """Start a checker for each new server (a re-registered id is a new server), stop those of
