@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.backends import Backend, backends
-from tests.harness.daemon import Lbd, running_lbd
+from tests.harness.daemon import CREATED_DIRECTORIES, Lbd, running_lbd
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -24,6 +25,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = [str(p.relative_to(root)) for p in (root / "lbd").rglob("*.py") if p.stat().st_mtime > built]
     if stale:
         pytest.exit(f"lbd's compiled modules are older than {', '.join(stale)}: run `make native` (make test does)", 2)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The suite leaves nothing in /tmp: every short directory a test made (sockets, state) goes."""
+    for directory in CREATED_DIRECTORIES:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,7 +29,7 @@ from lbctl.views import dashboard
 from lbctl.watch import Sample, frame, rates
 from tests.harness.backends import Backend, backends
 from tests.harness.cli import render
-from tests.harness.daemon import Lbd, running_lbd, wait_until
+from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_HEALTH = "[health]\ninterval_ms = 100\ntimeout_ms = 80\nfall = 2\ncooldown_ms = 5000\n"
@@ -261,11 +261,13 @@ def tmux() -> Iterator[list[str]]:
         if os.environ.get("CI"):
             pytest.fail("tmux is not installed; `make test` installs it (make system-deps)")
         pytest.skip("tmux is not installed (make system-deps installs it)")
-    command = ["tmux", "-L", f"lbctl-test-{os.getpid()}-{uuid.uuid4().hex[:8]}", "-f", "/dev/null"]
+    directory = short_tempdir()
+    command = ["tmux", "-S", str(directory / "tmux"), "-f", "/dev/null"]  # its socket goes with the directory
     try:
         yield command
     finally:
         subprocess.run([*command, "kill-server"], capture_output=True, check=False, timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -150,9 +150,15 @@ class Lbd:
             raise AssertionError(f"lbd did not stop on SIGTERM within {timeout} s:\n{self.log()}") from None
 
 
+CREATED_DIRECTORIES: list[Path] = []  # removed when the test session ends (tests/conftest.py)
+
+
 def short_tempdir() -> Path:
-    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer."""
-    return Path(tempfile.mkdtemp(prefix="lb-", dir="/tmp"))
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer. Every directory
+    made here is removed at the end of the test session, whatever the test did with it."""
+    directory = Path(tempfile.mkdtemp(prefix="lb-", dir="/tmp"))
+    CREATED_DIRECTORIES.append(directory)
+    return directory
 
 
 def write_servers(workdir: Path, entries: list[dict[str, Any]]) -> Path:
