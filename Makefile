@@ -86,6 +86,9 @@ bench-deps:
 	@PATH="$$PATH:/usr/sbin:/sbin"; command -v haproxy >/dev/null 2>&1 || { \
 	  echo "installing haproxy for make bench"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server for make bench"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@PATH="$$PATH:/usr/sbin:/sbin"; command -v nginx >/dev/null 2>&1 || { \
 	  echo "installing nginx-light for make bench"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
@@ -94,4 +97,5 @@ bench: $(NATIVE) bench-deps
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 	$(BIN)/python bench/microbench.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/health_round.py
+	$(BIN)/python -m bench.cluster $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python -m bench.registration $(if $(findstring --quick,$(BENCH_ARGS)),--servers 1000)

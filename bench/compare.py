@@ -42,7 +42,7 @@ from bench.loadgen import run_observed, run_wrk
 from bench.report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
 from bench.stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
 
-PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-new-3", "lbd-new-1000")
+PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-cluster", "lbd-new-3", "lbd-new-1000")
 NEW_CLIENT_ROWS = {"lbd-new-3": 3, "lbd-new-1000": 1000}  # static, a new client id per request: servers
 # Their health checks run once a minute: at the default 2 s, checking 1,000 servers takes about a fifth
 # of the proxy CPU all run long, beside every other row, and is not what these rows measure.
@@ -133,6 +133,19 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
         child, port, socket_path = stack.start_haproxy()
     elif name.startswith("base-"):
         child, port, socket_path = stack.start_lbd(name.removeprefix("base-"), command=stack.base_lbd_command)
+    elif name == "lbd-cluster":  # dynamic mode, its state shared through a Redis of its own
+        store, url = stack.start_redis()
+        try:
+            child, port, socket_path = stack.start_lbd("dynamic", name=name, cluster=url)
+        except StartError:
+            stack.stop(store)
+            raise
+        try:
+            yield child, port, socket_path
+        finally:
+            stack.stop(child)
+            stack.stop(store)
+        return
     elif name in NEW_CLIENT_ROWS:
         child, port, socket_path = stack.start_lbd(
             "static", servers=NEW_CLIENT_ROWS[name], name=name, config=NEW_CLIENT_CONFIG

@@ -58,6 +58,7 @@ TARGETS = (
     Target("lbd static 64k req/s >= 1.0 x HAProxy", "lbd-static", "64k", "rps", 1.0),
     Target("lbd dynamic tiny req/s >= 0.50 x HAProxy", "lbd-dynamic", "tiny", "rps", 0.50),
     Target("lbd static new clients, 1,000 servers req/s >= 0.8 x 3", "lbd-new-1000", "tiny", "rps", 0.8, "lbd-new-3"),
+    Target("lbd dynamic with --cluster tiny req/s >= 0.9 x without", "lbd-cluster", "tiny", "rps", 0.9, "lbd-dynamic"),
 )
 
 

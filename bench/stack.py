@@ -210,6 +210,21 @@ class Stack:
             for i, (port, region) in ((i, places[i % len(places)]) for i in range(count))
         ]
 
+    def start_redis(self) -> tuple[Child, str]:
+        """A redis-server for the cluster row (persistence off), on the load CPU; its URL."""
+        port = free_port()
+        argv = [tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        child = self.spawn("redis", [*argv, "--dir", str(self.workdir)], self.load_cpu)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            child.check_alive()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(64).startswith(b"+PONG"):
+                    return child, f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.05)
+        raise StartError(f"redis-server not answering on {port}:\n{child.tail()}")
+
     def start_sink(self) -> tuple[Child, int]:
         """bench/sink.py: a backend that reads whole bodies (for the upload check)."""
         port = free_port()
@@ -227,11 +242,12 @@ class Stack:
         name: str = "",
         config: str | None = None,
         command: list[str] | None = None,
+        cluster: str | None = None,
     ) -> tuple[Child, int, Path]:
         """lbd in `mode`, run by `command` (else the one under test), with `servers` servers over the
         backends (else one per backend); its log named after `name`, else lbd-MODE (base-MODE for
-        `command`); `config` as its config file's text, else --lbd-config's file; static gets the
-        servers from --servers, dynamic has them registered over the API."""
+        `command`); `config` as its config file's text, else --lbd-config's file; `cluster` a store
+        URL (--cluster); static gets the servers from --servers, dynamic has them registered over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
@@ -246,6 +262,8 @@ class Stack:
             argv += ["--config", str(rundir / "lbd.toml")]
         elif self.lbd_config is not None:
             argv += ["--config", str(self.lbd_config)]
+        if cluster is not None:
+            argv += ["--cluster", cluster]
         child = self.spawn(name or f"{'base' if command else 'lbd'}-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
@@ -261,6 +279,9 @@ class Stack:
                 raise StartError(f"{child.name}: no admin socket after 20 s:\n{child.tail()}")
             time.sleep(0.1)
         status, answer = admin(socket_path, "POST", "/v1/servers", servers)
+        while status == 503 and time.monotonic() < deadline:  # a cluster store not joined yet
+            time.sleep(0.1)
+            status, answer = admin(socket_path, "POST", "/v1/servers", servers)
         if status not in (200, 201):
             raise StartError(f"{child.name}: registering the backends answered {status}: {answer}")
 

@@ -335,6 +335,15 @@ def check(ctx: typer.Context, server_ids: ServerIdsArg, as_json: JsonFlag = Fals
 
 
 @app.command()
+def cluster(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Show the cluster this lbd is part of: the store and its health, the live instances.
+
+    Example: lbctl cluster
+    """
+    show(_client(ctx).get("/v1/cluster"), as_json, views.cluster_panel)
+
+
+@app.command()
 def regions(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the regions: each one's latency, where its clients fall back to, its servers; client-only marked.
 

@@ -49,8 +49,27 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("responses", response_counts(_mapping(requests.get("responses")))),
         ("config", config_line(_mapping(status.get("reload")))),
         ("state dir", _text(status.get("state_dir"))),
+        *cluster_rows(status.get("cluster")),
     ]
     return Panel(_key_values(rows), title="lbd status", title_align="left", expand=False)
+
+
+def cluster_rows(cluster: object) -> list[tuple[str, RenderableType]]:
+    """The status panel's cluster line, when lbd is part of one."""
+    if not isinstance(cluster, Mapping):
+        return []
+    store = cluster.get("store")
+    peers = len(_sequence(cluster.get("peers")))
+    return [
+        (
+            "cluster",
+            Text.assemble(
+                f"{_str(cluster.get('name'))} as {_str(cluster.get('instance'))}, store ",
+                (_str(store), "green" if store == "connected" else "red"),
+                f", {peers} live instances",
+            ),
+        )
+    ]
 
 
 def mode_line_of(status: Mapping[str, Any]) -> Text:
@@ -286,6 +305,31 @@ def check_result(answer: Mapping[str, Any]) -> Text:
     return Text.assemble(
         f"{_str(answer.get('server'))}: check ", verdict, f" ({_str(answer.get('detail'))}); health ", moved, ended
     )
+
+
+def cluster_panel(answer: Mapping[str, Any]) -> RenderableType:
+    """`GET /v1/cluster`: the store and its health, then the live instances (this one marked)."""
+    store = answer.get("store")
+    health = Text(_str(store), style="green" if store == "connected" else "red")
+    if answer.get("last_error") and store != "connected":
+        health.append(f" ({_str(answer.get('last_error'))})", style="dim")
+    rows: list[tuple[str, RenderableType]] = [
+        ("cluster", _text(answer.get("name"))),
+        ("instance", _text(answer.get("instance"))),
+        ("store", Text.assemble(_str(answer.get("url")), "  ", health)),
+        ("version", _text(answer.get("version"))),
+    ]
+    pending = answer.get("pending_pins")
+    if isinstance(pending, int) and pending:
+        rows.append(("pending", Text(f"{pending} sessions to write once the store answers", style="yellow")))
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for header in ("INSTANCE", "LISTEN", "LAST SEEN"):
+        table.add_column(header, no_wrap=True)
+    for peer in _sequence(answer.get("peers")):
+        row = _mapping(peer)
+        name = _str(row.get("instance")) + (" (this one)" if row.get("instance") == answer.get("instance") else "")
+        table.add_row(name, _str(row.get("listen")), f"{row.get('last_seen_s', 0):.1f}s ago")
+    return Group(_key_values(rows), Text(), table if table.row_count else Text("no live instance seen", style="dim"))
 
 
 def regions_table(answer: Mapping[str, Any]) -> RenderableType:

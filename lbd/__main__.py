@@ -100,6 +100,15 @@ def start(
             "by a cookie lbd issues [reject].",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            metavar="URL",
+            help="Share servers, mode and sessions with other lbd instances through this Redis "
+            "(redis://HOST:PORT/DB, rediss://..., unix:///PATH).",
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="debug|info|warning|error", help="What lbd logs to stderr.")
     ] = "info",
@@ -122,6 +131,7 @@ def start(
         "timeout_base_ms": timeout_base_ms,
         "shutdown_grace_ms": shutdown_grace_ms,
         "client_id_fallback": client_id_fallback,
+        "cluster": cluster,
     }
     source = ConfigSource(config, overrides)
     try:
@@ -149,7 +159,9 @@ def check_config(
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     source = f" from {resolved.servers}" if resolved.servers is not None else ""
-    print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {resolved.listen})")
+    cluster = resolved.cluster
+    shared = "" if cluster.url is None else f", cluster {cluster.name!r} at {cluster.url}"
+    print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {resolved.listen}{shared})")
 
 
 def _absolute(path: Path | None) -> str | None:

@@ -19,7 +19,7 @@ keep the server they already have.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from lbd.config import Mode, Regions
 from lbd.models import Server
@@ -76,6 +76,14 @@ class RouteDecision:
     session_server: Server | None = None  # the session's server as registered now (None: it left)
 
 
+class SharedSessions(Protocol):
+    """A cluster's sessions (lbd/store/cluster.py): told of pins made here and of sessions used."""
+
+    def pinned(self, client_id: str, server_id: str, region: str | None) -> None: ...
+
+    def touched(self, client_id: str, session: Session, now: float) -> None: ...
+
+
 class Balancer:
     def __init__(
         self,
@@ -89,6 +97,7 @@ class Balancer:
         self.mode: Mode = mode
         self.regions = regions
         self.sessions = sessions
+        self.shared: SharedSessions | None = None  # set when lbd is part of a cluster
         self.default_client_region = default_client_region
         servers = registry.servers()
         self._table = BucketTable((s.id, s.spec.capacity) for s in servers)
@@ -134,10 +143,22 @@ class Balancer:
         if self.mode == "static":
             return self._static_choice(client_id)[0]
         region = self.resolve_region(client_region)
-        server, _, repin = self._dynamic_decision(client_id, region, self.sessions.get(client_id, now), now)
+        session = self.sessions.get(client_id, now)
+        server, _, repin = self._dynamic_decision(client_id, region, session, now)
+        shared = self.shared
         if repin:
             self.sessions.pin(client_id, server.id, region, now)
+            if shared is not None:
+                shared.pinned(client_id, server.id, region)
+        elif shared is not None and session is not None:
+            shared.touched(client_id, session, now)
         return server
+
+    def proposal(self, client_id: str, client_region: str | None, now: float) -> Server:
+        """Where a client without a session would go now (a cluster asks the store whether another
+        instance pinned it first); changes nothing."""
+        region = self.resolve_region(client_region)
+        return self._dynamic_decision(client_id, region, None, now)[0]
 
     def explain(self, client_id: str, client_region: str | None, now: float) -> RouteDecision:
         """What `choose` would do for this client now, and why, without changing anything."""
@@ -246,4 +267,6 @@ class Balancer:
         if choice is None:
             return None
         self.sessions.pin(client_id, choice.server.id, region, now)
+        if self.shared is not None:
+            self.shared.pinned(client_id, choice.server.id, region)
         return choice.server

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from lbd.errors import ConfigError, ValidationError
 from lbd.models import ServerSpec, parse_server
@@ -128,6 +129,21 @@ class ClientLimits:
     keepalive_timeout_ms: int = field(default=60_000, metadata={"min": 100})
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """`[cluster]`: the Redis (or Valkey) several lbd instances share servers, mode and sessions
+    through. Off (`url` None) by default: one instance with its state directory."""
+
+    url: str | None = None  # redis://, rediss:// or unix://, without its password (see `password`)
+    name: str = "default"  # a key prefix: several clusters can share one Redis
+    instance: str | None = None  # this instance's name; default HOSTNAME:PORT of the proxy listener
+    password: str | None = None  # from the URL or env LBD_CLUSTER_PASSWORD; never shown, dumped or logged
+
+
+CLUSTER_SCHEMES = ("redis", "rediss", "unix")
+CLUSTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
 def _keys(settings: type) -> tuple[str, ...]:
     """A settings table's keys: its dataclass fields, in declaration order (the file's order)."""
     return tuple(f.name for f in fields(settings))
@@ -168,6 +184,7 @@ class Config:
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
     limits: ClientLimits = field(default_factory=ClientLimits)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def upstream_timeout_s(self, region: str) -> float:
         """An upstream attempt's timeout for a server in `region`: timeout_base_ms + its latency."""
@@ -179,7 +196,8 @@ INTEGER_KEYS = tuple(_int_minimums(Config))
 MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
 # Bound to a socket or a directory when lbd starts: a reload that changes one is refused (restart lbd).
-RESTART_KEYS = ("listen", "admin_socket", "admin_listen", "metrics_listen", "state_dir")
+RESTART_KEYS = ("listen", "admin_socket", "admin_listen", "metrics_listen", "state_dir", "cluster")
+CLUSTER_KEYS = ("url", "name", "instance")
 HIDDEN = "(hidden)"
 
 
@@ -209,7 +227,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    raw.update({key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if isinstance(given.get("cluster"), str) and isinstance(raw.get("cluster"), dict):
+        given["cluster"] = {**raw["cluster"], "url": given["cluster"]}  # --cluster URL keeps [cluster]'s name
+    raw.update(given)
     return _config_from_mapping(raw, where, base_dir=path.parent if path else Path.cwd())
 
 
@@ -227,6 +248,7 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "regions": _regions,
         "health": _health,
         "limits": _limits,
+        "cluster": _cluster,
         "splice_responses": _boolean,
         "client_id_fallback": _client_id_fallback,
         "client_id_cookie": _cookie_name,
@@ -248,6 +270,62 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
             "the TCP admin listener never runs without authentication"
         )
     return config
+
+
+def _cluster(raw: object, where: str) -> ClusterSettings:
+    """`[cluster]` (or `--cluster URL`, a string): where the shared state lives, checked here so a
+    bad URL is one line from `lbd check-config`; the password is taken out of the URL at once."""
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(CLUSTER_KEYS)}")
+    _reject_unknown(raw, CLUSTER_KEYS, where)
+    settings = ClusterSettings()
+    if "name" in raw:
+        name = raw["name"]
+        if not isinstance(name, str) or not CLUSTER_NAME.match(name):
+            raise ConfigError(f"{where}.name: must be 1-64 letters, digits, '.', '_' or '-'; got {name!r}")
+        settings = replace(settings, name=name)
+    if "instance" in raw:
+        instance = raw["instance"]
+        if not isinstance(instance, str) or not 1 <= len(instance) <= 128 or any(c.isspace() for c in instance):
+            raise ConfigError(f"{where}.instance: must be 1-128 characters without spaces; got {instance!r}")
+        settings = replace(settings, instance=instance)
+    if raw.get("url") is not None:
+        url, password = _cluster_url(raw["url"], f"{where}.url")
+        settings = replace(settings, url=url, password=password)
+    return settings
+
+
+def _cluster_url(value: object, where: str) -> tuple[str, str | None]:
+    """The URL without its password, and the password (from the URL, else env LBD_CLUSTER_PASSWORD)."""
+    allowed = "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH/redis.sock"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must be a URL ({allowed})")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid URL ({exc}); allowed: {allowed}") from None
+    if parts.scheme not in CLUSTER_SCHEMES:
+        scheme = parts.scheme or "(none)"
+        raise ConfigError(f"{where}: scheme {scheme!r} is not one of {', '.join(CLUSTER_SCHEMES)}; allowed: {allowed}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"{where}: a unix:// URL needs the socket's path; allowed: {allowed}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{where}: the URL has no host; allowed: {allowed}")
+    database = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if database and not database.isdigit():
+        raise ConfigError(f"{where}: the database {database!r} is not a number; allowed: {allowed}")
+    password = parts.password or os.environ.get("LBD_CLUSTER_PASSWORD") or None
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    if parts.hostname and ":" in parts.hostname:
+        netloc = netloc.replace(parts.hostname, f"[{parts.hostname}]")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), password
 
 
 def _mode(value: object, where: str) -> Mode:
@@ -427,7 +505,13 @@ def config_to_mapping(config: Config) -> dict[str, Any]:
     """The effective config in the TOML file's shape (`lbctl config dump`); `lbd start --config`
     reads it back to the same config. Unset keys are left out (TOML has no null) and the admin
     token is never shown (give it again with env LBD_ADMIN_TOKEN)."""
-    return {key: _plain(value) for key, value in _fields(config) if value is not None and key != "admin_token"}
+    shown = {key: _plain(value) for key, value in _fields(config) if value is not None and key != "admin_token"}
+    cluster = {key: value for key, value in shown["cluster"].items() if key != "password" and value is not None}
+    if cluster.get("url") is None:
+        del shown["cluster"]  # off: nothing to say (TOML has no null)
+    else:
+        shown["cluster"] = cluster
+    return shown
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -438,6 +522,9 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     changes = [(key, before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)]
     if old.admin_token != new.admin_token:
         changes.append(("admin_token", HIDDEN if old.admin_token else None, HIDDEN if new.admin_token else None))
+    if old.cluster.password != new.cluster.password:
+        was, now = old.cluster.password, new.cluster.password
+        changes.append(("cluster.password", HIDDEN if was else None, HIDDEN if now else None))
     return changes
 
 

@@ -15,7 +15,9 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -27,6 +29,7 @@ from lbd.admin.tcp import create_tcp_admin_app
 from lbd.audit import AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import Address, Config, ConfigSource
+from lbd.control import Changes, Control, LocalControl
 from lbd.health.active import HealthChecker
 from lbd.metrics import create_metrics_app, metrics_registry
 from lbd.models import ServerSpec
@@ -36,6 +39,7 @@ from lbd.registry import Registry
 from lbd.reload import Reloader, ReloadError
 from lbd.sessions import SessionTable
 from lbd.state import PersistedState, StateKeeper, StateStore
+from lbd.store.cluster import Cluster, ClusterControl
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
@@ -60,7 +64,9 @@ class Daemon:
         self.balancer = Balancer(
             self.registry, config.mode, config.regions, self.sessions, config.default_client_region
         )
-        self.keeper = None if store is None else StateKeeper(store, self.registry, self.balancer, seed)
+        # in a cluster the store holds what changes at run time; the state directory only its lock
+        clustered = config.cluster.url is not None
+        self.keeper = None if store is None or clustered else StateKeeper(store, self.registry, self.balancer, seed)
         if self.keeper is not None:
             self.keeper.restore(persisted)
             self.keeper.restore_sessions(self.sessions)
@@ -108,17 +114,25 @@ class Daemon:
         opened.callback(remove_socket, config.admin_socket, admin_inode)
         opened.callback(admin_sock.close)
         checker = HealthChecker(self.registry, config.health)
-        reloader = Reloader(
-            self.source, config, self.seed,
-            registry=self.registry, balancer=self.balancer, sessions=self.sessions,
-            proxy=proxy_ctx, checker=checker, state=self.keeper, audit=self.audit,
-        )  # fmt: skip
         address = await _listen(proxy, config)
         opened.push_async_callback(proxy.close)
         listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
+        changes = Changes(self.registry, self.balancer, self.sessions, proxy_ctx.pool)
+        cluster = None if config.cluster.url is None else self._cluster(changes, lambda: reloader, str(address))
+        reloader = Reloader(
+            self.source, config, self.seed,
+            registry=self.registry, balancer=self.balancer, sessions=self.sessions,
+            proxy=proxy_ctx, checker=checker, state=self.keeper if cluster is None else cluster, audit=self.audit,
+        )  # fmt: skip
+        control: Control = LocalControl(changes, self._persist, reloader.use_config_mode)
+        if cluster is not None:
+            control = ClusterControl(cluster)
+            self.balancer.shared = proxy_ctx.shared = cluster
+            await cluster.start()
+            opened.push_async_callback(cluster.stop)
         state = AdminState(
             reloader, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic(),
-            persist=self._persist,
+            control=control, cluster=cluster,
         )  # fmt: skip
         opened.push_async_callback((await _serve(create_admin_app(state), web.SockSite, admin_sock)).cleanup)
         if config.admin_listen is not None:
@@ -147,6 +161,17 @@ class Daemon:
             address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
         )  # fmt: skip
         return proxy, reloader
+
+    def _cluster(self, changes: Changes, reloader: Callable[[], Reloader], listen: str) -> Cluster:
+        """This instance's cluster membership; `reloader` gives the config in effect (made after)."""
+        settings = self.config.cluster
+        port = listen.rsplit(":", 1)[1]
+        instance = settings.instance or f"{socket.gethostname()}:{port}"
+        return Cluster(
+            settings, instance, listen, changes, self.sessions,
+            seed=lambda: reloader().seed, config_mode=lambda: reloader().config.mode,
+            server_regions=lambda: reloader().config.regions.server_regions, audit=self.audit,
+        )  # fmt: skip
 
     async def _serve(self, proxy: ProxyServer, reloader: Reloader) -> None:
         """Serve until SIGTERM/SIGINT, then stop the proxy gracefully (requests in flight finish

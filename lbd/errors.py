@@ -20,3 +20,12 @@ class ValidationError(LbError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class StoreUnavailable(LbError):
+    """The cluster's shared store does not answer: a change cannot be made everywhere, so it is not
+    made at all (the admin API answers 503 store_unavailable)."""
+
+
+class StoreConflict(LbError):
+    """The cluster's store holds a registration of this id with other settings (409 conflict)."""

@@ -204,6 +204,11 @@ class Reloader:
         }
 
     @property
+    def seed(self) -> list[ServerSpec]:
+        """The servers file's entries in effect (a cluster overlays the store's registrations on them)."""
+        return list(self._seed.values())
+
+    @property
     def mode_overridden(self) -> bool:
         """The mode in effect was chosen at run time (`lbctl mode`), not by the config file."""
         switched = self._state is not None and self._state.mode_switched()

@@ -25,6 +25,7 @@ class Session:
     server_id: str
     region: str | None
     last_seen: float
+    synced_at: float = 0.0  # a cluster's store last learned of this session's use (lbd/store/cluster.py)
 
 
 class SessionRecord(NamedTuple):
@@ -80,15 +81,26 @@ class SessionTable:
             self._uncount(session)
             session.server_id = server_id
             session.region = region
-            session.last_seen = now
+            session.last_seen = session.synced_at = now
             self._table.move_to_end(client_id)
             self._count(session)
             return
         if len(self._table) >= self.max_sessions:
             self._uncount(self._table.popitem(last=False)[1])
             self.evicted += 1
-        session = self._table[client_id] = Session(server_id, region, now)
+        session = self._table[client_id] = Session(server_id, region, now, now)
         self._count(session)
+
+    def move(self, client_id: str, server_id: str) -> bool:
+        """Another instance moved this client's session (a failover there): follow it, keeping the
+        session's region and idle clock. Whether this instance held the session."""
+        session = self._table.get(client_id)
+        if session is None or session.server_id == server_id:
+            return session is not None
+        self._uncount(session)
+        session.server_id = server_id
+        self._count(session)
+        return True
 
     def configure(self, idle_timeout_s: float, max_sessions: int) -> None:
         """Reloaded limits: a shorter idle timeout expires sessions from the next sweep on; a smaller

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = [str(p.relative_to(root)) for p in (root / "lbd").rglob("*.py") if p.stat().st_mtime > built]
     if stale:
         pytest.exit(f"lbd's compiled modules are older than {', '.join(stale)}: run `make native` (make test does)", 2)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """tmp_path directories under one directory of this run's own (not pytest's shared
+    /tmp/pytest-of-USER, which another run on the machine may be pruning), removed at the end."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="lb-pytest-", dir="/tmp")
+        CREATED_DIRECTORIES.append(Path(config.option.basetemp))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -26,6 +26,7 @@ from lbd.admin.common import AdminState
 from lbd.admin.tcp import create_tcp_admin_app
 from lbd.balancer import Balancer
 from lbd.config import Config, ConfigSource
+from lbd.control import Changes, LocalControl
 from lbd.health.active import HealthChecker
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
@@ -69,7 +70,9 @@ def registered_routes() -> set[tuple[str, str]]:
             ConfigSource(None), config, [], registry=registry, balancer=balancer, sessions=sessions, proxy=proxy,
             checker=checker,
         )  # fmt: skip
-        state = AdminState(reloader, registry, balancer, sessions, proxy, {}, 0.0)
+        changes = Changes(registry, balancer, sessions, proxy.pool)
+        control = LocalControl(changes, lambda: None, reloader.use_config_mode)
+        state = AdminState(reloader, registry, balancer, sessions, proxy, {}, 0.0, control)
         apps = (create_admin_app(state), create_tcp_admin_app(state))
         return {
             (route.method, route.resource.canonical)

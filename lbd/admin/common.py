@@ -11,20 +11,28 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from lbd.audit import AuditTrail, peer
 from lbd.balancer import Balancer
 from lbd.config import Config
-from lbd.errors import LbError
+from lbd.control import Control
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
 from lbd.sessions import SessionTable
 
 log = logging.getLogger("lbd.admin")
+
+
+class ClusterView(Protocol):
+    """What the admin API shows of a cluster (lbd/store/cluster.py)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def forget(self, client_ids: list[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,8 @@ class AdminState:
     proxy: ProxyContext
     listeners: dict[str, str]
     started_at: float
-    persist: Callable[[], None] = lambda: None  # saves the state file; called before answering a change
+    control: Control  # changes to servers and the mode go through it (one instance's, or a cluster's)
+    cluster: ClusterView | None = None  # with --cluster: the store's health and the peers
 
     @property
     def config(self) -> Config:
@@ -116,16 +125,6 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "bad_json", "request body is not usable JSON: nested too deeply") from None
-
-
-def persist(request: web.Request) -> None:
-    """Save the state file (write, fsync, rename) before the change is acknowledged."""
-    try:
-        state_of(request).persist()
-    except LbError as exc:
-        raise ApiError(
-            500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"
-        ) from None
 
 
 def dumps(value: object) -> str:

@@ -1,23 +1,26 @@
-"""Admin endpoints that change things: registration, draining, removal, mode, sessions, reload.
+"""Admin endpoints that change things: registration, draining, removal, capacity, mode, sessions,
+checks, reload.
 
-They act only through the registry, the balancer and the session table, and answer every bad
-input with the error envelope naming the field and what is allowed. A change to servers, drain
-flags or the mode is saved to the state file before it is answered (`persist`), so an
-acknowledged change survives a crash.
+Changes to servers and the mode go through the control plane (lbd/control.py): one instance saves
+them to its state file before answering, a cluster applies them on every instance through the
+store before answering, so an acknowledged change survives a crash either way. Every bad input is
+answered with the error envelope naming the field and what is allowed; every change is audited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 from aiohttp import web
 
-from lbd.admin.common import ApiError, audit, persist, read_json, state_of, who
+from lbd.admin.common import ApiError, audit, read_json, state_of, who
 from lbd.admin.views import server_json
 from lbd.config import MODES, Mode, parse_server_list
-from lbd.errors import ValidationError
+from lbd.errors import LbError, StoreConflict, StoreUnavailable, ValidationError
 from lbd.models import MAX_CAPACITY, Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 from lbd.reload import ReloadError
@@ -36,16 +39,29 @@ def parse_registration(payload: object, known_regions: frozenset[str]) -> list[S
         raise ApiError(422, "invalid_server", str(exc), exc.field) from None
 
 
-def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
-    """Register atomically: a conflict on any entry changes nothing."""
-    registry = state_of(request).registry
+@contextmanager
+def changing() -> Iterator[None]:
+    """A change through the control plane: its failures as the envelope's stable codes."""
     try:
+        yield
+    except (RegistryConflict, StoreConflict) as exc:
+        raise ApiError(409, "conflict", str(exc), "id") from None
+    except StoreUnavailable as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from None
+    except LbError as exc:
+        raise ApiError(
+            500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"
+        ) from None
+
+
+async def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
+    """Register atomically: a conflict on any entry changes nothing."""
+    state = state_of(request)
+    registry = state.registry
+    with changing():
         for spec in specs:
             registry.check_conflict(spec)
-    except RegistryConflict as exc:
-        raise ApiError(409, "conflict", str(exc), "id") from None
-    created = [spec.id for spec in specs if registry.register(spec)[1]]
-    persist(request)  # also when nothing was created: a retry after a failed save gets it saved
+        created = await state.control.register(specs)
     for spec in specs:
         if spec.id in created:
             where = f"{spec.url} region {spec.region} capacity {spec.capacity}"
@@ -57,13 +73,14 @@ def register_all(request: web.Request, specs: list[ServerSpec]) -> web.Response:
 @routes.post("/v1/servers")
 async def register(request: web.Request) -> web.Response:
     specs = parse_registration(await read_json(request), state_of(request).config.regions.server_regions)
-    return register_all(request, specs)
+    return await register_all(request, specs)
 
 
 async def remove_server(request: web.Request, server_id: str, wait: bool) -> web.Response:
     """Drain, wait for requests in flight to finish (bounded by drain_grace_ms), then remove."""
     state = state_of(request)
-    server = state.registry.set_draining(server_id, True)
+    with changing():
+        server = await state.control.set_draining(server_id, True)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     started = time.monotonic()
@@ -76,10 +93,8 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
             409, "conflict", f"server {server_id!r} was removed and registered again while it drained; "
             "the new registration was left in place", "id",
         )  # fmt: skip
-    state.registry.deregister(server_id)
-    dropped = state.sessions.remove_server(server_id)
-    persist(request)
-    state.proxy.pool.close_idle(server_id=server_id)
+    with changing():
+        dropped = await state.control.remove(server_id)
     answer = {
         "removed": server_id,
         "drained": in_flight == 0,
@@ -100,23 +115,25 @@ async def deregister(request: web.Request) -> web.Response:
 
 @routes.post("/v1/servers/{server_id}/drain")
 async def drain(request: web.Request) -> web.Response:
-    return _set_draining(request, True)
+    return await _set_draining(request, True)
 
 
 @routes.post("/v1/servers/{server_id}/undrain")
 async def undrain(request: web.Request) -> web.Response:
-    return _set_draining(request, False)
+    return await _set_draining(request, False)
 
 
-def _set_draining(request: web.Request, draining: bool) -> web.Response:
+async def _set_draining(request: web.Request, draining: bool) -> web.Response:
     server_id = request.match_info["server_id"]
-    registry = state_of(request).registry
-    before = registry.get(server_id)
-    was = before is not None and before.state.draining
-    server = registry.set_draining(server_id, draining)
+    state = state_of(request)
+    before = state.registry.get(server_id)
+    if before is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    was = before.state.draining
+    with changing():
+        server = await state.control.set_draining(server_id, draining)
     if server is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
-    persist(request)
     if was != draining:
         action = "drain" if draining else "undrain"
         audit(request, action, server_id, f"draining {_yes(was)} -> {_yes(draining)}", old=was, new=draining)
@@ -138,11 +155,13 @@ async def set_capacity(request: web.Request) -> web.Response:
     if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
         message = f"field 'capacity' must be a positive integer (1..{MAX_CAPACITY}); got {capacity!r}"
         raise ApiError(422, "invalid_server", message, "capacity")
-    changed = state.registry.set_capacity(server_id, capacity)
+    if state.registry.get(server_id) is None:
+        raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
+    with changing():
+        changed = await state.control.set_capacity(server_id, capacity)
     if changed is None:
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     server, previous = changed
-    persist(request)
     if previous != capacity:
         audit(request, "capacity", server_id, f"capacity {previous} -> {capacity}", old=previous, new=capacity)
     return web.json_response({**server_json(server, state.balancer), "previous_capacity": previous})
@@ -175,19 +194,16 @@ async def put_mode(request: web.Request) -> web.Response:
     state = state_of(request)
     balancer = state.balancer
     previous = balancer.mode
-    mode: Mode
-    if isinstance(payload, dict) and payload.get("from_config") is True and "mode" not in payload:
-        mode = state.reloader.use_config_mode()
-        change = f"{previous} -> {mode} (the config's mode again)"
-    else:
-        asked = payload.get("mode") if isinstance(payload, dict) else None
-        if asked not in MODES:
+    asked: Mode | None = None
+    if not (isinstance(payload, dict) and payload.get("from_config") is True and "mode" not in payload):
+        value = payload.get("mode") if isinstance(payload, dict) else None
+        if value not in MODES:
             allowed = f'one of {", ".join(MODES)}, or {{"from_config": true}} alone'
-            raise ApiError(422, "invalid_mode", f"field 'mode' must be {allowed}; got {asked!r}", "mode")
-        mode = cast(Mode, asked)
-        balancer.set_mode(mode)
-        change = f"{previous} -> {mode}"
-    persist(request)
+            raise ApiError(422, "invalid_mode", f"field 'mode' must be {allowed}; got {value!r}", "mode")
+        asked = cast(Mode, value)
+    with changing():
+        mode = await state.control.set_mode(asked)
+    change = f"{previous} -> {mode}" + (" (the config's mode again)" if asked is None else "")
     audit(request, "mode", "", change, old=previous, new=mode)
     from_config = not state.reloader.mode_overridden
     return web.json_response(
@@ -198,8 +214,12 @@ async def put_mode(request: web.Request) -> web.Response:
 @routes.delete("/v1/sessions/{client_id}")
 async def clear_session(request: web.Request) -> web.Response:
     client_id = request.match_info["client_id"]
-    if not state_of(request).sessions.remove(client_id):
+    state = state_of(request)
+    if not state.sessions.remove(client_id):
         raise ApiError(404, "session_not_found", f"no session for client {client_id!r}")
+    if state.cluster is not None:
+        with changing():
+            await state.cluster.forget([client_id])
     audit(request, "sessions_clear", f"client {client_id}", "session forgotten", client_id=client_id)
     return web.json_response({"cleared": client_id})
 
@@ -209,7 +229,12 @@ async def clear_server_sessions(request: web.Request) -> web.Response:
     server_id = request.query.get("server")
     if not server_id:
         raise ApiError(400, "bad_query", "query parameter 'server' is required (or DELETE /v1/sessions/{client_id})")
-    cleared = state_of(request).sessions.remove_server(server_id)
+    state = state_of(request)
+    clients = [client for client, session in state.sessions.items(time.monotonic()) if session.server_id == server_id]
+    cleared = state.sessions.remove_server(server_id)
+    if state.cluster is not None:
+        with changing():
+            await state.cluster.forget(clients)
     audit(
         request,
         "sessions_clear",

@@ -50,9 +50,25 @@ async def get_status(request: web.Request) -> web.Response:
             "failovers": proxy.failovers,
         },
         "sessions": {"total": len(state.sessions)},
+        "cluster": None if state.cluster is None else _cluster_status(state.cluster.status()),
         "reload": {"config_file": _optional_str(state.reloader.source.path), **state.reloader.stats.to_json()},
     }
     return web.json_response(body, dumps=dumps)
+
+
+def _cluster_status(status: dict[str, Any]) -> dict[str, Any]:
+    """What `/v1/status` shows of the cluster: the essentials (`/v1/cluster` has everything)."""
+    return {key: status[key] for key in ("name", "instance", "store", "peers")}
+
+
+@routes.get("/v1/cluster")
+async def get_cluster(request: web.Request) -> web.Response:
+    """`lbctl cluster`: the cluster's name, this instance, the store's health and URL (never its
+    password), the version of the last change applied here, and the live instances."""
+    cluster = state_of(request).cluster
+    if cluster is None:
+        raise ApiError(404, "not_found", "lbd is not part of a cluster (start it with --cluster URL)")
+    return web.json_response(cluster.status(), dumps=dumps)
 
 
 def _optional_str(value: object) -> str | None:

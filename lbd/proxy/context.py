@@ -4,7 +4,7 @@ settings in force, and the counters the metrics read."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from lbd.balancer import Balancer
 from lbd.config import Config
@@ -30,6 +30,15 @@ REJECTIONS: Final = (
 )
 
 
+class SessionClaims(Protocol):
+    """A cluster's sessions (lbd/store/cluster.py): a client new to this instance is first claimed in
+    the shared store (another instance may have pinned it), which takes at most one round trip."""
+
+    def wants_claim(self, client_id: str, now: float) -> bool: ...
+
+    async def claim(self, client_id: str, proposal: Server, region: str) -> None: ...
+
+
 class ProxyContext:
     """What every connection shares: routing, the upstream pool, timeouts and counters."""
 
@@ -46,6 +55,7 @@ class ProxyContext:
         self.pool = UpstreamPool(loop)
         self.deadlines = DeadlineWheel(loop)
         self.connections: set[ClientConnection] = set()
+        self.shared: SessionClaims | None = None  # set when lbd is part of a cluster
         self.requests_total = 0
         self.retries = 0
         self.failovers = 0

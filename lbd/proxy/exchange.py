@@ -43,6 +43,7 @@ from lbd.proxy.upstream import open_connection
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
+    from lbd.proxy.context import SessionClaims
     from lbd.proxy.upstream import UpstreamConnection
 
 PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
@@ -155,12 +156,39 @@ class Exchange:
                 return
         if request.has_body and request.idempotent:
             self.replay = Replay(ctx.retry_body_limit)
+        shared = ctx.shared
+        if shared is not None and shared.wants_claim(self._client(), time.monotonic()):
+            self._claim(shared)
+            return
+        self._route()
+
+    def _route(self) -> None:
         try:
-            server = ctx.balancer.choose(self._client(), self._region(), time.monotonic())
+            server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
             return
         self._forward_to(server, fresh_connection=False)
+
+    def _claim(self, shared: SessionClaims) -> None:
+        """A client new to this instance, in a cluster: where the balancer would put it is claimed in
+        the store first (another instance may have pinned it already), then the request is routed."""
+        balancer = self.ctx.balancer
+        client_id = self._client()
+        try:
+            region = balancer.resolve_region(self._region())
+            proposal = balancer.proposal(client_id, region, time.monotonic())
+        except (BadRoute, NoServer) as unroutable:
+            self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
+            return
+        task = self.ctx.loop.create_task(shared.claim(client_id, proposal, region))
+        task.add_done_callback(self._claimed)
+
+    def _claimed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None or self.finished:
+            pass  # a claim that failed leaves no session: routing pins the client here
+        if not self.finished:
+            self._route()  # the session is held here now: routed as sticky (or moved, if its server is out)
 
     def _fallback_client_id(self) -> bytes | None:
         """A client id for a request without the header (`client_id_fallback`): the client's IP
