@@ -56,22 +56,26 @@ def p99(values: list[float]) -> float:
 
 
 def new_client_cost(stack: Stack, url: str, rounds: int, per_round: int) -> dict[str, float]:
+    """Each round measures both instances back to back; the figures are medians over rounds of each
+    round's percentiles and differences, so a busy minute moves one round, not the result."""
     plain = stack.start_lbd("dynamic", name="lbd-plain")
     clustered = stack.start_lbd("dynamic", name="lbd-clustered", cluster=url)
-    results: dict[str, list[float]] = {"plain": [], "cluster": []}
+    per_round_figures: list[dict[str, float]] = []
     try:
         for round_index in range(rounds):
-            for label, (_, port, _) in (("plain", plain), ("cluster", clustered)):
-                clients = [f"new-{label}-{round_index}-{n}" for n in range(per_round)]
-                results[label] += sequential(port, clients)
+            figures: dict[str, float] = {}
+            order = [("plain", plain), ("cluster", clustered)]
+            for label, (_, port, _) in order if round_index % 2 == 0 else order[::-1]:
+                latencies = sequential(port, [f"new-{label}-{round_index}-{n}" for n in range(per_round)])
+                figures[f"{label}_p50_ms"] = statistics.median(latencies)
+                figures[f"{label}_p99_ms"] = p99(latencies)
+            figures["added_p50_ms"] = figures["cluster_p50_ms"] - figures["plain_p50_ms"]
+            figures["added_p99_ms"] = figures["cluster_p99_ms"] - figures["plain_p99_ms"]
+            per_round_figures.append(figures)
     finally:
         stack.stop(plain[0])
         stack.stop(clustered[0])
-    figures = {f"{label}_p50_ms": statistics.median(values) for label, values in results.items()}
-    figures |= {f"{label}_p99_ms": p99(values) for label, values in results.items()}
-    figures["added_p50_ms"] = figures["cluster_p50_ms"] - figures["plain_p50_ms"]
-    figures["added_p99_ms"] = figures["cluster_p99_ms"] - figures["plain_p99_ms"]
-    return figures
+    return {key: statistics.median(f[key] for f in per_round_figures) for key in per_round_figures[0]}
 
 
 def refresh_rate(stack: Stack, url: str, clients: int, seconds: float) -> dict[str, float]:
@@ -137,7 +141,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    rounds, per_round = (2, 200) if args.quick else (5, 600)
+    rounds, per_round = (3, 300) if args.quick else (9, 500)
     with tempfile.TemporaryDirectory(prefix="lb-cluster-") as workdir:
         stack = Stack(Path(workdir), None, None)
         try:

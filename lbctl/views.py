@@ -311,14 +311,14 @@ def cluster_panel(answer: Mapping[str, Any]) -> RenderableType:
     """`GET /v1/cluster`: the store and its health, then the live instances (this one marked)."""
     store = answer.get("store")
     health = Text(_str(store), style="green" if store == "connected" else "red")
-    if answer.get("last_error") and store != "connected":
-        health.append(f" ({_str(answer.get('last_error'))})", style="dim")
     rows: list[tuple[str, RenderableType]] = [
         ("cluster", _text(answer.get("name"))),
         ("instance", _text(answer.get("instance"))),
         ("store", Text.assemble(_str(answer.get("url")), "  ", health)),
         ("version", _text(answer.get("version"))),
     ]
+    if answer.get("last_error") and store != "connected":
+        rows.append(("why", Text(_str(answer.get("last_error")), style="red")))
     pending = answer.get("pending_pins")
     if isinstance(pending, int) and pending:
         rows.append(("pending", Text(f"{pending} sessions to write once the store answers", style="yellow")))

@@ -24,7 +24,11 @@ class ValidationError(LbError):
 
 class StoreUnavailable(LbError):
     """The cluster's shared store does not answer: a change cannot be made everywhere, so it is not
-    made at all (the admin API answers 503 store_unavailable)."""
+    made at all (the admin API answers 503 store_unavailable). `cause` is what went wrong, alone."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class StoreConflict(LbError):

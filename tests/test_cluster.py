@@ -197,6 +197,9 @@ def test_redis_down_then_back_empty(three: list[Backend]) -> None:
         assert set(a.servers()) == set(b.servers()) == {"c1", "c2", "late"}
         ok(a.lbctl("undrain", "c1"))  # changes work again
         wait_until(lambda: not b.servers()["c1"]["draining"], timeout=SPREAD_S)
+        for daemon in (a, b):  # the outage is one warning line, no traceback, no line per retry
+            assert "Traceback" not in daemon.log()
+            assert daemon.log().count("the store is unreachable") == 1
 
 
 def test_an_instance_starting_without_redis_serves_its_file_and_joins_later(three: list[Backend]) -> None:
@@ -211,6 +214,7 @@ def test_an_instance_starting_without_redis_serves_its_file_and_joins_later(thre
             wait_until(lambda: daemon.get("/v1/cluster")["store"] == "connected", timeout=15)
             name = daemon.get("/v1/cluster")["name"]
             wait_until(lambda: store.command("GET", f"lb:{name}:s:early") is not None, timeout=5)
+            assert "Traceback" not in daemon.log()
     finally:
         store.close()
 

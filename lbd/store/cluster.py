@@ -120,7 +120,7 @@ class Cluster:
             try:
                 await self._joined()
             except StoreUnavailable as exc:
-                self._lost(str(exc))
+                self._lost(exc.cause)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must not end the cluster membership for good
@@ -131,14 +131,18 @@ class Cluster:
 
     def _lost(self, why: str) -> None:
         if self.connected or self.last_error is None:
-            log.warning("cluster %s: %s; serving from what this instance holds", self.settings.name, why)
+            log.warning(
+                "cluster %s: the store is unreachable (%s); serving from what this instance holds",
+                self.settings.name,
+                why,
+            )
         self.connected = False
         self.last_error = why
 
     async def _joined(self) -> None:
         """One connection's life: subscribe, sync from a snapshot, then follow the changes."""
         await self.store.ping()
-        async with self.store.subscription() as pubsub:
+        async with self.store.subscription() as notices:
             await self._sync()
             self.connected = True
             self.last_error = None
@@ -154,11 +158,11 @@ class Cluster:
                     if self._resync.is_set():
                         self._resync.clear()
                         await self._sync()
-                    message = await pubsub.get_message(timeout=HEARTBEAT_S)
+                    notice = await notices.next(HEARTBEAT_S)
                     if beat.done():
                         beat.result()  # its StoreUnavailable ends this connection
-                    if message is not None and message.get("type") == "message":
-                        self._received(str(message["channel"]), message["data"])
+                    if notice is not None:
+                        self._received(*notice)
             finally:
                 beat.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
@@ -169,8 +173,7 @@ class Cluster:
         while True:
             info = {"listen": self.listen, "pid": os.getpid(), "started_at": STARTED_AT}
             self.peers = await self.store.heartbeat(self.instance, info, PEER_TTL_S)
-            snapshot_version = await self.store.client.get(self.store.keys.version)
-            if int(snapshot_version or 0) != self.applied:
+            if await self.store.version() != self.applied:
                 self._resync.set()  # a notice lost, or Redis restarted: read it all again
             await asyncio.sleep(HEARTBEAT_S)
 
@@ -180,7 +183,7 @@ class Cluster:
         """Make a change on every instance; returns once this one applied it."""
         if not self.connected:
             why = self.last_error or "not connected yet"
-            raise StoreUnavailable(f"the cluster store is unreachable ({why}); nothing was changed")
+            raise StoreUnavailable(f"the cluster store is unreachable ({why}); nothing was changed", why)
         version = await self.store.change(op, self.instance, *args)
         await self._caught_up(version)
 
@@ -395,7 +398,7 @@ class Cluster:
                     for start in range(0, len(refresh), 1000):
                         await self.store.refresh_sessions(refresh[start : start + 1000], self._ttl())
             except StoreUnavailable as exc:
-                self._lost(str(exc))
+                self._lost(exc.cause)
 
     async def _flush_pins(self, only_new: bool = False) -> None:
         if self._pins:

@@ -116,7 +116,7 @@ class RedisStore:
                     f"server {server_id!r} is already registered in the cluster as {entry.get('url')} (region "
                     f"{entry.get('region')}, capacity {entry.get('capacity')}); deregister it first to change it"
                 ) from None
-            raise StoreUnavailable(f"the cluster store refused the change: {message}") from None
+            raise StoreUnavailable(f"the cluster store refused the change: {message}", message) from None
 
     async def snapshot(self) -> Snapshot:
         keys = self.keys
@@ -202,16 +202,36 @@ class RedisStore:
 
     # --- change notices ----------------------------------------------------------------------------
 
+    async def version(self) -> int:
+        """The version of the last change the store holds (0: none, or an emptied store)."""
+        async with _reaching():
+            return int(await self.client.get(self.keys.version) or 0)
+
     @asynccontextmanager
-    async def subscription(self) -> AsyncIterator[redis.client.PubSub]:
+    async def subscription(self) -> AsyncIterator[Subscription]:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             async with _reaching():
                 await pubsub.subscribe(self.keys.events, self.keys.session_events)
-            yield pubsub
+            yield Subscription(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class Subscription:
+    """The change notices of one connection; a lost connection is StoreUnavailable like any other."""
+
+    def __init__(self, pubsub: redis.client.PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, timeout_s: float) -> tuple[str, str] | None:
+        """The next notice as (channel, data), or None after `timeout_s` without one."""
+        async with _reaching():
+            message = await self._pubsub.get_message(timeout=timeout_s)
+        if message is None or message.get("type") != "message":
+            return None
+        return str(message["channel"]), str(message["data"])
 
 
 @asynccontextmanager
@@ -222,4 +242,5 @@ async def _reaching() -> AsyncIterator[None]:
     except ResponseError:
         raise
     except (RedisError, OSError, TimeoutError) as exc:
-        raise StoreUnavailable(f"the cluster store is unreachable ({type(exc).__name__}: {exc})") from None
+        cause = f"{type(exc).__name__}: {exc}"
+        raise StoreUnavailable(f"the cluster store is unreachable ({cause})", cause) from None
