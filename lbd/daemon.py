@@ -22,7 +22,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from lbd import systemd
-from lbd.admin.app import create_admin_app
+from lbd.admin.app import collectors_of, create_admin_app
 from lbd.admin.common import AdminState
 from lbd.admin.socket import bind_owner_only, remove_socket
 from lbd.admin.tcp import create_tcp_admin_app
@@ -31,7 +31,7 @@ from lbd.balancer import Balancer
 from lbd.config import Address, Config, ConfigSource
 from lbd.control import Changes, Control, LocalControl
 from lbd.health.active import HealthChecker
-from lbd.metrics import create_metrics_app, metrics_registry
+from lbd.metrics import create_metrics_app
 from lbd.models import ServerSpec
 from lbd.proxy.context import ProxyContext
 from lbd.proxy.server import DATA_PLANE, ProxyServer
@@ -139,10 +139,7 @@ class Daemon:
             tcp_app = create_tcp_admin_app(state)
             listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, opened, "the admin API")
         if config.metrics_listen is not None:
-            collectors = metrics_registry(
-                self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats, self.audit
-            )
-            metrics_app = create_metrics_app(collectors)
+            metrics_app = create_metrics_app(collectors_of(state))
             listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, opened, "metrics")
             log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
         sweeper = loop.create_task(self._sweep_sessions())

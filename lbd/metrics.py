@@ -13,6 +13,7 @@ separate TCP app that serves nothing else. Names follow HAProxy's and Envoy's ex
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +35,21 @@ from lbd.registry import Registry
 from lbd.reload import ReloadStats
 from lbd.sessions import SessionTable
 
+
+class ClusterFigures(Protocol):
+    """What the metrics read of a cluster membership (lbd/store/cluster.py's Cluster)."""
+
+    connected: bool
+    peers: list[dict[str, object]]
+    applied: int
+    joined: int
+    pins_dropped: int
+    claims: dict[str, int]
+
+    @property
+    def pending_pins(self) -> int: ...
+
+
 SERVER_LABELS = ("server", "region")
 BUCKET_BOUNDS = (*(repr(bound) for bound in LATENCY_BUCKETS_S), "+Inf")
 
@@ -49,6 +65,7 @@ class LbdCollector(Collector):
         proxy: ProxyContext,
         reloads: ReloadStats | None = None,
         audit: AuditTrail | None = None,
+        cluster: ClusterFigures | None = None,
     ) -> None:
         self.registry = registry
         self.balancer = balancer
@@ -56,10 +73,45 @@ class LbdCollector(Collector):
         self.proxy = proxy
         self.reloads = reloads or ReloadStats()
         self.audit = audit or AuditTrail()
+        self.cluster = cluster
 
     def collect(self) -> Iterator[Metric]:
         yield from self._global()
         yield from self._servers()
+        if self.cluster is not None:
+            yield from self._cluster(self.cluster)
+
+    def _cluster(self, cluster: ClusterFigures) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "lbd_cluster_store_up", "1 while the cluster store answers, else 0.", value=float(cluster.connected)
+        )
+        yield GaugeMetricFamily(
+            "lbd_cluster_peers", "Live instances of the cluster, this one included.", value=len(cluster.peers)
+        )
+        yield GaugeMetricFamily(
+            "lbd_cluster_version", "The version of the last shared change applied here.", value=cluster.applied
+        )
+        yield CounterMetricFamily(
+            "lbd_cluster_joins", "Times this instance (re)joined the store.", value=cluster.joined
+        )
+        yield GaugeMetricFamily(
+            "lbd_cluster_pending_pins",
+            "Sessions pinned here, waiting to be written to the store.",
+            value=cluster.pending_pins,
+        )
+        yield CounterMetricFamily(
+            "lbd_cluster_pins_dropped",
+            "Pending pins dropped because the store was away too long.",
+            value=cluster.pins_dropped,
+        )
+        claims = CounterMetricFamily(
+            "lbd_cluster_claims",
+            "New clients' pins: won (ours stored), adopted (another instance's), local (store away or slow).",
+            labels=["result"],
+        )
+        for result, count in cluster.claims.items():
+            claims.add_metric([result], count)
+        yield claims
 
     def _global(self) -> Iterator[Metric]:
         proxy, sessions = self.proxy, self.sessions
@@ -194,10 +246,11 @@ def metrics_registry(
     proxy: ProxyContext,
     reloads: ReloadStats | None = None,
     audit: AuditTrail | None = None,
+    cluster: ClusterFigures | None = None,
 ) -> CollectorRegistry:
     """A private registry (never prometheus_client's global one): lbd's collector plus process_* metrics."""
     collectors = CollectorRegistry()
-    collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads, audit))
+    collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads, audit, cluster))
     ProcessCollector(registry=collectors)
     return collectors
 

@@ -21,6 +21,7 @@ import pytest
 from tests.harness.backends import Backend, backends
 from tests.harness.cli import assert_one_line_error
 from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
+from tests.harness.metrics import scrape, value
 from tests.harness.redis_server import RedisServer, redis_server
 
 SPREAD_S = 1.0  # a change made through one instance is on every other one within this (issue: 1 s)
@@ -133,6 +134,9 @@ def test_a_client_keeps_its_server_through_any_instance(redis: RedisServer, thre
         assert len(set(first.values())) > 1  # new clients spread
         for client, server in first.items():
             assert b.proxy_get(client=client, region="us-east")[1] == server  # new to b: one claim, the same pin
+        assert value(scrape(a), "lbd_cluster_claims_total", result="won") == 40
+        assert value(scrape(b), "lbd_cluster_claims_total", result="adopted") == 40
+        assert value(scrape(b), "lbd_cluster_peers") == 2 and value(scrape(b), "lbd_cluster_store_up") == 1
         # a move made on one instance (its server drained there) is what the other follows
         moved = next(client for client, server in first.items() if server == "c1")
         ok(a.lbctl("drain", "c1"))
@@ -180,10 +184,13 @@ def test_redis_down_then_back_empty(three: list[Backend]) -> None:
         store.kill()
         for daemon in (a, b):
             wait_until(lambda d=daemon: d.get("/v1/cluster")["store"] == "unreachable")
+            assert value(scrape(daemon), "lbd_cluster_store_up") == 0
         for client, server in clients.items():  # served from what each holds, no error from the outage
             assert a.proxy_get(client=client, region="us-east")[:2] == (200, server)
             assert b.proxy_get(client=client, region="us-east")[0] == 200
         assert b.proxy_get(client="new-during-outage", region="us-east")[0] == 200
+        assert value(scrape(b), "lbd_cluster_claims_total", result="local") == 0  # not asked: known away
+        assert value(scrape(b), "lbd_cluster_pending_pins") >= 1  # written back once the store answers
         assert_one_line_error(a.lbctl("undrain", "c1"), 1, "cluster store is unreachable")
         status, body = a.request("POST", "/v1/servers/c1/undrain")
         assert status == 503 and body["error"]["code"] == "store_unavailable"

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lbd.balancer import Balancer
 from lbd.config import Config, Regions, load_config
@@ -24,27 +23,9 @@ from lbd.registry import Registry, latency_bucket
 from lbd.sessions import SessionTable
 from tests.harness.backends import Backend, backends
 from tests.harness.daemon import Lbd, running_lbd, wait_until
+from tests.harness.metrics import parse, scrape, value
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-def scrape(lbd: Lbd) -> Samples:
-    status, body = lbd.request("GET", "/metrics")
-    assert status == 200 and isinstance(body, str), body
-    return parse(body)
 
 
 def tcp_get(address: str, path: str) -> tuple[int, str, str]:

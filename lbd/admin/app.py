@@ -9,10 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from lbd.admin import mutations, reads
 from lbd.admin.common import ADMIN_STATE, AdminState, error_envelope
 from lbd.metrics import add_metrics_route, metrics_registry
+
+
+def collectors_of(state: AdminState) -> CollectorRegistry:
+    """The metrics of what the admin API sees: the same on the admin socket and on `metrics_listen`."""
+    return metrics_registry(
+        state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats, state.audit, state.cluster
+    )
 
 
 def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> web.Application:
@@ -20,12 +28,7 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
     app = web.Application(middlewares=[error_envelope, *middlewares], client_max_size=4 * 1024 * 1024)
     app[ADMIN_STATE] = state
     reads.load_openapi(app)
-    add_metrics_route(
-        app,
-        metrics_registry(
-            state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats, state.audit
-        ),
-    )
+    add_metrics_route(app, collectors_of(state))
     app.add_routes(reads.routes)
     app.add_routes(mutations.routes)
     return app

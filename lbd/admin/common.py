@@ -19,6 +19,7 @@ from lbd.audit import AuditTrail, peer
 from lbd.balancer import Balancer
 from lbd.config import Config
 from lbd.control import Control
+from lbd.metrics import ClusterFigures
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
@@ -27,7 +28,7 @@ from lbd.sessions import SessionTable
 log = logging.getLogger("lbd.admin")
 
 
-class ClusterView(Protocol):
+class ClusterView(ClusterFigures, Protocol):
     """What the admin API shows of a cluster (lbd/store/cluster.py)."""
 
     def status(self) -> dict[str, Any]: ...

@@ -92,6 +92,7 @@ class Cluster:
         self._moves: list[tuple[str, str | None]] = []
         self._refresh: list[str] = []
         self.pins_dropped = 0
+        self.claims = {"won": 0, "adopted": 0, "local": 0}  # how new clients' pins were settled
         self._tasks: list[asyncio.Task[None]] = []
         self._resync = asyncio.Event()
 
@@ -353,9 +354,11 @@ class Cluster:
         try:
             existing = await asyncio.wait_for(self.store.claim_session(client_id, value, self._ttl()), CLAIM_TIMEOUT_S)
         except (StoreUnavailable, TimeoutError):
+            self.claims["local"] += 1
             self._pins[client_id] = (proposal.id, region)
             self.sessions.pin(client_id, proposal.id, region, time.monotonic())
             return
+        self.claims["won" if existing is None else "adopted"] += 1
         server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
         self.sessions.pin(client_id, server_id, pinned_region or region, time.monotonic())
 
@@ -428,6 +431,11 @@ class Cluster:
 
     # --- what the admin API shows ----------------------------------------------------------------------
 
+    @property
+    def pending_pins(self) -> int:
+        """Pins made here not yet written to the store (while it is away, or until the next batch)."""
+        return len(self._pins)
+
     def status(self) -> dict[str, Any]:
         return {
             "name": self.settings.name,
@@ -437,7 +445,7 @@ class Cluster:
             "last_error": self.last_error,
             "version": self.applied,
             "peers": self.peers if self.connected else [],
-            "pending_pins": len(self._pins),
+            "pending_pins": self.pending_pins,
         }
 
 
