@@ -209,6 +209,26 @@ def test_redis_down_then_back_empty(three: list[Backend]) -> None:
             assert daemon.log().count("the store is unreachable") == 1
 
 
+def test_pins_made_apart_during_an_outage_settle_on_the_stores(three: list[Backend]) -> None:
+    """A client pinned on one instance while Redis was away, and on another server by another
+    instance that reached Redis first: once back, every instance uses the store's pin."""
+    with redis_server() as store, instances(store, entries=entries_of(three)) as (a, b):
+        name = a.get("/v1/cluster")["name"]
+        store.kill()
+        wait_until(lambda: a.get("/v1/cluster")["store"] == "unreachable")
+        local = a.proxy_get(client="apart", region="us-east")[1]
+        elsewhere = next(backend.id for backend in three if backend.id != local)
+        store.start(password="not-for-lbd")  # up, but lbd is refused until the store holds the other pin
+        assert store.command("SET", f"lb:{name}:s:apart", f"{elsewhere}\tus-east", "EX", "600") == "OK"
+        store.open_up()
+        wait_until(lambda: a.get("/v1/cluster")["store"] == "connected", timeout=15)
+        wait_until(lambda: a.get("/v1/route/apart?region=us-east")["server"] == elsewhere, timeout=5)
+        assert a.proxy_get(client="apart", region="us-east")[1] == elsewhere
+        assert b.proxy_get(client="apart", region="us-east")[1] == elsewhere
+        assert store.command("GET", f"lb:{name}:s:apart") == f"{elsewhere}\tus-east"
+        assert "Traceback" not in a.log()  # refused for a password is one more way of being away
+
+
 def test_an_instance_starting_without_redis_serves_its_file_and_joins_later(three: list[Backend]) -> None:
     store = RedisServer()  # its port chosen, not started yet
     try:

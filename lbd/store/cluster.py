@@ -335,7 +335,13 @@ class Cluster:
             )
             for client_id, session in self.sessions.items(now)
         )
-        await store.write_sessions(list(entries), only_new=True)
+        self._adopt(await store.write_sessions(list(entries), only_new=True))
+
+    def _adopt(self, kept: list[tuple[str, str]]) -> None:
+        """Pins another instance wrote first (both pinned a client while the store was away): the
+        store's is the one every instance uses from now on."""
+        for client_id, value in kept:
+            self.sessions.move(client_id, parse_session(value)[0])
 
     # --- sessions ------------------------------------------------------------------------------------
 
@@ -407,9 +413,10 @@ class Cluster:
         if self._pins:
             pins, self._pins = self._pins, OrderedDict()
             ttl = self._ttl()
-            await self.store.write_sessions(
+            kept = await self.store.write_sessions(
                 ((client, session_value(server, region), ttl) for client, (server, region) in pins.items()), only_new
             )
+            self._adopt(kept)
         if self._moves:
             moves, self._moves = self._moves, []
             await self.store.publish_moves(self.instance, moves)

@@ -141,22 +141,32 @@ class RedisStore:
             existing = await self.client.set(self.keys.session(client_id), value, nx=True, ex=ttl_s, get=True)
         return None if existing is None else str(existing)
 
-    async def write_sessions(self, entries: Iterable[tuple[str, str, int]], only_new: bool) -> None:
-        """(client, value, ttl) in pipelined batches; `only_new`: keep what another instance wrote."""
+    async def write_sessions(self, entries: Iterable[tuple[str, str, int]], only_new: bool) -> list[tuple[str, str]]:
+        """(client, value, ttl) in pipelined batches. `only_new`: keep what another instance wrote,
+        and return those pins, (client, the value the store kept), so this instance adopts them."""
+        kept: list[tuple[str, str]] = []
         batch: list[tuple[str, str, int]] = []
         for entry in entries:
             batch.append(entry)
             if len(batch) >= PIPELINE_BATCH:
-                await self._write(batch, only_new)
+                kept += await self._write(batch, only_new)
                 batch = []
         if batch:
-            await self._write(batch, only_new)
+            kept += await self._write(batch, only_new)
+        return kept
 
-    async def _write(self, batch: list[tuple[str, str, int]], only_new: bool) -> None:
+    async def _write(self, batch: list[tuple[str, str, int]], only_new: bool) -> list[tuple[str, str]]:
         async with _reaching(), self.client.pipeline(transaction=False) as pipe:
             for client_id, value, ttl in batch:
-                pipe.set(self.keys.session(client_id), value, ex=max(1, ttl), nx=only_new)
-            await pipe.execute()
+                pipe.set(self.keys.session(client_id), value, ex=max(1, ttl), nx=only_new, get=only_new)
+            answers = await pipe.execute()
+        if not only_new:
+            return []
+        return [
+            (client_id, str(existing))
+            for (client_id, value, _), existing in zip(batch, answers, strict=True)
+            if existing is not None and existing != value
+        ]
 
     async def refresh_sessions(self, client_ids: list[str], ttl_s: int) -> None:
         async with _reaching(), self.client.pipeline(transaction=False) as pipe:

@@ -38,16 +38,21 @@ class RedisServer:
         self.port = _free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="lb-redis-", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.password: str | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, password: str | None = None) -> RedisServer:
+        """Start (again, empty); with `password`, clients without it are refused until `open_up()`."""
+        self.password = password
         command = [
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.workdir), "--protected-mode", "no", "--loglevel", "warning",
         ]  # fmt: skip
+        if password is not None:
+            command += ["--requirepass", password]
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -59,6 +64,11 @@ class RedisServer:
             time.sleep(0.05)
         raise AssertionError(f"redis-server did not answer within {STARTUP_TIMEOUT_S} s")
 
+    def open_up(self) -> None:
+        """Drop the password: clients refused so far get in at their next attempt."""
+        assert self.command("CONFIG", "SET", "requirepass", "") == "OK"
+        self.password = None
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -66,10 +76,12 @@ class RedisServer:
 
     def command(self, *args: str) -> str | None:
         """One command over a plain socket (RESP), for checks from the test; None when unreachable."""
-        request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
-                connection.sendall(request.encode())
+                if self.password is not None:
+                    connection.sendall(_resp("AUTH", self.password))
+                    assert connection.recv(1 << 10) == b"+OK\r\n"
+                connection.sendall(_resp(*args))
                 reply = connection.recv(1 << 20).decode()
         except OSError:
             return None
@@ -85,6 +97,10 @@ class RedisServer:
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _resp(*args: str) -> bytes:
+    return (f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)).encode()
 
 
 @contextmanager
