@@ -137,7 +137,14 @@ class ClusterSettings:
     url: str | None = None  # redis://, rediss:// or unix://, without its password (see `password`)
     name: str = "default"  # a key prefix: several clusters can share one Redis
     instance: str | None = None  # this instance's name; default HOSTNAME:PORT of the proxy listener
-    password: str | None = None  # from the URL or env LBD_CLUSTER_PASSWORD; never shown, dumped or logged
+    # from the URL or env LBD_CLUSTER_PASSWORD; never shown, dumped or logged (so not in the repr)
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        """How a message names it: never with the password."""
+        if self.url is None:
+            return "unset"
+        return f"{self.url} (name {self.name!r}, instance {self.instance or 'HOSTNAME:PORT'})"
 
 
 CLUSTER_SCHEMES = ("redis", "rediss", "unix")

@@ -104,8 +104,8 @@ def _resp(*args: str) -> bytes:
 
 
 @contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+def redis_server(password: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer().start(password)
     try:
         yield server
     finally:
