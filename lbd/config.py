@@ -171,6 +171,7 @@ class Config:
     mode: Mode = "static"
     servers: Path | None = None
     listen: Address = Address("127.0.0.1", 8080)
+    workers: int = 1  # proxy processes; above 1, a supervisor runs them (lbd/workers/)
     admin_socket: Path = field(default_factory=default_admin_socket)
     state_dir: Path = field(default_factory=default_state_dir)
     admin_listen: Address | None = None
@@ -199,11 +200,12 @@ class Config:
 
 
 TOP_LEVEL_KEYS = _keys(Config)
-INTEGER_KEYS = tuple(_int_minimums(Config))
+INTEGER_KEYS = tuple(key for key in _int_minimums(Config) if key != "workers")
+MAX_WORKERS = 256
 MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
 # Bound to a socket or a directory when lbd starts: a reload that changes one is refused (restart lbd).
-RESTART_KEYS = ("listen", "admin_socket", "admin_listen", "metrics_listen", "state_dir", "cluster")
+RESTART_KEYS = ("listen", "workers", "admin_socket", "admin_listen", "metrics_listen", "state_dir", "cluster")
 CLUSTER_KEYS = ("url", "name", "instance")
 HIDDEN = "(hidden)"
 
@@ -249,6 +251,7 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "admin_socket": lambda value, at: _path(value, at, base_dir),
         "state_dir": lambda value, at: _path(value, at, base_dir),
         "listen": _address,
+        "workers": _workers,
         "admin_listen": _address,
         "metrics_listen": _address,
         "admin_token": _token,
@@ -276,7 +279,38 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
             f"{where}: admin_listen needs admin_token (or env LBD_ADMIN_TOKEN): "
             "the TCP admin listener never runs without authentication"
         )
+    if config.mode == "dynamic":
+        check_workers_share_sessions(config, where)
     return config
+
+
+def check_workers_share_sessions(config: Config, where: str) -> None:
+    """Dynamic mode pins each client to a server; several workers must share those pins, and they
+    do through the cluster store. Without one lbd refuses to start rather than pin a client to a
+    different server in each worker."""
+    if config.workers > 1 and config.cluster.url is None:
+        raise ConfigError(
+            f"{where}: dynamic mode with workers = {config.workers} needs the sessions shared between "
+            "workers: add --cluster redis://HOST:PORT/0 (TOML [cluster] url), or run workers = 1"
+        )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as nginx's `worker_processes auto`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(value: object, where: str) -> int:
+    if value == "auto":
+        return usable_cpus()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)  # --workers 4 arrives as a string
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'{where}: must be "auto" or a whole number from 1 to {MAX_WORKERS}; got {value!r}')
+    return value
 
 
 def _cluster(raw: object, where: str) -> ClusterSettings:

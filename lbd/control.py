@@ -9,7 +9,8 @@ this one included, applies them with `Changes` in the order the store gave them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Protocol
 
 from lbd.balancer import Balancer
@@ -64,6 +65,26 @@ class Changes:
     def set_mode(self, mode: Mode) -> None:
         self.balancer.set_mode(mode)
 
+    def hold(self, wanted: Mapping[str, ServerSpec], draining: Collection[str], mode: Mode) -> None:
+        """Make this instance hold exactly these servers, drain flags and mode (a resync from a
+        cluster store's snapshot, or a supervisor's state for its workers): a server whose only
+        change is its capacity is reweighted in place, keeping its sessions and counters."""
+        for server in self.registry.servers():
+            if server.id not in wanted:
+                self.remove(server.id)
+        for spec in wanted.values():
+            existing = self.registry.get(spec.id)
+            if (
+                existing is not None
+                and existing.spec != spec
+                and replace(existing.spec, capacity=spec.capacity) == spec
+            ):
+                self.set_capacity(spec.id, spec.capacity)
+            else:
+                self.replace(spec)
+            self.set_draining(spec.id, spec.id in draining)
+        self.set_mode(mode)
+
 
 class Control(Protocol):
     """What the admin API changes through: one instance's (LocalControl) or a cluster's."""
@@ -80,6 +101,10 @@ class Control(Protocol):
     async def set_capacity(self, server_id: str, capacity: int) -> tuple[Server, int] | None: ...
 
     async def set_mode(self, mode: Mode | None) -> Mode: ...
+
+    async def in_flight(self, server_id: str) -> int:
+        """Requests in flight to the server wherever this control plane's proxy runs (a drain waits on it)."""
+        ...
 
 
 class LocalControl:
@@ -120,3 +145,11 @@ class LocalControl:
             self.changes.set_mode(mode)
         self._persist()
         return mode
+
+    async def in_flight(self, server_id: str) -> int:
+        return in_flight_here(self.changes.registry, server_id)
+
+
+def in_flight_here(registry: Registry, server_id: str) -> int:
+    server = registry.get(server_id)
+    return 0 if server is None else server.state.active

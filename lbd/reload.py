@@ -161,6 +161,16 @@ class Reloader:
             new, seed = self.source.load()
         except LbError as exc:
             raise ReloadError(422, "invalid_config", str(exc)) from None
+        return await self._apply(new, seed)
+
+    async def apply(self, new: Config, seed: list[ServerSpec]) -> dict[str, Any]:
+        """A config read and checked elsewhere (the supervisor's, for its workers), applied as a
+        reload of it would be; not counted or audited here (the supervisor does both)."""
+        async with self._lock:
+            return await self._apply(new, seed)
+
+    async def _apply(self, new: Config, seed: list[ServerSpec]) -> dict[str, Any]:
+        path = self.source.path
         old = self.config
         for key in RESTART_KEYS:
             if getattr(old, key) != getattr(new, key):

@@ -30,5 +30,7 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
     reads.load_openapi(app)
     add_metrics_route(app, collectors_of(state))
     app.add_routes(reads.routes)
+    app.add_routes(reads.traffic_routes)
     app.add_routes(mutations.routes)
+    app.add_routes(mutations.local_routes)
     return app

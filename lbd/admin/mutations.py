@@ -25,7 +25,8 @@ from lbd.models import MAX_CAPACITY, Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 from lbd.reload import ReloadError
 
-routes = web.RouteTableDef()
+routes = web.RouteTableDef()  # changes through the control plane
+local_routes = web.RouteTableDef()  # acts on this process's checker and session table (a supervisor: its workers')
 DRAIN_POLL_S = 0.05
 
 
@@ -85,9 +86,10 @@ async def remove_server(request: web.Request, server_id: str, wait: bool) -> web
         raise ApiError(404, "server_not_found", f"no server with id {server_id!r}")
     started = time.monotonic()
     deadline = started + state.config.drain_grace_ms / 1000.0
-    while wait and server.state.active > 0 and time.monotonic() < deadline:
+    in_flight = await state.control.in_flight(server_id)
+    while wait and in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)
-    in_flight = server.state.active
+        in_flight = await state.control.in_flight(server_id)
     if state.registry.get(server_id) is not server:
         raise ApiError(
             409, "conflict", f"server {server_id!r} was removed and registered again while it drained; "
@@ -167,7 +169,7 @@ async def set_capacity(request: web.Request) -> web.Response:
     return web.json_response({**server_json(server, state.balancer), "previous_capacity": previous})
 
 
-@routes.post("/v1/servers/{server_id}/check")
+@local_routes.post("/v1/servers/{server_id}/check")
 async def check(request: web.Request) -> web.Response:
     """Probe a server now (ending its cooldown's wait); the result counts like a scheduled check's."""
     state = state_of(request)
@@ -211,7 +213,7 @@ async def put_mode(request: web.Request) -> web.Response:
     )
 
 
-@routes.delete("/v1/sessions/{client_id}")
+@local_routes.delete("/v1/sessions/{client_id}")
 async def clear_session(request: web.Request) -> web.Response:
     client_id = request.match_info["client_id"]
     state = state_of(request)
@@ -224,7 +226,7 @@ async def clear_session(request: web.Request) -> web.Response:
     return web.json_response({"cleared": client_id})
 
 
-@routes.delete("/v1/sessions")
+@local_routes.delete("/v1/sessions")
 async def clear_server_sessions(request: web.Request) -> web.Response:
     server_id = request.query.get("server")
     if not server_id:

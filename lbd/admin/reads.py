@@ -1,6 +1,8 @@
 """Admin endpoints that only read: status, servers, routes, sessions, config, the API's description.
 
 They read registry snapshots, the session table and the proxy's counters; nothing here changes state.
+`traffic_routes` answer from this process's proxy; with several workers the supervisor answers
+those paths by asking its workers (lbd/workers/admin.py), and `routes` from its own state.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
 
-routes = web.RouteTableDef()
+routes = web.RouteTableDef()  # what the config and the control plane say
+traffic_routes = web.RouteTableDef()  # what this process's proxy saw (a supervisor sums its workers')
 OPENAPI = web.AppKey("openapi", bytes)
 
 
@@ -28,7 +31,7 @@ def load_openapi(app: web.Application) -> None:
     app[OPENAPI] = resources.files("lbd.admin").joinpath("openapi.json").read_bytes()
 
 
-@routes.get("/v1/status")
+@traffic_routes.get("/v1/status")
 async def get_status(request: web.Request) -> web.Response:
     state = state_of(request)
     proxy = state.proxy
@@ -75,14 +78,14 @@ def _optional_str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-@routes.get("/v1/servers")
+@traffic_routes.get("/v1/servers")
 async def list_servers(request: web.Request) -> web.Response:
     state = state_of(request)
     servers = [server_json(server, state.balancer) for server in state.registry.servers()]
     return web.json_response({"servers": servers}, dumps=dumps)
 
 
-@routes.get("/v1/servers/{server_id}")
+@traffic_routes.get("/v1/servers/{server_id}")
 async def get_server(request: web.Request) -> web.Response:
     server_id = request.match_info["server_id"]
     server = state_of(request).registry.get(server_id)
@@ -91,7 +94,7 @@ async def get_server(request: web.Request) -> web.Response:
     return web.json_response(server_json(server, state_of(request).balancer), dumps=dumps)
 
 
-@routes.get("/v1/route/{client_id}")
+@traffic_routes.get("/v1/route/{client_id}")
 async def explain_route(request: web.Request) -> web.Response:
     """`lbctl route`: the balancer's decision for a client, with candidates; changes nothing."""
     state = state_of(request)
@@ -152,7 +155,7 @@ async def get_mode(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/v1/sessions")
+@traffic_routes.get("/v1/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
     state = state_of(request)
     server_filter = request.query.get("server")
@@ -193,7 +196,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
 
 
-@routes.get("/v1/sessions/summary")
+@traffic_routes.get("/v1/sessions/summary")
 async def sessions_summary(request: web.Request) -> web.Response:
     """Counts per server and per client region, kept incrementally (no scan of the table)."""
     sessions = state_of(request).sessions

@@ -36,7 +36,7 @@ from typing import Any, Final
 from lbd.audit import AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import MODES, ClusterSettings, Mode
-from lbd.control import Changes
+from lbd.control import Changes, in_flight_here
 from lbd.errors import LbError, StoreConflict, StoreUnavailable
 from lbd.models import Server, ServerSpec, parse_server
 from lbd.sessions import Session, SessionTable
@@ -292,20 +292,13 @@ class Cluster:
     def _hold(self, snapshot: Snapshot) -> None:
         """The servers file's servers, overridden by those registered or changed at run time in the
         store, less the file's servers deregistered at run time; drain flags; the mode."""
-        changes = self.changes
         wanted = {spec.id: spec for spec in self._seed() if spec.id not in snapshot.removed}
         for server_id, entry in snapshot.servers.items():
             spec = self._spec(json.dumps(entry))
             if spec is not None:
                 wanted[server_id] = spec
-        for server in changes.registry.servers():
-            if server.id not in wanted:
-                changes.remove(server.id)
-        for spec in wanted.values():
-            changes.replace(spec)
-            changes.set_draining(spec.id, spec.id in snapshot.draining)
         self.runtime_mode = _mode(snapshot.mode or "")
-        changes.set_mode(self.runtime_mode or self._config_mode())
+        self.changes.hold(wanted, snapshot.draining, self.runtime_mode or self._config_mode())
 
     async def _write_back(self) -> None:
         """Redis came back empty: put back the run-time registrations, drain flags and mode this
@@ -493,6 +486,10 @@ class ClusterControl:
         await self.cluster.change("capacity", server_id, json.dumps(spec.to_json()))
         current = self.changes.registry.get(server_id)
         return None if current is None else (current, previous)
+
+    async def in_flight(self, server_id: str) -> int:
+        """This instance's own: every instance drains the server, each finishes its own requests."""
+        return in_flight_here(self.cluster.changes.registry, server_id)
 
     async def set_mode(self, mode: Mode | None) -> Mode:
         await self.cluster.change("mode", mode or "")
