@@ -36,6 +36,7 @@ from lbd.registry import Registry
 from lbd.reload import Reloader, ReloadError
 from lbd.sessions import SessionTable
 from lbd.state import PersistedState, StateKeeper, StateStore
+from lbd.tls import TlsTerminator, load_certificates
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
@@ -108,14 +109,16 @@ class Daemon:
         opened.callback(remove_socket, config.admin_socket, admin_inode)
         opened.callback(admin_sock.close)
         checker = HealthChecker(self.registry, config.health)
+        certificates = load_certificates(config.tls)
+        tls = None if certificates is None else TlsTerminator(certificates)
         reloader = Reloader(
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
-            proxy=proxy_ctx, checker=checker, state=self.keeper, audit=self.audit,
+            proxy=proxy_ctx, checker=checker, state=self.keeper, audit=self.audit, tls=tls,
         )  # fmt: skip
-        address = await _listen(proxy, config)
         opened.push_async_callback(proxy.close)
-        listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
+        listeners = await _listen(proxy, config, tls)
+        listeners["admin"] = str(config.admin_socket)
         state = AdminState(
             reloader, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic(),
             persist=self._persist,
@@ -126,7 +129,7 @@ class Daemon:
             listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, opened, "the admin API")
         if config.metrics_listen is not None:
             collectors = metrics_registry(
-                self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats, self.audit
+                self.registry, self.balancer, self.sessions, proxy_ctx, reloader.stats, self.audit, tls
             )
             metrics_app = create_metrics_app(collectors)
             listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, opened, "metrics")
@@ -135,6 +138,8 @@ class Daemon:
         opened.push_async_callback(_cancelled, sweeper)
         warmer = loop.create_task(self._warm_routing())
         opened.push_async_callback(_cancelled, warmer)
+        if tls is not None:
+            opened.push_async_callback(_cancelled, loop.create_task(tls.watch_expiry()))
         await checker.start()
         opened.push_async_callback(checker.stop)
         signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
@@ -142,9 +147,11 @@ class Daemon:
         for signum, handler in signals.items():
             loop.add_signal_handler(signum, handler)
             opened.callback(loop.remove_signal_handler, signum)
+        schemes = {"proxy": "http", "tls": "https"}
+        urls = [f"{scheme}://{listeners[key]}" for key, scheme in schemes.items() if key in listeners]
         log.info(
-            "proxy listening on http://%s (%s mode, %d servers, %s data plane); admin API on %s",
-            address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
+            "proxy listening on %s (%s mode, %d servers, %s data plane); admin API on %s",
+            " and ".join(urls), self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
         )  # fmt: skip
         return proxy, reloader
 
@@ -154,7 +161,7 @@ class Daemon:
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
-        systemd.notify("READY=1", f"STATUS=serving on {proxy.address}")
+        systemd.notify("READY=1", f"STATUS=serving on {proxy.address or proxy.tls_address}")
         await self._stop.wait()
         systemd.notify("STOPPING=1")
         grace_ms = reloader.config.shutdown_grace_ms
@@ -191,11 +198,19 @@ def _raise_fd_limit(max_connections: int) -> None:
         )  # fmt: skip
 
 
-async def _listen(proxy: ProxyServer, config: Config) -> object:
+async def _listen(proxy: ProxyServer, config: Config, tls: TlsTerminator | None) -> dict[str, str]:
+    """Bind the plain listener (unless it is off) and the TLS one (when configured); their addresses."""
+    bound: dict[str, str] = {}
+    where = config.listen
     try:
-        return await proxy.start(config.listen)
+        if config.listen is not None:
+            bound["proxy"] = str(await proxy.start(config.listen))
+        if tls is not None and config.tls.listen is not None:
+            where = config.tls.listen
+            bound["tls"] = str(await proxy.start_tls(config.tls.listen, tls.context, tls.connection_lines))
     except OSError as exc:
-        raise OSError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        raise OSError(f"cannot listen on {where}: {exc.strerror}") from None
+    return bound
 
 
 async def _serve(

@@ -23,7 +23,13 @@ def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> we
     add_metrics_route(
         app,
         metrics_registry(
-            state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats, state.audit
+            state.registry,
+            state.balancer,
+            state.sessions,
+            state.proxy,
+            state.reloader.stats,
+            state.audit,
+            state.reloader.tls,
         ),
     )
     app.add_routes(reads.routes)
