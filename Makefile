@@ -37,9 +37,12 @@ run: $(NATIVE)
 	trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT INT TERM; \
 	sleep 0.5; $(BIN)/lbd start --config examples/lbd.toml --state-dir $(DEMO_STATE)
 
-# Tools the end-to-end tests drive as a user would (curl; tmux, a real terminal for
-# `lbctl status --watch`; redis-server, the cluster store); installed from the system's packages when missing.
+# Tools the end-to-end tests drive as a user would (curl; openssl, s_client for the TLS listener; tmux, a real
+# terminal for `lbctl status --watch`; redis-server, the cluster store); installed from the system's packages when missing.
 system-deps:
+	@command -v openssl >/dev/null 2>&1 || { \
+	  echo "installing openssl for the TLS tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 	@command -v curl >/dev/null 2>&1 || { \
 	  echo "installing curl for the end-to-end tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }

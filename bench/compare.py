@@ -42,13 +42,19 @@ from bench.loadgen import run_observed, run_wrk
 from bench.report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
 from bench.stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
 
-PROXIES = ("direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-cluster", "lbd-new-3", "lbd-new-1000")
+PROXIES = (
+    "direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-cluster", "lbd-new-3", "lbd-new-1000", "haproxy-tls",
+    "lbd-tls",
+)  # fmt: skip
 NEW_CLIENT_ROWS = {"lbd-new-3": 3, "lbd-new-1000": 1000}  # static, a new client id per request: servers
 # Their health checks run once a minute: at the default 2 s, checking 1,000 servers takes about a fifth
 # of the proxy CPU all run long, beside every other row, and is not what these rows measure.
 NEW_CLIENT_CONFIG = "[health]\ninterval_ms = 60000\n"
 PHASES = (*PROXIES, "memory")
-PATHS = {"tiny": "/tiny", "64k": "/64k"}
+# "handshake": GET /tiny with Connection: close, so every request opens a new connection (measured on the
+# TLS rows only, where that is a full handshake each: neither proxy resumes sessions here)
+PATHS = {"tiny": "/tiny", "64k": "/64k", "handshake": "/tiny"}
+TLS_PROXIES = ("haproxy-tls", "lbd-tls")  # the same ECDSA P-256 certificate; tiny over keep-alive, and handshakes
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -59,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="interleaved rounds, one measured run per row each [5; --quick 1]")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each measured run [1]")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases to run [{','.join(PHASES)}]")
-    parser.add_argument("--responses", default="tiny,64k", help="comma-separated: tiny, 64k [both]")
+    parser.add_argument(
+        "--responses", default="tiny,64k,handshake", help="comma-separated: tiny, 64k, handshake (TLS rows) [all]"
+    )
     parser.add_argument("--conns", default="64,8", help="comma-separated wrk connection counts [64,8]")
     parser.add_argument("--idle-connections", type=int, help="idle keep-alive clients held open [10000; --quick 2000]")
     parser.add_argument("--stream-mib", type=int, help="body streamed each way through lbd [1024; --quick 256]")
@@ -131,6 +139,10 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
         return
     if name == "haproxy":
         child, port, socket_path = stack.start_haproxy()
+    elif name == "haproxy-tls":
+        child, port, socket_path = stack.start_haproxy(tls=True)
+    elif name == "lbd-tls":
+        child, port, socket_path = stack.start_lbd_tls()
     elif name.startswith("base-"):
         child, port, socket_path = stack.start_lbd(name.removeprefix("base-"), command=stack.base_lbd_command)
     elif name == "lbd-cluster":  # dynamic mode, its state shared through a Redis of its own
@@ -162,15 +174,16 @@ def measure_once(args: argparse.Namespace, row: Row, running: Running) -> None:
     """One round of `row`: a warm-up run, then the measured one. A dead proxy or a failed wrk becomes
     the row's failure (its later rounds are skipped)."""
     child, port, _ = running
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if row.proxy in TLS_PROXIES else 'http'}://127.0.0.1:{port}"
     try:
         if child is not None:
             child.check_alive()
-        new = row.proxy in NEW_CLIENT_ROWS
+        new, close = row.proxy in NEW_CLIENT_ROWS, row.response == "handshake"
         if args.warmup > 0:
-            run_wrk(url, PATHS[row.response], row.conns, args.warmup, args.load_cpu, new)
+            run_wrk(url, PATHS[row.response], row.conns, args.warmup, args.load_cpu, new, close)
         pid = child.pid if child is not None else None
-        row.rounds.append(run_observed(url, PATHS[row.response], row.conns, args.duration, args.load_cpu, pid, new))
+        load = run_observed(url, PATHS[row.response], row.conns, args.duration, args.load_cpu, pid, new, close)
+        row.rounds.append(load)
         if child is not None:
             child.check_alive()
     except (StartError, RuntimeError, OSError) as error:
@@ -191,7 +204,7 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
         (name, response, conns): Row(name, response, conns)
         for name in names
         for response, conns in plan
-        if name not in NEW_CLIENT_ROWS or response == "tiny"  # they measure routing, not bodies
+        if measured(name, response)
     }
     counted: dict[str, object] = {}
     with contextlib.ExitStack() as started:
@@ -205,6 +218,8 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
                     if key[0] == name:
                         row.failure = str(error).splitlines()[0]
         for response, conns in plan:
+            if not any((name, response, conns) in rows for name in running):
+                continue  # no proxy measures it (e.g. 64k with only the TLS rows)
             for round_index in range(args.repeat):
                 order = rotated(list(running), round_index)
                 print(f"  {response:<5} c{conns:<3} round {round_index + 1}/{args.repeat}:", end="", flush=True)
@@ -217,9 +232,20 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
                 print(flush=True)
         for name, (child, _, socket_path) in running.items():
             if socket_path is not None and child is not None and child.process.poll() is None:
-                counted[name] = stats = haproxy_stats(socket_path) if name == "haproxy" else lbd_stats(socket_path)
+                stats = haproxy_stats(socket_path) if name.startswith("haproxy") else lbd_stats(socket_path)
+                counted[name] = stats
                 print(f"  {name} counted: {stats_line(stats)}", flush=True)
     return list(rows.values()), counted
+
+
+def measured(name: str, response: str) -> bool:
+    """Which responses a proxy's rows measure: the new-client rows measure routing (tiny only), the TLS
+    rows tiny over keep-alive and handshakes, the others tiny and 64k."""
+    if name in NEW_CLIENT_ROWS:
+        return response == "tiny"
+    if name in TLS_PROXIES:
+        return response in ("tiny", "handshake")
+    return response != "handshake"
 
 
 def rotated(names: list[str], turn: int) -> list[str]:

@@ -9,6 +9,8 @@ One nginx backend answers /tiny; lbd runs under callgrind (static and dynamic mo
 the counters are zeroed, a fixed number of small GETs go through over keep-alive connections (each
 with its own client id, some new and some returning), and the counters are dumped. Prints the
 instructions per request of each lbd and mode (all of lbd: Python, uvloop, the compiled modules).
+With --tls, each mode also through lbd's TLS listener (keep-alive; the handshakes happen in the
+warm-up), as MODE+tls.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import http.client
 import json
 import shlex
+import ssl
 import subprocess
 import tempfile
 import time
@@ -27,9 +30,15 @@ from bench.stack import VENV_BIN, Stack, admin, free_port, tool
 WARMUP = 300
 
 
-def requests_through(port: int, count: int, clients: int) -> None:
-    """`count` GET /tiny over 4 keep-alive connections, client ids cycling over `clients`."""
-    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(4)]
+def requests_through(port: int, count: int, clients: int, tls: bool = False) -> None:
+    """`count` GET /tiny over 4 keep-alive connections (over TLS with `tls`), client ids cycling over `clients`."""
+    if tls:
+        unverified = ssl._create_unverified_context()  # the bench's own certificate; only lbd's cost is counted
+        connections: list[http.client.HTTPConnection] = [
+            http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=unverified) for _ in range(4)
+        ]
+    else:
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(4)]
     try:
         for n in range(count):
             connection = connections[n % len(connections)]
@@ -51,9 +60,15 @@ def counted(output: Path) -> int:
     raise RuntimeError(f"no totals in {output}")
 
 
-def measure(stack: Stack, command: list[str], mode: str, count: int, clients: int) -> float:
+def measure(stack: Stack, command: list[str], mode: str, count: int, clients: int, tls: bool = False) -> float:
     port = free_port()
     rundir = Path(tempfile.mkdtemp(prefix="instr-", dir=stack.workdir))
+    tls_port = free_port()
+    if tls:
+        files = stack.tls_files()
+        (rundir / "lbd.toml").write_text(
+            f'[tls]\nlisten = "127.0.0.1:{tls_port}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
+        )
     socket_path = rundir / "lbd.sock"
     out = rundir / "callgrind.out"
     servers = [{"id": "s1", "url": f"http://127.0.0.1:{stack.backend_ports[0]}", "region": "us-east", "capacity": 1000}]
@@ -61,13 +76,15 @@ def measure(stack: Stack, command: list[str], mode: str, count: int, clients: in
     argv = [tool("valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}", *command, "start"]
     argv += ["--listen", f"127.0.0.1:{port}", "--mode", mode, "--admin-socket", str(socket_path)]
     argv += ["--state-dir", str(rundir / "state"), "--servers", str(rundir / "servers.json"), "--log-level", "warning"]
+    argv += ["--config", str(rundir / "lbd.toml")] if tls else []
     child = stack.spawn(f"lbd-{mode}", argv, None)
+    through = tls_port if tls else port
     try:
         stack.wait_http(child, port, "/tiny", {"client-id": "warmup", "client-region": "us-east"}, timeout_s=120)
-        requests_through(port, WARMUP, clients)
+        requests_through(through, WARMUP, clients, tls)
         pid = str(child.pid)
         subprocess.run([tool("callgrind_control"), "--zero", pid], check=True, capture_output=True)
-        requests_through(port, count, clients)
+        requests_through(through, count, clients, tls)
         before = set(rundir.glob("callgrind.out*"))
         subprocess.run([tool("callgrind_control"), "--dump", pid], check=True, capture_output=True)
         deadline = time.monotonic() + 60
@@ -90,17 +107,20 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000, help="requests counted per lbd and mode [3000]")
     parser.add_argument("--clients", type=int, default=1000, help="distinct client ids [1000]")
     parser.add_argument("--modes", default="static,dynamic")
+    parser.add_argument("--tls", action="store_true", help="also through lbd's TLS listener (keep-alive), as MODE+tls")
     args = parser.parse_args()
     commands = args.lbd_cmd or [str(VENV_BIN / "lbd")]
     with tempfile.TemporaryDirectory(prefix="lb-instr-") as workdir:
         stack = Stack(Path(workdir), None, None)
         try:
             stack.start_nginx(big_bytes=1, count=1)
-            print(f"{'lbd':<50} {'mode':<8} {'instructions/request':>21}")
+            print(f"{'lbd':<50} {'mode':<11} {'instructions/request':>18}")
             for command in commands:
                 for mode in args.modes.split(","):
-                    per_request = measure(stack, shlex.split(command), mode, args.requests, args.clients)
-                    print(f"{command:<50} {mode:<8} {per_request:>21,.0f}", flush=True)
+                    for tls in (False, True) if args.tls else (False,):
+                        per_request = measure(stack, shlex.split(command), mode, args.requests, args.clients, tls)
+                        shown = f"{mode}+tls" if tls else mode
+                        print(f"{command:<50} {shown:<11} {per_request:>18,.0f}", flush=True)
         finally:
             stack.close()
     return 0

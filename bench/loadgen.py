@@ -43,8 +43,14 @@ class Load:
     def errors(self) -> int:
         return self.socket_errors + self.non_2xx + self.timeouts
 
+    @property
+    def rps_per_cpu(self) -> float:
+        """Requests per second of the proxy's own CPU time: its capacity when the load generator, not
+        the proxy, is what limits req/s (TLS handshakes on two cores); 0 when not measured."""
+        return self.rps * 100 / self.proxy_cpu_pct if self.proxy_cpu_pct else 0.0
+
     def as_dict(self) -> dict[str, object]:
-        return asdict(self) | {"errors": self.errors}
+        return asdict(self) | {"errors": self.errors, "rps_per_cpu": round(self.rps_per_cpu, 1)}
 
 
 def schedstat_ns(pid: int | None) -> tuple[int, int] | None:
@@ -68,11 +74,18 @@ def pressure_us() -> int | None:
 
 
 def run_observed(
-    url: str, path: str, connections: int, seconds: float, cpu: int | None, pid: int | None, new_clients: bool = False
+    url: str,
+    path: str,
+    connections: int,
+    seconds: float,
+    cpu: int | None,
+    pid: int | None,
+    new_clients: bool = False,
+    close: bool = False,
 ) -> Load:
     """`run_wrk`, plus how much CPU the proxy (`pid`) used and waited for, and the machine's CPU pressure."""
     sched, pressure, started = schedstat_ns(pid), pressure_us(), time.monotonic()
-    load = run_wrk(url, path, connections, seconds, cpu, new_clients)
+    load = run_wrk(url, path, connections, seconds, cpu, new_clients, close)
     wall = time.monotonic() - started
     sched_after, pressure_after = schedstat_ns(pid), pressure_us()
     if sched and sched_after:
@@ -83,10 +96,20 @@ def run_observed(
     return load
 
 
-def run_wrk(url: str, path: str, connections: int, seconds: float, cpu: int | None, new_clients: bool = False) -> Load:
+def run_wrk(
+    url: str,
+    path: str,
+    connections: int,
+    seconds: float,
+    cpu: int | None,
+    new_clients: bool = False,
+    close: bool = False,
+) -> Load:
     """`wrk -t1 -cN -dS --latency` with the many-clients script (or, with `new_clients`, a client id
-    never seen before on every request); killed if it overstays by 30 s."""
+    never seen before on every request; with `close`, a new connection for every request: over TLS,
+    a handshake each); killed if it overstays by 30 s."""
     argv = [*pin(cpu), tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    argv += ["-H", "Connection: close"] if close else []
     argv += ["-s", str(SCRIPT), url, "--", path, str(CLIENT_IDS), *(["new"] if new_clients else [])]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:

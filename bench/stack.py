@@ -113,6 +113,13 @@ def admin(socket_path: Path, method: str, path: str, body: object = None) -> tup
         connection.close()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    haproxy_pem: Path  # HAProxy's `crt`: the certificate and its key in one file
+
+
 @dataclass
 class Stack:
     """The run's temporary directory and every child started in it."""
@@ -189,15 +196,31 @@ class Stack:
 
     # -- HAProxy ---------------------------------------------------------------------------------
 
-    def start_haproxy(self) -> tuple[Child, int, Path]:
-        """HAProxy in the foreground (-db); returns it, its port and its stats socket."""
-        port = free_port()
-        conf = self.workdir / "haproxy.cfg"
-        stats_socket = self.workdir / "haproxy.sock"
-        conf.write_text(haproxy_conf(port, self.backend_ports, stats_socket))
-        child = self.spawn("haproxy", [tool("haproxy"), "-db", "-f", str(conf)], self.proxy_cpu)
+    def start_haproxy(self, tls: bool = False) -> tuple[Child, int, Path]:
+        """HAProxy in the foreground (-db); returns it, its port (with `tls`, its TLS port) and its
+        stats socket."""
+        port, name = free_port(), "haproxy-tls" if tls else "haproxy"
+        tls_port = free_port() if tls else None
+        conf = self.workdir / f"{name}.cfg"
+        stats_socket = self.workdir / f"{name}.sock"
+        bind = None if tls_port is None else (tls_port, self.tls_files().haproxy_pem)
+        conf.write_text(haproxy_conf(port, self.backend_ports, stats_socket, bind))
+        child = self.spawn(name, [tool("haproxy"), "-db", "-f", str(conf)], self.proxy_cpu)
         self.wait_http(child, port, "/tiny", {"client-id": "warmup"})
-        return child, port, stats_socket
+        return child, port if tls_port is None else tls_port, stats_socket
+
+    def tls_files(self) -> TlsFiles:
+        """The one ECDSA P-256 certificate both proxies' TLS listeners present (made once, openssl)."""
+        files = TlsFiles(self.workdir / "tls-cert.pem", self.workdir / "tls-key.pem", self.workdir / "tls-haproxy.pem")
+        if not files.haproxy_pem.exists():
+            subprocess.run(
+                [tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", str(files.key), "-out", str(files.cert), "-days", "30", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            files.haproxy_pem.write_bytes(files.cert.read_bytes() + files.key.read_bytes())
+        return files
 
     # -- lbd -------------------------------------------------------------------------------------
 
@@ -233,6 +256,17 @@ class Stack:
         )
         self.wait_http(child, port, "/health", {})
         return child, port
+
+    def start_lbd_tls(self) -> tuple[Child, int, Path]:
+        """lbd static with a TLS listener on the bench certificate, without session tickets (as
+        HAProxy here: every new connection is a full handshake); returns its TLS port."""
+        files, tls_port = self.tls_files(), free_port()
+        config = (
+            f'[tls]\nlisten = "127.0.0.1:{tls_port}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
+            "session_tickets = false\n"
+        )
+        child, _, socket_path = self.start_lbd("static", name="lbd-tls", config=config)
+        return child, tls_port, socket_path
 
     def start_lbd(
         self,
@@ -372,8 +406,22 @@ http {{
 """
 
 
-def haproxy_conf(port: int, backend_ports: list[int], stats_socket: Path) -> str:
-    """One thread, consistent hashing on client-id, keep-alive both ways, health checks like lbd's."""
+# Mozilla intermediate for TLS 1.2, as lbd's TLS listener (lbd/tls.py); TLS 1.3 suites are OpenSSL's defaults in both
+TLS_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def haproxy_conf(port: int, backend_ports: list[int], stats_socket: Path, tls: tuple[int, Path] | None = None) -> str:
+    """One thread, consistent hashing on client-id, keep-alive both ways, health checks like lbd's;
+    with `tls` (port, certificate + key file) a TLS bind too, TLS 1.2+, ALPN http/1.1, no session
+    tickets and no session cache (every new connection a full handshake, like lbd-tls's)."""
+    tls_global = "" if tls is None else "    tune.ssl.cachesize 0\n"
+    tls_bind = "" if tls is None else (
+        f"    bind 127.0.0.1:{tls[0]} ssl crt {tls[1]} alpn http/1.1 ssl-min-ver TLSv1.2 no-tls-tickets"
+        f" ciphers {TLS_CIPHERS}\n"
+    )  # fmt: skip
     servers = "\n".join(
         f"    server s{i + 1} 127.0.0.1:{backend} check inter 2s" for i, backend in enumerate(backend_ports)
     )
@@ -381,7 +429,7 @@ def haproxy_conf(port: int, backend_ports: list[int], stats_socket: Path) -> str
 global
     nbthread 1
     stats socket {stats_socket} mode 600
-defaults
+{tls_global}defaults
     mode http
     option http-keep-alive
     http-reuse always
@@ -391,7 +439,7 @@ defaults
     timeout http-keep-alive 60s
 frontend bench
     bind 127.0.0.1:{port}
-    default_backend nginx
+{tls_bind}    default_backend nginx
 backend nginx
     balance hdr(client-id)
     hash-type consistent

@@ -28,7 +28,8 @@ HEALTH_STYLES: Mapping[str, str] = {
     "degraded": "red",
 }
 OUT_OF_ROTATION = frozenset(("cooldown", "degraded"))
-LISTENER_LABELS: Mapping[str, str] = {"admin": "admin socket"}
+LISTENER_LABELS: Mapping[str, str] = {"admin": "admin socket", "tls": "proxy (tls)"}
+EXPIRY_WARNING_DAYS = 14  # lbd warns in its log from then on, and so does this view
 
 
 def status_panel(status: Mapping[str, Any]) -> Panel:
@@ -41,6 +42,7 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("pid", _text(status.get("pid"))),
         ("uptime", _uptime(status.get("uptime_s"))),
         *listener_rows(_mapping(status.get("listeners"))),
+        *certificate_rows(_mapping(status.get("tls"))),
         ("servers", Text(f"{_str(servers.get('total'))} total, {_str(servers.get('in_rotation'))} in rotation")),
         ("health", health_counts(_mapping(servers.get("by_health")))),
         ("clients", Text(f"{_str(_mapping(status.get('clients')).get('connections'))} connections")),
@@ -223,6 +225,33 @@ def listener_rows(listeners: Mapping[str, Any]) -> list[tuple[str, RenderableTyp
     """The proxy and admin socket always (as "-" if absent), then any listener a newer lbd adds."""
     names = dict.fromkeys(("proxy", "admin", *listeners))
     return [(LISTENER_LABELS.get(name, name.replace("_", " ")), _text(listeners.get(name))) for name in names]
+
+
+def certificate_rows(tls: Mapping[str, Any]) -> list[tuple[str, RenderableType]]:
+    """One line per certificate of the TLS listener: its names and days to expiry (yellow within 14
+    days, red once expired); then mutual TLS, when a client CA is set."""
+    rows: list[tuple[str, RenderableType]] = []
+    certificates = tls.get("certificates")
+    for certificate in certificates if isinstance(certificates, list) else []:
+        entry = _mapping(certificate)
+        names = entry.get("names")
+        shown = ", ".join(str(name) for name in names) if isinstance(names, list) and names else MISSING
+        days = entry.get("days_left")
+        if isinstance(days, int | float):
+            style = "red" if days <= 0 else "yellow" if days < EXPIRY_WARNING_DAYS else ""
+            left = "expired" if days <= 0 else f"{int(days)} days left"
+            expiry = Text(f"{left} (until {_str(entry.get('not_after'))})", style=style)
+        else:
+            expiry = Text(MISSING)
+        rows.append(("certificate", Text.assemble(f"{shown}: ", expiry)))
+    if tls.get("client_ca"):
+        rows.append(
+            (
+                "client certs",
+                Text(f"required, verified by {tls['client_ca']}; subject in {_str(tls.get('client_subject_header'))}"),
+            )
+        )
+    return rows
 
 
 def health_text(health: object) -> Text:

@@ -15,6 +15,7 @@ from lbd.config import ConfigSource
 from lbd.daemon import Daemon
 from lbd.errors import LbError
 from lbd.state import StateStore
+from lbd.tls import load_certificates
 
 app = typer.Typer(
     name="lbd",
@@ -44,7 +45,21 @@ def start(
     ] = None,
     servers: Annotated[Path | None, typer.Option("--servers", metavar="FILE", help="servers.json seed list.")] = None,
     listen: Annotated[
-        str | None, typer.Option("--listen", metavar="HOST:PORT", help="Proxy address HOST:PORT [127.0.0.1:8080].")
+        str | None,
+        typer.Option(
+            "--listen", metavar="HOST:PORT|off", help="Proxy address HOST:PORT, or off (TLS only) [127.0.0.1:8080]."
+        ),
+    ] = None,
+    tls_listen: Annotated[
+        str | None,
+        typer.Option("--tls-listen", metavar="HOST:PORT", help="Also serve HTTPS on HOST:PORT (needs a certificate)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", metavar="FILE", help="The TLS listener's certificate (PEM, chain leaf first)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", metavar="FILE", help="The certificate's private key (PEM).")
     ] = None,
     admin_socket: Annotated[
         Path | None,
@@ -123,6 +138,9 @@ def start(
         "mode": mode,
         "servers": _absolute(servers),
         "listen": listen,
+        "tls.listen": tls_listen,
+        "tls.cert": _absolute(tls_cert),
+        "tls.key": _absolute(tls_key),
         "admin_socket": _absolute(admin_socket),
         "state_dir": _absolute(state_dir),
         "admin_listen": admin_listen,
@@ -136,6 +154,7 @@ def start(
     source = ConfigSource(config, overrides)
     try:
         resolved, seed = source.load()
+        load_certificates(resolved.tls)  # a bad certificate is a config error (the daemon loads them again)
         store = StateStore(resolved.state_dir)
         store.open()  # locked for the process's life: one daemon per state directory
         persisted = store.load(resolved.regions.server_regions)
@@ -156,12 +175,18 @@ def check_config(
     """Validate a config file without starting anything: prints what it would run, or the first error."""
     try:
         resolved, seed = ConfigSource(path, {"admin_token": os.environ.get("LBD_ADMIN_TOKEN")}).load()
+        certificates = load_certificates(resolved.tls)
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     source = f" from {resolved.servers}" if resolved.servers is not None else ""
+    tls = ""
+    if certificates is not None:
+        names = "; ".join(", ".join(c.names) for c in certificates.certificates)
+        tls = f", tls listen {resolved.tls.listen} with {len(certificates.certificates)} certificates ({names})"
+    listen = resolved.listen or "off"
     cluster = resolved.cluster
     shared = "" if cluster.url is None else f", cluster {cluster.name!r} at {cluster.url}"
-    print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {resolved.listen}{shared})")
+    print(f"{path}: ok ({resolved.mode} mode, {len(seed)} servers{source}, listen {listen}{tls}{shared})")
 
 
 def _absolute(path: Path | None) -> str | None:

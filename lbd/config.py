@@ -28,6 +28,7 @@ MODES: tuple[Mode, ...] = ("static", "dynamic")
 # browsers with a cookie)
 CLIENT_ID_FALLBACKS = ("reject", "client-ip", "cookie")
 COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 6265 cookie-name (a token)
+FIELD_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an HTTP field name (RFC 9110 token)
 
 DEFAULT_LATENCY_MS: Mapping[str, int] = MappingProxyType(
     {"us-east": 10, "eu-west": 50, "asia-south": 100, "oceania": 150, "ca-central": 30}
@@ -91,6 +92,33 @@ class Regions:
     def server_regions(self) -> frozenset[str]:
         """Regions a server may be placed in: those with a known latency."""
         return frozenset(self.latency_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """One certificate (its chain, leaf first) and its private key, PEM files."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """`[tls]`: the HTTPS listener beside the plain one. Off (`listen` None) by default."""
+
+    listen: Address | None = None
+    cert: Path | None = None  # the default certificate; `certificates` add more, chosen by SNI
+    key: Path | None = None
+    certificates: tuple[CertificateFiles, ...] = ()
+    client_ca: Path | None = None  # mutual TLS: only clients with a certificate this CA verifies
+    client_subject_header: str = "X-Client-Cert-Subject"  # carries a verified client's subject to servers
+    session_tickets: bool = True  # TLS 1.3 tickets (and 1.2 ones) for resumption by this process
+
+    @property
+    def pairs(self) -> tuple[CertificateFiles, ...]:
+        """Every certificate in order, the default first: `cert`/`key`, then `certificates`."""
+        single = () if self.cert is None or self.key is None else (CertificateFiles(self.cert, self.key),)
+        return single + self.certificates
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +198,7 @@ LIMIT_KEYS = _int_minimums(ClientLimits)
 class Config:
     mode: Mode = "static"
     servers: Path | None = None
-    listen: Address = Address("127.0.0.1", 8080)
+    listen: Address | None = Address("127.0.0.1", 8080)  # None: off (`listen = false`), TLS only
     workers: int = 1  # proxy processes; above 1, a supervisor runs them (lbd/workers/)
     admin_socket: Path = field(default_factory=default_admin_socket)
     state_dir: Path = field(default_factory=default_state_dir)
@@ -189,6 +217,7 @@ class Config:
     retry_body_limit_bytes: int = 64 * 1024
     non_idempotent_reuse_ms: int = 1000  # a POST takes a pooled connection only if it served this recently
     splice_responses: bool = True  # large response bodies moved in the kernel (HAProxy's option splice-response)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
     limits: ClientLimits = field(default_factory=ClientLimits)
@@ -205,8 +234,12 @@ MAX_WORKERS = 256
 MIN_TOKEN_LENGTH = 16
 REGION_KEYS = ("latency_ms", "proximity")
 # Bound to a socket or a directory when lbd starts: a reload that changes one is refused (restart lbd).
-RESTART_KEYS = ("listen", "workers", "admin_socket", "admin_listen", "metrics_listen", "state_dir", "cluster")
+RESTART_KEYS = (
+    "listen", "workers", "admin_socket", "admin_listen", "metrics_listen", "state_dir", "cluster", "tls.listen",
+)  # fmt: skip
 CLUSTER_KEYS = ("url", "name", "instance")
+TLS_KEYS = _keys(TlsSettings)
+CERTIFICATE_KEYS = _keys(CertificateFiles)
 HIDDEN = "(hidden)"
 
 
@@ -244,16 +277,18 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
 
 
 def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> Config:
+    raw = _nested_flags(raw)
     _reject_unknown(raw, TOP_LEVEL_KEYS, where)
     parsers: dict[str, Callable[[object, str], Any]] = {
         "mode": _mode,
         "servers": lambda value, at: _path(value, at, base_dir),
         "admin_socket": lambda value, at: _path(value, at, base_dir),
         "state_dir": lambda value, at: _path(value, at, base_dir),
-        "listen": _address,
+        "listen": _listen,
         "workers": _workers,
         "admin_listen": _address,
         "metrics_listen": _address,
+        "tls": lambda value, at: _tls(value, at, base_dir),
         "admin_token": _token,
         "regions": _regions,
         "health": _health,
@@ -279,6 +314,8 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
             f"{where}: admin_listen needs admin_token (or env LBD_ADMIN_TOKEN): "
             "the TCP admin listener never runs without authentication"
         )
+    if config.listen is None and config.tls.listen is None:
+        raise ConfigError(f"{where}: listen is off and tls.listen is not set: lbd would have no listener")
     if config.mode == "dynamic":
         check_workers_share_sessions(config, where)
     return config
@@ -367,6 +404,72 @@ def _cluster_url(value: object, where: str) -> tuple[str, str | None]:
     if parts.hostname and ":" in parts.hostname:
         netloc = netloc.replace(parts.hostname, f"[{parts.hostname}]")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), password
+
+
+def _nested_flags(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Flags that set a key of a table (`--tls-cert` is `tls.cert`) go into that table, over the file's."""
+    dotted = [key for key in raw if "." in key]
+    if not dotted:
+        return raw
+    merged = {key: value for key, value in raw.items() if key not in dotted}
+    for key in dotted:
+        table, name = key.split(".", 1)
+        prior = merged.get(table)
+        merged[table] = {**(prior if isinstance(prior, dict) else {}), name: raw[key]}
+    return merged
+
+
+def _listen(value: object, where: str) -> Address | None:
+    """The plain listener's address, or off: `false` in the file, `--listen off` (TLS only)."""
+    if value is False or value == "off":
+        return None
+    return _address(value, where)
+
+
+def _tls(raw: object, where: str, base_dir: Path) -> TlsSettings:
+    """`[tls]`; the certificate files themselves are read by lbd/tls.py (check-config, start, reload)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(TLS_KEYS)}")
+    _reject_unknown(raw, TLS_KEYS, where)
+    paths: dict[str, Any] = {
+        key: _path(raw[key], f"{where}.{key}", base_dir) for key in ("cert", "key", "client_ca") if raw.get(key)
+    }
+    settings = replace(TlsSettings(), **paths)
+    if raw.get("listen") is not None:
+        settings = replace(settings, listen=_address(raw["listen"], f"{where}.listen"))
+    if (settings.cert is None) != (settings.key is None):
+        given, missing = ("cert", "key") if settings.key is None else ("key", "cert")
+        raise ConfigError(f"{where}: {given} is set but {missing} is not; a certificate needs both")
+    if "certificates" in raw:
+        certificates = _certificate_list(raw["certificates"], f"{where}.certificates", base_dir)
+        settings = replace(settings, certificates=certificates)
+    if "client_subject_header" in raw:
+        name = raw["client_subject_header"]
+        if not isinstance(name, str) or not FIELD_NAME.match(name):
+            raise ConfigError(f"{where}.client_subject_header: must be a header name (a token); got {name!r}")
+        settings = replace(settings, client_subject_header=name)
+    if "session_tickets" in raw:
+        settings = replace(settings, session_tickets=_boolean(raw["session_tickets"], f"{where}.session_tickets"))
+    if settings.listen is not None and not settings.pairs:
+        raise ConfigError(f"{where}: listen is set but no certificate is: set cert and key, or [[tls.certificates]]")
+    if settings.listen is None and (settings.pairs or settings.client_ca is not None):
+        raise ConfigError(f"{where}: certificates are set but listen is not: set tls.listen (HOST:PORT)")
+    return settings
+
+
+def _certificate_list(raw: object, where: str, base_dir: Path) -> tuple[CertificateFiles, ...]:
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+        raise ConfigError(f"{where}: must be a list of tables with keys {', '.join(CERTIFICATE_KEYS)}")
+    pairs: list[CertificateFiles] = []
+    for index, entry in enumerate(raw):
+        at = f"{where}[{index}]"
+        _reject_unknown(entry, CERTIFICATE_KEYS, at)
+        missing = [key for key in CERTIFICATE_KEYS if key not in entry]
+        if missing:
+            raise ConfigError(f"{at}: {missing[0]} is missing; each certificate needs cert and key")
+        cert, key = (_path(entry[name], f"{at}.{name}", base_dir) for name in CERTIFICATE_KEYS)
+        pairs.append(CertificateFiles(cert, key))
+    return tuple(pairs)
 
 
 def _mode(value: object, where: str) -> Mode:
@@ -552,6 +655,10 @@ def config_to_mapping(config: Config) -> dict[str, Any]:
         del shown["cluster"]  # off: nothing to say (TOML has no null)
     else:
         shown["cluster"] = cluster
+    if config.listen is None:
+        shown["listen"] = False  # off (TOML has no null, and a missing listen means the default)
+    if config.tls.listen is None:
+        del shown["tls"]  # off: nothing to say
     return shown
 
 
@@ -591,5 +698,5 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     if hasattr(value, "__dataclass_fields__"):
-        return {key: _plain(item) for key, item in _fields(value)}
+        return {key: _plain(item) for key, item in _fields(value) if item is not None}
     return value

@@ -40,6 +40,7 @@ from lbd.reload import Reloader, ReloadError
 from lbd.sessions import SessionTable
 from lbd.state import PersistedState, StateKeeper, StateStore
 from lbd.store.cluster import Cluster, ClusterControl
+from lbd.tls import TlsTerminator, load_certificates
 
 log = logging.getLogger("lbd")
 SESSION_SWEEP_PERIOD_S = 1.0
@@ -114,15 +115,19 @@ class Daemon:
         opened.callback(remove_socket, config.admin_socket, admin_inode)
         opened.callback(admin_sock.close)
         checker = HealthChecker(self.registry, config.health)
-        address = await _listen(proxy, config)
+        certificates = load_certificates(config.tls)
+        tls = None if certificates is None else TlsTerminator(certificates)
         opened.push_async_callback(proxy.close)
-        listeners = {"proxy": str(address), "admin": str(config.admin_socket)}
+        listeners = await _listen(proxy, config, tls)
+        listeners["admin"] = str(config.admin_socket)
         changes = Changes(self.registry, self.balancer, self.sessions, proxy_ctx.pool)
-        cluster = None if config.cluster.url is None else self._cluster(changes, lambda: reloader, str(address))
+        address = listeners.get("proxy") or listeners["tls"]
+        cluster = None if config.cluster.url is None else self._cluster(changes, lambda: reloader, address)
         reloader = Reloader(
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
             proxy=proxy_ctx, checker=checker, state=self.keeper if cluster is None else cluster, audit=self.audit,
+            tls=tls,
         )  # fmt: skip
         control: Control = LocalControl(changes, self._persist, reloader.use_config_mode)
         if cluster is not None:
@@ -146,6 +151,8 @@ class Daemon:
         opened.push_async_callback(_cancelled, sweeper)
         warmer = loop.create_task(self._warm_routing())
         opened.push_async_callback(_cancelled, warmer)
+        if tls is not None:
+            opened.push_async_callback(_cancelled, loop.create_task(tls.watch_expiry()))
         await checker.start()
         opened.push_async_callback(checker.stop)
         signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
@@ -153,9 +160,11 @@ class Daemon:
         for signum, handler in signals.items():
             loop.add_signal_handler(signum, handler)
             opened.callback(loop.remove_signal_handler, signum)
+        schemes = {"proxy": "http", "tls": "https"}
+        urls = [f"{scheme}://{listeners[key]}" for key, scheme in schemes.items() if key in listeners]
         log.info(
-            "proxy listening on http://%s (%s mode, %d servers, %s data plane); admin API on %s",
-            address, self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
+            "proxy listening on %s (%s mode, %d servers, %s data plane); admin API on %s",
+            " and ".join(urls), self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
         )  # fmt: skip
         return proxy, reloader
 
@@ -176,7 +185,7 @@ class Daemon:
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
-        systemd.notify("READY=1", f"STATUS=serving on {proxy.address}")
+        systemd.notify("READY=1", f"STATUS=serving on {proxy.address or proxy.tls_address}")
         await self._stop.wait()
         systemd.notify("STOPPING=1")
         grace_ms = reloader.config.shutdown_grace_ms
@@ -213,11 +222,19 @@ def _raise_fd_limit(max_connections: int) -> None:
         )  # fmt: skip
 
 
-async def _listen(proxy: ProxyServer, config: Config) -> object:
+async def _listen(proxy: ProxyServer, config: Config, tls: TlsTerminator | None) -> dict[str, str]:
+    """Bind the plain listener (unless it is off) and the TLS one (when configured); their addresses."""
+    bound: dict[str, str] = {}
+    where = config.listen
     try:
-        return await proxy.start(config.listen)
+        if config.listen is not None:
+            bound["proxy"] = str(await proxy.start(config.listen))
+        if tls is not None and config.tls.listen is not None:
+            where = config.tls.listen
+            bound["tls"] = str(await proxy.start_tls(config.tls.listen, tls.context, tls.connection_lines))
     except OSError as exc:
-        raise OSError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        raise OSError(f"cannot listen on {where}: {exc.strerror}") from None
+    return bound
 
 
 async def _serve(

@@ -34,6 +34,7 @@ from lbd.proxy.context import STATUS_CLASSES, ProxyContext
 from lbd.registry import Registry
 from lbd.reload import ReloadStats
 from lbd.sessions import SessionTable
+from lbd.tls import TlsTerminator
 
 
 class ClusterFigures(Protocol):
@@ -239,6 +240,30 @@ class LbdCollector(Collector):
         yield from (checks, ejections)
 
 
+class TlsCollector(Collector):
+    """The TLS listener's certificates (their expiry) and handshakes, read at scrape time."""
+
+    def __init__(self, tls: TlsTerminator) -> None:
+        self.tls = tls
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "lbd_tls_certificate_expiry_seconds",
+            "When the certificate expires (Unix time); `name` is its first subjectAltName.",
+            labels=["file", "name"],
+        )
+        for certificate in self.tls.certificates.certificates:
+            expiry.add_metric([str(certificate.file), certificate.names[0] if certificate.names else ""],
+                              certificate.not_after)  # fmt: skip
+        yield expiry
+        handshakes = CounterMetricFamily(
+            "lbd_tls_handshakes", "TLS handshakes completed, full or resumed (a session ticket).", labels=["resumed"]
+        )
+        handshakes.add_metric(["false"], self.tls.handshakes - self.tls.resumed)
+        handshakes.add_metric(["true"], self.tls.resumed)
+        yield handshakes
+
+
 def metrics_registry(
     registry: Registry,
     balancer: Balancer,
@@ -247,10 +272,13 @@ def metrics_registry(
     reloads: ReloadStats | None = None,
     audit: AuditTrail | None = None,
     cluster: ClusterFigures | None = None,
+    tls: TlsTerminator | None = None,
 ) -> CollectorRegistry:
     """A private registry (never prometheus_client's global one): lbd's collector plus process_* metrics."""
     collectors = CollectorRegistry()
     collectors.register(LbdCollector(registry, balancer, sessions, proxy, reloads, audit, cluster))
+    if tls is not None:
+        collectors.register(TlsCollector(tls))
     ProcessCollector(registry=collectors)
     return collectors
 

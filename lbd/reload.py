@@ -31,6 +31,7 @@ from lbd.models import ServerSpec
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.sessions import SessionTable
+from lbd.tls import Certificates, TlsTerminator, load_certificates
 
 log = logging.getLogger("lbd.reload")
 
@@ -117,6 +118,7 @@ class Reloader:
         checker: HealthChecker,
         state: StateFollower | None = None,
         audit: AuditTrail | None = None,
+        tls: TlsTerminator | None = None,
     ) -> None:
         self.source = source
         self.config = config
@@ -129,6 +131,7 @@ class Reloader:
         self.checker = checker  # the admin API's `lbctl check` probes through it
         self._state = state
         self.audit = audit or AuditTrail()
+        self.tls = tls  # the TLS listener's certificates, re-read by every reload
         self._lock = asyncio.Lock()  # one reload at a time: each one compares with the config in effect
 
     async def reload(self, who: str) -> dict[str, Any]:
@@ -173,26 +176,34 @@ class Reloader:
         path = self.source.path
         old = self.config
         for key in RESTART_KEYS:
-            if getattr(old, key) != getattr(new, key):
+            if _setting(old, key) != _setting(new, key):
                 raise ReloadError(
-                    422, "restart_required", f"{path}: {key} changed from {_shown(getattr(old, key))} to "
-                    f"{_shown(getattr(new, key))}, which only a restart of lbd can apply (it is bound at start); "
+                    422, "restart_required", f"{path}: {key} changed from {_shown(_setting(old, key))} to "
+                    f"{_shown(_setting(new, key))}, which only a restart of lbd can apply (it is bound at start); "
                     "nothing was reloaded",
                 )  # fmt: skip
         new_seed = {spec.id: spec for spec in seed}
         plan = plan_seed(self._seed, new_seed, {server.id: server.spec for server in self._registry.servers()})
         self._check_regions(new, plan)
+        certificates = self._reread_certificates(new)
         # Checked: from here on nothing fails, so a reload applies whole or not at all.
         mode_before = self._balancer.mode
         self._registry.configure(new.regions.latency_ms, new.health)
         self._balancer.configure(new.regions, new.default_client_region)
         self._sessions.configure(new.session_idle_timeout, new.max_sessions)
         self._proxy.apply(new)
+        tls_changes = [] if self.tls is None or certificates is None else self.tls.apply(certificates)
         self._apply_seed(plan)
         self._seed = new_seed
         # the state keeper learns the new seed, and whether the file's mode applies
         applies = self._state is None or self._state.follow_config(seed, new.mode)
         warnings = self._apply_mode(old, new, applies)
+        if self.tls is not None and old.limits.header_timeout_ms != new.limits.header_timeout_ms:
+            warnings.append(
+                f"limits.header_timeout_ms: request heads get {new.limits.header_timeout_ms} ms from now on, but a "
+                f"TLS handshake keeps its limit of {old.limits.header_timeout_ms} ms, bound when the listener "
+                "started, until lbd restarts"
+            )
         self.config = new
         await self.checker.apply(new.health)
         if self._state is not None:
@@ -201,6 +212,7 @@ class Reloader:
             except LbError as exc:
                 warnings.append(f"the state file was not saved: {exc}")
         changes = config_changes(replace(old, mode=mode_before), replace(new, mode=self._balancer.mode))
+        changes += tls_changes
         return {
             "config_file": str(path),
             "changed": [{"key": key, "old": was, "new": now} for key, was, now in changes],
@@ -231,6 +243,16 @@ class Reloader:
         if self._state is not None:
             self._state.follow_config_mode(mode)
         return mode
+
+    def _reread_certificates(self, new: Config) -> Certificates | None:
+        """Every certificate and key read again and checked (the files may have changed even where
+        the config did not); a bad one refuses the reload and the old certificates stay."""
+        if self.tls is None:
+            return None
+        try:
+            return load_certificates(new.tls)
+        except LbError as exc:
+            raise ReloadError(422, "invalid_config", str(exc)) from None
 
     def _check_regions(self, new: Config, plan: SeedPlan) -> None:
         """Every server that stays must be in a region the new config still has (as at start)."""
@@ -270,6 +292,14 @@ class Reloader:
                 f"time and that choice stands; 'lbctl mode {new.mode}' switches it"
             ]
         return []
+
+
+def _setting(config: Config, key: str) -> object:
+    """A setting by its dotted key (`tls.listen`)."""
+    value: object = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _shown(value: object) -> str:

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from lbd.config import HEALTH_KEYS, LIMIT_KEYS, TOP_LEVEL_KEYS, Config, load_config, load_servers_file
+from lbd.config import (
+    CERTIFICATE_KEYS,
+    HEALTH_KEYS,
+    LIMIT_KEYS,
+    TLS_KEYS,
+    TOP_LEVEL_KEYS,
+    Config,
+    load_config,
+    load_servers_file,
+)
 from lbd.errors import ConfigError
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -17,7 +26,9 @@ def test_example_config_loads_and_documents_every_key() -> None:
     config = load_config(EXAMPLES / "lbd.toml", {})
     assert config.servers == EXAMPLES / "servers.json"
     text = (EXAMPLES / "lbd.toml").read_text()
-    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS, *LIMIT_KEYS):
+    table_keys = [key for key in TLS_KEYS if key != "certificates"]  # that one is its own [[tls.certificates]]
+    assert "# [[tls.certificates]]" in text
+    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS, *LIMIT_KEYS, *table_keys, *CERTIFICATE_KEYS):
         assert re.search(rf"^(# )?\[?{key}", text, re.MULTILINE), f"examples/lbd.toml does not mention {key}"
     assert len(load_servers_file(EXAMPLES / "servers.json", config.regions)) == 3
 

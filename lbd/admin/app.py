@@ -19,7 +19,14 @@ from lbd.metrics import add_metrics_route, metrics_registry
 def collectors_of(state: AdminState) -> CollectorRegistry:
     """The metrics of what the admin API sees: the same on the admin socket and on `metrics_listen`."""
     return metrics_registry(
-        state.registry, state.balancer, state.sessions, state.proxy, state.reloader.stats, state.audit, state.cluster
+        state.registry,
+        state.balancer,
+        state.sessions,
+        state.proxy,
+        state.reloader.stats,
+        state.audit,
+        state.cluster,
+        state.reloader.tls,
     )
 
 

@@ -56,6 +56,9 @@ async def get_status(request: web.Request) -> web.Response:
         "cluster": None if state.cluster is None else _cluster_status(state.cluster.status()),
         "reload": {"config_file": _optional_str(state.reloader.source.path), **state.reloader.stats.to_json()},
     }
+    tls = state.reloader.tls
+    if tls is not None:
+        body["tls"] = {"listen": state.listeners.get("tls"), **tls.to_json()}
     return web.json_response(body, dumps=dumps)
 
 

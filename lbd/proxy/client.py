@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
-from lbd.proxy.headers import CRLF, FORWARD, REQUEST_KINDS, SEP, simple_response
-from lbd.proxy.request import Refused, RequestHead, body_too_large
+from lbd.proxy.headers import CRLF, FORWARD, SEP, simple_response
+from lbd.proxy.request import X_FORWARDED_PROTO_LINE, Refused, RequestHead, body_too_large
 
 if TYPE_CHECKING:
     from lbd.proxy.context import ProxyContext
@@ -38,8 +39,13 @@ FIRST_REQUEST_GRACE_S: Final = 1.0
 
 
 class ClientConnection(FlowControlled):
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, tls_lines: Callable[[asyncio.BaseTransport], bytes] | None = None) -> None:
         self.ctx = ctx
+        # on the TLS listener: what its requests carry to servers (X-Forwarded-Proto: https, the
+        # client certificate's subject), computed once the handshake is done
+        self.tls_lines = tls_lines
+        self.proto_lines = X_FORWARDED_PROTO_LINE
+        self.kinds = ctx.request_kinds
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None  # the request whose bytes are arriving now
         self.head = RequestHead()  # the parsing request's head (the last one's once its head is complete)
@@ -78,6 +84,8 @@ class ClientConnection(FlowControlled):
         if peer:
             self.client_ip = str(peer[0]).encode()
             self.forwarded_for_line = b"X-Forwarded-For: " + self.client_ip + CRLF
+        if self.tls_lines is not None:
+            self.proto_lines = self.tls_lines(transport)
         connections = self.ctx.connections
         connections.add(self)
         if len(connections) > self.limits.max_connections:
@@ -188,7 +196,7 @@ class ClientConnection(FlowControlled):
         # single read can hold bounds what is parsed before the check
         self.header_count += 1
         self.head_bytes += len(name) + len(value) + 4
-        kind = REQUEST_KINDS.of(name)
+        kind = self.kinds.of(name)
         if kind == FORWARD:
             self.head.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
         else:

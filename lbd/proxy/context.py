@@ -10,6 +10,7 @@ from lbd.balancer import Balancer
 from lbd.config import Config
 from lbd.models import Server
 from lbd.proxy.deadlines import DeadlineWheel
+from lbd.proxy.headers import DROP, REQUEST_HEADERS, REQUEST_KINDS, FieldKinds
 from lbd.proxy.pool import UpstreamPool
 from lbd.registry import Registry
 
@@ -77,6 +78,12 @@ class ProxyContext:
         self.client_id_fallback = config.client_id_fallback  # for a request without client-id
         self.client_id_cookie = config.client_id_cookie.encode()
         self.pool.splice_responses(config.splice_responses)
+        # with mutual TLS, the header carrying a client certificate's subject is lbd's to write: a
+        # client's own copy is dropped, on every listener
+        subject_header = config.tls.client_subject_header.lower().encode() if config.tls.client_ca else None
+        self.request_kinds = (
+            REQUEST_KINDS if subject_header is None else FieldKinds({**REQUEST_HEADERS, subject_header: DROP})
+        )
         # the config's `timeout_base + region latency`, looked up once per region rather than per request
         self._timeouts = {region: config.upstream_timeout_s(region) for region in config.regions.latency_ms}
         self._timeout_base_s = config.timeout_base_ms / 1000.0

@@ -204,7 +204,8 @@ class Exchange:
             if known is not None:
                 return known
         issued = secrets.token_urlsafe(16).encode()
-        self.set_cookie = b"Set-Cookie: " + name + b"=" + issued + b"; Path=/; HttpOnly; SameSite=Lax\r\n"
+        secure = b"; Secure" if self.client.tls_lines is not None else b""  # a cookie issued over TLS stays there
+        self.set_cookie = b"Set-Cookie: " + name + b"=" + issued + b"; Path=/; HttpOnly; SameSite=Lax" + secure + CRLF
         return issued
 
     def _client(self) -> str:
@@ -270,7 +271,8 @@ class Exchange:
             client.gather_for(connection)  # the head and the body parsed in the same read: one write
         if client.write_paused:
             connection.hold(PEER_WRITE_FULL)
-        head = self.request.upstream_head(attempt.server, client.client_ip, client.forwarded_for_line)
+        request = self.request
+        head = request.upstream_head(attempt.server, client.client_ip, client.forwarded_for_line, client.proto_lines)
         connection.write(b"".join((head, *self.pending)) if self.pending else head)
         if self.pending:
             self.pending = []

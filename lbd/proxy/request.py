@@ -39,7 +39,7 @@ from lbd.proxy.headers import (
 # RFC 9110 §9.2.2; any other method (POST, PATCH, LOCK, an unknown one) may change something each
 # time it is processed, so it is never sent twice (retry.py)
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"
+X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"  # the plain listener's; TLS: lbd/tls.py
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
@@ -203,9 +203,10 @@ class RequestHead:
                 self.keep_alive = False  # served as a plain request; nothing after it can be parsed
         return None
 
-    def upstream_head(self, server: Server, client_ip: bytes, forwarded_for_line: bytes) -> bytes:
+    def upstream_head(self, server: Server, client_ip: bytes, forwarded_for_line: bytes, proto_lines: bytes) -> bytes:
         """The head `server` is sent: the Host asked for, end-to-end fields as they came, then
-        X-Forwarded-*, Via and the framing lbd chose (never a peer's framing fields as they came)."""
+        X-Forwarded-*, Via and the framing lbd chose (never a peer's framing fields as they came).
+        `proto_lines` is the connection's X-Forwarded-Proto (and, over mutual TLS, the client's subject)."""
         pieces = self.header_pieces
         if self.conn_tokens and (named := named_hop_by_hop(self.conn_tokens)):
             pieces = without_named(pieces, named)
@@ -228,7 +229,7 @@ class RequestHead:
                 forwarded_for_line
                 if self.forwarded_for is None
                 else merged_line(b"X-Forwarded-For", self.forwarded_for, client_ip),
-                X_FORWARDED_PROTO_LINE,
+                proto_lines,
                 b"" if host is None else b"X-Forwarded-Host: " + host + CRLF,
                 VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE),
                 framing,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 
 from lbd.config import Address
@@ -14,29 +16,56 @@ from lbd.proxy.context import ProxyContext
 
 # "compiled" when setup.py built the per-request modules with mypyc, else "interpreted" (same code, slower)
 DATA_PLANE = "interpreted" if (client_module.__file__ or "").endswith(".py") else "compiled"
+# A TLS connection being closed waits this long at most for the client's close_notify (uvloop's
+# default is 30 s, which would keep a closed connection counted against max_connections).
+TLS_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 class ProxyServer:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self.address: Address | None = None
+        self.address: Address | None = None  # the plain listener's, once bound
+        self.tls_address: Address | None = None  # the TLS listener's, once bound
 
     async def start(self, listen: Address) -> Address:
-        """Bind and serve; returns the bound address (port 0 becomes the kernel's choice)."""
-        loop = self.ctx.loop
-        self._server = await loop.create_server(
+        """Bind and serve plain HTTP; returns the bound address (port 0 becomes the kernel's choice)."""
+        server = await self.ctx.loop.create_server(
             lambda: cast(asyncio.Protocol, ClientConnection(self.ctx)),
             listen.host,
             listen.port,
             backlog=4096,
             reuse_address=True,
         )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.address = Address(host, port)
-        self._sweeper = loop.create_task(self._sweep())
+        self.address = self._serving(server)
         return self.address
+
+    async def start_tls(
+        self, listen: Address, context: ssl.SSLContext, lines: Callable[[asyncio.BaseTransport], bytes]
+    ) -> Address:
+        """Bind and serve HTTPS with `context` (its SNI callback picks each handshake's certificate).
+        The handshake counts against the header timeout: each connection's deadline runs from its
+        accept, and a handshake not done by then is cut (the limit as it is when the listener starts)."""
+        server = await self.ctx.loop.create_server(
+            lambda: cast(asyncio.Protocol, ClientConnection(self.ctx, lines)),
+            listen.host,
+            listen.port,
+            backlog=4096,
+            reuse_address=True,
+            ssl=context,
+            ssl_handshake_timeout=self.ctx.client_header_timeout_s,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S,
+        )
+        self.tls_address = self._serving(server)
+        return self.tls_address
+
+    def _serving(self, server: asyncio.Server) -> Address:
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.ctx.loop.create_task(self._sweep())
+        host, port = server.sockets[0].getsockname()[:2]
+        return Address(host, port)
 
     async def _sweep(self) -> None:
         """Close idle keep-alive clients and stale upstream connections, once a second at most."""
@@ -50,9 +79,7 @@ class ProxyServer:
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let requests in flight finish for up to `grace_s`, then cut the rest."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        self._stop_accepting()
         for connection in list(self.ctx.connections):
             connection.shutdown()
         deadline = time.monotonic() + grace_s
@@ -62,9 +89,7 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop at once: no more accepting, every connection cut, the sweeper ended (idempotent)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        self._stop_accepting()
         for connection in list(self.ctx.connections):
             connection.abort()
         self.ctx.pool.close_idle()
@@ -73,3 +98,8 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+
+    def _stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()

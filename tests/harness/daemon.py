@@ -44,6 +44,7 @@ class Lbd:
         self.env.pop("LBD_SOCKET", None)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.tls_port = 0  # the TLS listener's, when the args configure one
 
     @property
     def url(self) -> str:
@@ -74,7 +75,9 @@ class Lbd:
             except OSError:
                 time.sleep(0.05)
                 continue
-            self.port = int(status["listeners"]["proxy"].rsplit(":", 1)[1])
+            listeners = status["listeners"]
+            self.port = int(listeners["proxy"].rsplit(":", 1)[1]) if "proxy" in listeners else 0
+            self.tls_port = int(listeners["tls"].rsplit(":", 1)[1]) if "tls" in listeners else 0
             return self
         raise AssertionError(f"lbd did not start within {STARTUP_TIMEOUT_S} s:\n{self.log()}")
 
