@@ -45,6 +45,7 @@ EXIT_CODES_BY_ERROR_CODE = {
     "not_found": EXIT_NOT_FOUND,
     "conflict": EXIT_CONFLICT,
     "no_config_file": EXIT_CONFLICT,
+    "needs_cluster": EXIT_CONFLICT,
 }
 # `status --watch` refreshes at least once a second unless told otherwise.
 WATCH_INTERVAL_S = 1.0
@@ -332,6 +333,15 @@ def check(ctx: typer.Context, server_ids: ServerIdsArg, as_json: JsonFlag = Fals
     client = _client(ctx)
     _known_servers(client, server_ids)
     _show_each([client.post(f"/v1/servers/{_segment(sid)}/check") for sid in server_ids], as_json, views.check_result)
+
+
+@app.command()
+def workers(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List the proxy processes (lbd start --workers N): pid, state, requests, connections, restarts.
+
+    Example: lbctl workers
+    """
+    show(_client(ctx).get("/v1/status"), as_json, views.workers_table, json_of=itemgetter("workers"))
 
 
 @app.command()

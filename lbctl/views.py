@@ -40,6 +40,7 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         ("mode", mode_line_of(status)),
         ("version", _text(status.get("version"))),
         ("pid", _text(status.get("pid"))),
+        *worker_rows(_sequence(status.get("workers"))),
         ("uptime", _uptime(status.get("uptime_s"))),
         *listener_rows(_mapping(status.get("listeners"))),
         *certificate_rows(_mapping(status.get("tls"))),
@@ -54,6 +55,39 @@ def status_panel(status: Mapping[str, Any]) -> Panel:
         *cluster_rows(status.get("cluster")),
     ]
     return Panel(_key_values(rows), title="lbd status", title_align="left", expand=False)
+
+
+def worker_rows(workers: Sequence[Any]) -> list[tuple[str, RenderableType]]:
+    """The status panel's workers line, when a supervisor runs several (`lbctl workers` has the table)."""
+    if len(workers) < 2:
+        return []
+    rows = [_mapping(worker) for worker in workers]
+    serving = sum(1 for row in rows if row.get("state") == "serving")
+    restarts = sum(int(row.get("restarts") or 0) for row in rows)
+    line = Text(f"{serving} of {len(rows)} serving", style="" if serving == len(rows) else "yellow")
+    line.append(f", {restarts} restarts" if restarts != 1 else ", 1 restart")
+    return [("workers", line)]
+
+
+def workers_table(status: Mapping[str, Any]) -> RenderableType:
+    """`lbctl workers`: each proxy process, from `GET /v1/status`."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    columns = ("WORKER", "PID", "STATE", "REQUESTS", "CONNECTIONS", "UPTIME", "RESTARTS")
+    for header in columns:
+        table.add_column(header, justify="left" if header in ("STATE",) else "right", no_wrap=True)
+    for worker in _sequence(status.get("workers")):
+        row = _mapping(worker)
+        state = _str(row.get("state"))
+        table.add_row(
+            _str(row.get("index")),
+            _str(row.get("pid")),
+            Text(state, style="green" if state == "serving" else "yellow"),
+            _str(row.get("requests")),
+            _str(row.get("connections")),
+            _uptime(row.get("uptime_s")),
+            _str(row.get("restarts")),
+        )
+    return table
 
 
 def cluster_rows(cluster: object) -> list[tuple[str, RenderableType]]:

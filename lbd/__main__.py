@@ -16,6 +16,9 @@ from lbd.daemon import Daemon
 from lbd.errors import LbError
 from lbd.state import StateStore
 from lbd.tls import load_certificates
+from lbd.workers.protocol import Boot
+from lbd.workers.supervisor import Supervisor
+from lbd.workers.worker import run_worker_process
 
 app = typer.Typer(
     name="lbd",
@@ -115,6 +118,14 @@ def start(
             "by a cookie lbd issues [reject].",
         ),
     ] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            "--workers",
+            metavar="N|auto",
+            help="Proxy processes: N, or auto (one per usable CPU) [1]. Above 1 a supervisor runs them.",
+        ),
+    ] = None,
     cluster: Annotated[
         str | None,
         typer.Option(
@@ -150,6 +161,7 @@ def start(
         "shutdown_grace_ms": shutdown_grace_ms,
         "client_id_fallback": client_id_fallback,
         "cluster": cluster,
+        "workers": workers,
     }
     source = ConfigSource(config, overrides)
     try:
@@ -161,9 +173,31 @@ def start(
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     try:
-        _run(Daemon(resolved, seed, store, persisted, source))
+        daemon = (
+            Daemon(resolved, seed, store, persisted, source)
+            if resolved.workers == 1
+            else Supervisor(resolved, seed, store, persisted, source, (log_level, log_format))
+        )
+    except LbError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    try:
+        _run(daemon)
     except (LbError, OSError) as exc:
         _fail(str(exc), EXIT_RUNTIME)
+
+
+@app.command("worker", hidden=True)
+def worker() -> None:
+    """One worker of a supervisor (lbd/workers/): started by `lbd start --workers N`, not by hand."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        _fail("'lbd worker' is started by 'lbd start --workers N', which sends its configuration", EXIT_CONFIG)
+    boot = Boot.parse(line)
+    logs.setup(boot.log_level, boot.log_format, worker=boot.index)
+    try:
+        run_worker_process(boot, _run)
+    except (LbError, OSError) as exc:
+        _fail(f"worker {boot.index}: {exc}", EXIT_RUNTIME)
 
 
 @app.command("check-config")

@@ -33,14 +33,17 @@ _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class AuditTrail:
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.counts: Counter[str] = Counter()
+        self.quiet = quiet  # counts without a line: a worker, whose supervisor writes the audit trail
 
     def record(self, who: str, action: str, subject: str, change: str, **fields: Any) -> None:
         """One change: `subject` is what it applies to (a server id; "" when the action names it, as
         `mode`), `change` says what happened in words (`draining no -> yes`); `fields` go into the JSON
         log line as they are."""
         self.counts[action] += 1
+        if self.quiet:
+            return
         audit = {"action": action, "subject": subject, "by": who, **fields}
         what = f"{action} {subject}" if subject else action
         log.info("%s by %s: %s", what, who, change, extra={"audit": audit})

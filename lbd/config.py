@@ -276,6 +276,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
     return _config_from_mapping(raw, where, base_dir=path.parent if path else Path.cwd())
 
 
+def config_from_mapping(raw: Mapping[str, Any], where: str) -> Config:
+    """A config in the TOML file's shape (config_to_mapping's: its paths are absolute), checked as a
+    file would be."""
+    return _config_from_mapping(raw, where, Path.cwd())
+
+
 def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> Config:
     raw = _nested_flags(raw)
     _reject_unknown(raw, TOP_LEVEL_KEYS, where)

@@ -17,7 +17,8 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -36,7 +37,7 @@ from lbd.models import ServerSpec
 from lbd.proxy.context import ProxyContext
 from lbd.proxy.server import DATA_PLANE, ProxyServer
 from lbd.registry import Registry
-from lbd.reload import Reloader, ReloadError
+from lbd.reload import Reloader, ReloadError, StateFollower
 from lbd.sessions import SessionTable
 from lbd.state import PersistedState, StateKeeper, StateStore
 from lbd.store.cluster import Cluster, ClusterControl
@@ -118,7 +119,7 @@ class Daemon:
         certificates = load_certificates(config.tls)
         tls = None if certificates is None else TlsTerminator(certificates)
         opened.push_async_callback(proxy.close)
-        listeners = await _listen(proxy, config, tls)
+        listeners = await self._listen(proxy, tls, opened)
         listeners["admin"] = str(config.admin_socket)
         changes = Changes(self.registry, self.balancer, self.sessions, proxy_ctx.pool)
         address = listeners.get("proxy") or listeners["tls"]
@@ -126,12 +127,10 @@ class Daemon:
         reloader = Reloader(
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
-            proxy=proxy_ctx, checker=checker, state=self.keeper if cluster is None else cluster, audit=self.audit,
-            tls=tls,
+            proxy=proxy_ctx, checker=checker, state=self._follower(cluster), audit=self.audit, tls=tls,
         )  # fmt: skip
-        control: Control = LocalControl(changes, self._persist, reloader.use_config_mode)
+        control = self._control(changes, reloader, cluster)
         if cluster is not None:
-            control = ClusterControl(cluster)
             self.balancer.shared = proxy_ctx.shared = cluster
             await cluster.start()
             opened.push_async_callback(cluster.stop)
@@ -139,34 +138,78 @@ class Daemon:
             reloader, self.registry, self.balancer, self.sessions, proxy_ctx, listeners, time.monotonic(),
             control=control, cluster=cluster,
         )  # fmt: skip
-        opened.push_async_callback((await _serve(create_admin_app(state), web.SockSite, admin_sock)).cleanup)
+        await self._before_admin(opened)
+        opened.push_async_callback((await _serve(self._admin_app(state), web.SockSite, admin_sock)).cleanup)
         if config.admin_listen is not None:
-            tcp_app = create_tcp_admin_app(state)
+            tcp_app = create_tcp_admin_app(state, self._admin_app)
             listeners["admin_tcp"] = await _serve_tcp(tcp_app, config.admin_listen, opened, "the admin API")
         if config.metrics_listen is not None:
-            metrics_app = create_metrics_app(collectors_of(state))
-            listeners["metrics"] = await _serve_tcp(metrics_app, config.metrics_listen, opened, "metrics")
+            listeners["metrics"] = await _serve_tcp(self._metrics_app(state), config.metrics_listen, opened, "metrics")
             log.info("Prometheus metrics on http://%s/metrics", listeners["metrics"])
-        sweeper = loop.create_task(self._sweep_sessions())
-        opened.push_async_callback(_cancelled, sweeper)
-        warmer = loop.create_task(self._warm_routing())
-        opened.push_async_callback(_cancelled, warmer)
-        if tls is not None:
-            opened.push_async_callback(_cancelled, loop.create_task(tls.watch_expiry()))
-        await checker.start()
-        opened.push_async_callback(checker.stop)
-        signals = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
-                   signal.SIGHUP: lambda: self._reload_on_sighup(reloader)}  # fmt: skip
-        for signum, handler in signals.items():
+        for task in self._background(tls, checker):
+            opened.push_async_callback(_cancelled, loop.create_task(task))
+        if self.checks_health:
+            await checker.start()
+            opened.push_async_callback(checker.stop)
+        for signum, handler in self._signals(reloader).items():
             loop.add_signal_handler(signum, handler)
             opened.callback(loop.remove_signal_handler, signum)
+        await self._ready(state, proxy, tls, opened)
+        self._log_started(listeners)
+        return proxy, reloader
+
+    # --- what a supervisor or a worker does differently (lbd/workers/) ---------------------------------
+
+    checks_health = True  # a supervisor leaves the checks to its workers
+
+    async def _listen(
+        self, proxy: ProxyServer, tls: TlsTerminator | None, opened: contextlib.AsyncExitStack
+    ) -> dict[str, str]:
+        return await _listen(proxy, self.config, tls)
+
+    def _follower(self, cluster: Cluster | None) -> StateFollower | None:
+        """What keeps the run-time state across reloads: the state directory, or the cluster."""
+        return self.keeper if cluster is None else cluster
+
+    def _control(self, changes: Changes, reloader: Reloader, cluster: Cluster | None) -> Control:
+        if cluster is not None:
+            return ClusterControl(cluster)
+        return LocalControl(changes, self._persist, reloader.use_config_mode)
+
+    def _admin_app(self, state: AdminState, middlewares: tuple[Any, ...] = ()) -> web.Application:
+        return create_admin_app(state, middlewares)
+
+    def _metrics_app(self, state: AdminState) -> web.Application:
+        return create_metrics_app(collectors_of(state))
+
+    def _background(self, tls: TlsTerminator | None, checker: HealthChecker) -> list[Coroutine[Any, Any, None]]:
+        tasks = [self._sweep_sessions(), self._warm_routing()]
+        if tls is not None:
+            tasks.append(tls.watch_expiry())
+        return tasks
+
+    def _signals(self, reloader: Reloader) -> dict[signal.Signals, Callable[[], None]]:
+        return {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: lambda: self._reload_on_sighup(reloader),
+        }
+
+    async def _before_admin(self, opened: contextlib.AsyncExitStack) -> None:
+        """The admin API is about to answer: a supervisor's workers serve by then."""
+
+    async def _ready(
+        self, state: AdminState, proxy: ProxyServer, tls: TlsTerminator | None, opened: contextlib.AsyncExitStack
+    ) -> None:
+        """Everything is open: a single process serves already."""
+
+    def _log_started(self, listeners: dict[str, str]) -> None:
         schemes = {"proxy": "http", "tls": "https"}
         urls = [f"{scheme}://{listeners[key]}" for key, scheme in schemes.items() if key in listeners]
         log.info(
             "proxy listening on %s (%s mode, %d servers, %s data plane); admin API on %s",
-            " and ".join(urls), self.balancer.mode, len(self.registry), DATA_PLANE, config.admin_socket,
+            " and ".join(urls), self.balancer.mode, len(self.registry), DATA_PLANE, self.config.admin_socket,
         )  # fmt: skip
-        return proxy, reloader
 
     def _cluster(self, changes: Changes, reloader: Callable[[], Reloader], listen: str) -> Cluster:
         """This instance's cluster membership; `reloader` gives the config in effect (made after)."""

@@ -33,3 +33,12 @@ class StoreUnavailable(LbError):
 
 class StoreConflict(LbError):
     """The cluster's store holds a registration of this id with other settings (409 conflict)."""
+
+
+class NotPossibleHere(LbError):
+    """A change this deployment cannot make (dynamic mode across workers without a session store):
+    refused with 409 and `code`, nothing changed."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code

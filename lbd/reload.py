@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -133,6 +133,8 @@ class Reloader:
         self.audit = audit or AuditTrail()
         self.tls = tls  # the TLS listener's certificates, re-read by every reload
         self._lock = asyncio.Lock()  # one reload at a time: each one compares with the config in effect
+        # told of each reload that applied, in order (a supervisor passes it on to its workers)
+        self.followers: list[Callable[[Config, list[ServerSpec]], Awaitable[None]]] = []
 
     async def reload(self, who: str) -> dict[str, Any]:
         """Re-read and apply the config file; returns what changed. ReloadError: nothing changed."""
@@ -143,6 +145,8 @@ class Reloader:
                 self.stats.record(str(exc))
                 log.error("config not reloaded, the running config stays: %s", exc)
                 raise
+            for follow in self.followers:
+                await follow(self.config, self.seed)
         self.stats.record(None)
         changed = "; ".join(f"{c['key']} {_shown(c['old'])} -> {_shown(c['new'])}" for c in report["changed"])
         servers = report["servers"]

@@ -6,6 +6,7 @@ reads.py, the changing ones in mutations.py, the JSON shapes in views.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,9 @@ def collectors_of(state: AdminState) -> CollectorRegistry:
         state.cluster,
         state.reloader.tls,
     )
+
+
+AppFactory = Callable[[AdminState, tuple[Any, ...]], web.Application]
 
 
 def create_admin_app(state: AdminState, middlewares: tuple[Any, ...] = ()) -> web.Application:

@@ -20,7 +20,7 @@ from aiohttp import web
 from lbd.admin.common import ApiError, audit, read_json, state_of, who
 from lbd.admin.views import server_json
 from lbd.config import MODES, Mode, parse_server_list
-from lbd.errors import LbError, StoreConflict, StoreUnavailable, ValidationError
+from lbd.errors import LbError, NotPossibleHere, StoreConflict, StoreUnavailable, ValidationError
 from lbd.models import MAX_CAPACITY, Server, ServerSpec, parse_server
 from lbd.registry import RegistryConflict
 from lbd.reload import ReloadError
@@ -49,6 +49,8 @@ def changing() -> Iterator[None]:
         raise ApiError(409, "conflict", str(exc), "id") from None
     except StoreUnavailable as exc:
         raise ApiError(503, "store_unavailable", str(exc)) from None
+    except NotPossibleHere as exc:
+        raise ApiError(409, exc.code, str(exc)) from None
     except LbError as exc:
         raise ApiError(
             500, "state_not_saved", f"the change is applied but was not saved, so a restart would lose it: {exc}"

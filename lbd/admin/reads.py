@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from lbd import __version__
-from lbd.admin.common import ApiError, dumps, state_of
+from lbd.admin.common import AdminState, ApiError, dumps, state_of
 from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
@@ -33,15 +33,20 @@ def load_openapi(app: web.Application) -> None:
 
 @traffic_routes.get("/v1/status")
 async def get_status(request: web.Request) -> web.Response:
-    state = state_of(request)
+    return web.json_response(status_json(state_of(request)), dumps=dumps)
+
+
+def status_json(state: AdminState) -> dict[str, Any]:
+    """`GET /v1/status` of this process (a supervisor replaces the traffic parts with its workers')."""
     proxy = state.proxy
+    uptime = round(time.monotonic() - state.started_at, 3)
     body: dict[str, Any] = {
         "mode": state.balancer.mode,
         "config_mode": state.config.mode,
         "mode_from_config": not state.reloader.mode_overridden,
         "version": __version__,
         "pid": os.getpid(),
-        "uptime_s": round(time.monotonic() - state.started_at, 3),
+        "uptime_s": uptime,
         "listeners": state.listeners,
         "state_dir": str(state.config.state_dir),
         "servers": servers_summary(state.registry.servers()),
@@ -53,13 +58,24 @@ async def get_status(request: web.Request) -> web.Response:
             "failovers": proxy.failovers,
         },
         "sessions": {"total": len(state.sessions)},
+        "workers": [
+            {
+                "index": 0,
+                "pid": os.getpid(),
+                "state": "serving",
+                "requests": proxy.requests_total,
+                "connections": len(proxy.connections),
+                "uptime_s": uptime,
+                "restarts": 0,
+            }
+        ],
         "cluster": None if state.cluster is None else _cluster_status(state.cluster.status()),
         "reload": {"config_file": _optional_str(state.reloader.source.path), **state.reloader.stats.to_json()},
     }
     tls = state.reloader.tls
     if tls is not None:
         body["tls"] = {"listen": state.listeners.get("tls"), **tls.to_json()}
-    return web.json_response(body, dumps=dumps)
+    return body
 
 
 def _cluster_status(status: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import hmac
 
 from aiohttp import web
 
-from lbd.admin.app import create_admin_app
+from lbd.admin.app import AppFactory, create_admin_app
 from lbd.admin.common import AdminState, ApiError, Handler, api_error, read_json, state_of
 from lbd.admin.mutations import register, remove_server
 
@@ -45,8 +45,9 @@ async def seed_deregister(request: web.Request) -> web.Response:
     return await remove_server(request, server.id, wait=True)
 
 
-def create_tcp_admin_app(state: AdminState) -> web.Application:
-    app = create_admin_app(state, middlewares=(bearer_token_required(state),))
+def create_tcp_admin_app(state: AdminState, make_app: AppFactory = create_admin_app) -> web.Application:
+    """The admin API (`make_app`'s: a supervisor's differs) behind the token, plus the seed's routes."""
+    app = make_app(state, (bearer_token_required(state),))
     app.router.add_post("/register", register)
     app.router.add_post("/deregister", seed_deregister)
     return app

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from lbd.config import Address
 from lbd.proxy import client as client_module
@@ -19,6 +20,7 @@ DATA_PLANE = "interpreted" if (client_module.__file__ or "").endswith(".py") els
 # A TLS connection being closed waits this long at most for the client's close_notify (uvloop's
 # default is 30 s, which would keep a closed connection counted against max_connections).
 TLS_SHUTDOWN_TIMEOUT_S = 5.0
+LISTEN_BACKLOG = 4096
 
 
 class ProxyServer:
@@ -29,30 +31,24 @@ class ProxyServer:
         self.address: Address | None = None  # the plain listener's, once bound
         self.tls_address: Address | None = None  # the TLS listener's, once bound
 
-    async def start(self, listen: Address) -> Address:
-        """Bind and serve plain HTTP; returns the bound address (port 0 becomes the kernel's choice)."""
+    async def start(self, listen: Address | socket.socket) -> Address:
+        """Serve plain HTTP on `listen` (bound here; or a socket bound already: a worker's, handed
+        down by its supervisor); returns the bound address (port 0 becomes the kernel's choice)."""
         server = await self.ctx.loop.create_server(
-            lambda: cast(asyncio.Protocol, ClientConnection(self.ctx)),
-            listen.host,
-            listen.port,
-            backlog=4096,
-            reuse_address=True,
+            lambda: cast(asyncio.Protocol, ClientConnection(self.ctx)), **_where(listen)
         )
         self.address = self._serving(server)
         return self.address
 
     async def start_tls(
-        self, listen: Address, context: ssl.SSLContext, lines: Callable[[asyncio.BaseTransport], bytes]
+        self, listen: Address | socket.socket, context: ssl.SSLContext, lines: Callable[[asyncio.BaseTransport], bytes]
     ) -> Address:
         """Bind and serve HTTPS with `context` (its SNI callback picks each handshake's certificate).
         The handshake counts against the header timeout: each connection's deadline runs from its
         accept, and a handshake not done by then is cut (the limit as it is when the listener starts)."""
         server = await self.ctx.loop.create_server(
             lambda: cast(asyncio.Protocol, ClientConnection(self.ctx, lines)),
-            listen.host,
-            listen.port,
-            backlog=4096,
-            reuse_address=True,
+            **_where(listen),
             ssl=context,
             ssl_handshake_timeout=self.ctx.client_header_timeout_s,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S,
@@ -103,3 +99,10 @@ class ProxyServer:
         for server in self._servers:
             server.close()
         self._servers.clear()
+
+
+def _where(listen: Address | socket.socket) -> dict[str, Any]:
+    """create_server's arguments for an address to bind, or for a socket bound already."""
+    if isinstance(listen, socket.socket):
+        return {"sock": listen, "backlog": LISTEN_BACKLOG}
+    return {"host": listen.host, "port": listen.port, "backlog": LISTEN_BACKLOG, "reuse_address": True}

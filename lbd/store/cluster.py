@@ -88,6 +88,8 @@ class Cluster:
         self.peers: list[dict[str, Any]] = []
         self.last_error: str | None = None
         self.joined = 0  # how many times this instance (re)joined
+        self.joined_once = asyncio.Event()
+        self.announces = True  # heartbeats and is listed among the peers (a supervisor's worker is not)
         self._pins: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # client -> (server, region)
         self._moves: list[tuple[str, str | None]] = []
         self._refresh: list[str] = []
@@ -112,7 +114,8 @@ class Cluster:
         if self.connected:
             with contextlib.suppress(StoreUnavailable):
                 await self._flush_pins()
-                await self.store.leave(self.instance)
+                if self.announces:
+                    await self.store.leave(self.instance)
         await self.store.close()
 
     async def _stay_joined(self) -> None:
@@ -132,7 +135,8 @@ class Cluster:
 
     def _lost(self, why: str) -> None:
         if self.connected or self.last_error is None:
-            log.warning(
+            log.log(
+                logging.WARNING if self.announces else logging.DEBUG,  # a supervisor speaks for its workers
                 "cluster %s: the store is unreachable (%s); serving from what this instance holds",
                 self.settings.name,
                 why,
@@ -148,7 +152,9 @@ class Cluster:
             self.connected = True
             self.last_error = None
             self.joined += 1
-            log.info(
+            self.joined_once.set()
+            log.log(
+                logging.INFO if self.announces else logging.DEBUG,
                 "cluster %s: instance %s joined at version %d (%d servers)",
                 self.settings.name, self.instance, self.applied, len(self.changes.registry),
             )  # fmt: skip
@@ -172,8 +178,9 @@ class Cluster:
     async def _beat(self) -> None:
         """Heartbeat, the peer list, and a check that no change was missed."""
         while True:
-            info = {"listen": self.listen, "pid": os.getpid(), "started_at": STARTED_AT}
-            self.peers = await self.store.heartbeat(self.instance, info, PEER_TTL_S)
+            if self.announces:
+                info = {"listen": self.listen, "pid": os.getpid(), "started_at": STARTED_AT}
+                self.peers = await self.store.heartbeat(self.instance, info, PEER_TTL_S)
             if await self.store.version() != self.applied:
                 self._resync.set()  # a notice lost, or Redis restarted: read it all again
             await asyncio.sleep(HEARTBEAT_S)
