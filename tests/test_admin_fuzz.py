@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,8 @@ from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry
 from lbd.reload import Reloader
 from lbd.sessions import SessionTable
+from lbd.workers.admin import create_supervisor_app
+from lbd.workers.processes import Workers
 from tests.harness.backends import backends
 from tests.harness.daemon import Lbd, short_tempdir
 
@@ -56,30 +59,50 @@ FUZZ = settings(
 # --- the description and the routes ----------------------------------------------------------
 
 
+def admin_state(loop: asyncio.AbstractEventLoop) -> AdminState:
+    """A single lbd's admin state with nothing running: enough to build its apps."""
+    config = Config()
+    registry = Registry(config.regions.latency_ms)
+    sessions = SessionTable(1, 1)
+    balancer = Balancer(registry, "static", config.regions, sessions)
+    proxy = ProxyContext(loop, registry, balancer, config)
+    checker = HealthChecker(registry, config.health)
+    reloader = Reloader(
+        ConfigSource(None), config, [], registry=registry, balancer=balancer, sessions=sessions, proxy=proxy,
+        checker=checker,
+    )  # fmt: skip
+    control = LocalControl(Changes(registry, balancer, sessions, proxy.pool), lambda: None, reloader.use_config_mode)
+    return AdminState(reloader, registry, balancer, sessions, proxy, {}, 0.0, control)
+
+
 def registered_routes() -> set[tuple[str, str]]:
     """(method, path template) of every route the socket and TCP admin apps register (HEAD is implied by GET)."""
     loop = asyncio.new_event_loop()
     try:
-        config = Config()
-        registry = Registry(config.regions.latency_ms)
-        sessions = SessionTable(1, 1)
-        balancer = Balancer(registry, "static", config.regions, sessions)
-        proxy = ProxyContext(loop, registry, balancer, config)
-        checker = HealthChecker(registry, config.health)
-        reloader = Reloader(
-            ConfigSource(None), config, [], registry=registry, balancer=balancer, sessions=sessions, proxy=proxy,
-            checker=checker,
-        )  # fmt: skip
-        changes = Changes(registry, balancer, sessions, proxy.pool)
-        control = LocalControl(changes, lambda: None, reloader.use_config_mode)
-        state = AdminState(reloader, registry, balancer, sessions, proxy, {}, 0.0, control)
-        apps = (create_admin_app(state), create_tcp_admin_app(state))
-        return {
-            (route.method, route.resource.canonical)
-            for app in apps
-            for route in app.router.routes()
-            if route.method != "HEAD" and route.resource is not None
-        }
+        state = admin_state(loop)
+        return routes_of(create_admin_app(state), create_tcp_admin_app(state))
+    finally:
+        loop.close()
+
+
+def routes_of(*apps: web.Application) -> set[tuple[str, str]]:
+    return {
+        (route.method, route.resource.canonical)
+        for app in apps
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+
+
+def test_a_supervisor_answers_every_route_a_single_lbd_does() -> None:
+    """`lbd start --workers N` serves the same API (lbd/workers/admin.py merges the workers' answers)."""
+    loop = asyncio.new_event_loop()
+    try:
+        state = admin_state(loop)
+        workers = Workers([], lambda index: None, lambda worker: None)  # type: ignore[arg-type,return-value]
+        single = routes_of(create_admin_app(state), create_tcp_admin_app(state))
+        supervised = create_tcp_admin_app(state, lambda s, m: create_supervisor_app(s, workers, m))
+        assert routes_of(create_supervisor_app(state, workers), supervised) == single
     finally:
         loop.close()
 
