@@ -101,4 +101,5 @@ bench: $(NATIVE) bench-deps
 	$(BIN)/python bench/microbench.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python bench/health_round.py
 	$(BIN)/python -m bench.cluster $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
+	$(BIN)/python -m bench.cores $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 	$(BIN)/python -m bench.registration $(if $(findstring --quick,$(BENCH_ARGS)),--servers 1000)

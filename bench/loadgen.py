@@ -104,11 +104,12 @@ def run_wrk(
     cpu: int | None,
     new_clients: bool = False,
     close: bool = False,
+    threads: int = 1,
 ) -> Load:
-    """`wrk -t1 -cN -dS --latency` with the many-clients script (or, with `new_clients`, a client id
+    """`wrk -tT -cN -dS --latency` with the many-clients script (or, with `new_clients`, a client id
     never seen before on every request; with `close`, a new connection for every request: over TLS,
     a handshake each); killed if it overstays by 30 s."""
-    argv = [*pin(cpu), tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    argv = [*pin(cpu), tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     argv += ["-H", "Connection: close"] if close else []
     argv += ["-s", str(SCRIPT), url, "--", path, str(CLIENT_IDS), *(["new"] if new_clients else [])]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)

@@ -494,3 +494,23 @@ def test_a_subject_reaches_a_header_without_control_characters() -> None:
     value = subject_value(der)
     assert b"\r" not in value and b"\n" not in value
     assert value.startswith(b"CN=a\\0D\\0AInjected: 1,") and value.endswith(b",O=Ex\\C3\\A4mple")
+
+
+def test_every_worker_terminates_tls_and_takes_a_reloaded_certificate(
+    workdir: Path, backend: Backend, pki: Pki
+) -> None:
+    """`--workers 2`: each worker serves the TLS listener on its own socket, and a reload reaches them all."""
+    daemon = start(workdir, backend, TWO_CERTIFICATES, "--workers", "2")
+    try:
+        for n in range(8):  # a connection each: the kernel spreads them over both workers
+            assert echo(curl(pki, f"{https(daemon)}/echo", "-H", f"client-id: t{n}"))["headers"]["x-forwarded-proto"]
+        assert all(worker["requests"] > 0 for worker in daemon.get("/v1/status")["workers"])
+        before = peer_certificate(pki, daemon.tls_port, "a.test")["serialNumber"]
+        cert, key = pki.issue("a3", "a.test", "127.0.0.1", days=20)
+        shutil.copy(cert, workdir / "a.pem")
+        shutil.copy(key, workdir / "a.key")
+        assert daemon.lbctl("reload").returncode == 0
+        serials = {peer_certificate(pki, daemon.tls_port, "a.test")["serialNumber"] for _ in range(8)}
+        assert before not in serials and len(serials) == 1  # every worker presents the new one
+    finally:
+        daemon.stop()
