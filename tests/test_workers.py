@@ -195,3 +195,19 @@ def test_dynamic_workers_share_sessions_through_the_cluster(three: list[Backend]
             assert all(worker["requests"] > 0 for worker in workers_of(daemon))
             peers = daemon.get("/v1/cluster")["peers"]
             assert [peer["instance"] for peer in peers] == [daemon.get("/v1/cluster")["instance"]]
+
+
+def test_workers_stop_by_themselves_when_their_supervisor_is_killed(three: list[Backend]) -> None:
+    with running_lbd(WORKERS, entries_of(three)) as daemon:
+        pids = [int(worker["pid"]) for worker in workers_of(daemon)]
+        daemon.kill()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=15)
+        assert "the supervisor is gone; stopping" in daemon.log()

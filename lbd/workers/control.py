@@ -87,7 +87,7 @@ class SupervisedControl:
             return
         async with self._lock:
             snapshot = self._snapshot()
-            targets = [worker for worker in self._workers().members if worker.synced]
+            targets = [worker for worker in self._workers().members if worker.synced and worker.alive]
             await asyncio.gather(*(push_state(worker, snapshot) for worker in targets))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,6 +31,9 @@ STABLE_S: Final = 30.0  # a worker that ran this long before exiting is started 
 START_TIMEOUT_S: Final = 60.0  # a first start on a slow, busy machine
 CALL_TIMEOUT_S: Final = 5.0
 KILL_AFTER_S: Final = 5.0  # beyond the shutdown grace, a worker that has not exited is killed
+# the supervisor's alone: systemd takes readiness from it (NotifyAccess=main), and the secrets a
+# worker needs come in its boot line, not its environment
+PRIVATE_ENV: Final = frozenset({"NOTIFY_SOCKET", "LBD_ADMIN_TOKEN", "LBD_CLUSTER_PASSWORD"})
 
 
 class WorkerProcess:
@@ -53,10 +57,14 @@ class WorkerProcess:
         return None if self.process is None else self.process.pid
 
     @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
     def state(self) -> str:
         if self.serving.is_set():
             return "serving"
-        return "starting" if self.process is not None and self.process.returncode is None else "exited"
+        return "starting" if self.alive else "exited"
 
     def uptime_s(self) -> float:
         return round(time.monotonic() - self.started_at, 3) if self.state != "exited" else 0.0
@@ -65,9 +73,10 @@ class WorkerProcess:
         self.ready.clear()
         self.serving.clear()
         self.synced = False
+        env = {key: value for key, value in os.environ.items() if key not in PRIVATE_ENV}
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "lbd", "worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self.fds,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self.fds, env=env,
         )  # fmt: skip
         self.started_at = time.monotonic()
         assert self.process.stdin is not None
@@ -129,12 +138,17 @@ class Workers:
         members: list[WorkerProcess],
         boot: Callable[[int], Boot],
         on_ready: Callable[[WorkerProcess], Awaitable[None]],
+        stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
         self.members = members
         self._boot = boot  # built anew at each start: a replacement gets the config in effect
         self._on_ready = on_ready
+        # lbd is stopping (a signal came): a worker that exits now was told to, maybe by the same
+        # signal sent to the whole group (systemd's default KillMode): it is not started again
+        self._stop_requested = stop_requested
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Start every worker and wait until each serves; LbError naming the first that cannot."""
@@ -147,7 +161,9 @@ class Workers:
 
     async def _launch(self, worker: WorkerProcess) -> None:
         await worker.spawn(self._boot(worker.index))
-        asyncio.get_running_loop().create_task(self._when_ready(worker))
+        task = asyncio.get_running_loop().create_task(self._when_ready(worker))
+        self._tasks.add(task)  # held: the loop keeps only weak references to its tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def _when_ready(self, worker: WorkerProcess) -> None:
         assert worker.process is not None
@@ -175,7 +191,7 @@ class Workers:
         failures = 0
         while True:
             how = await worker.exited()
-            if self._stopping:
+            if self.stopping():
                 return
             ran = time.monotonic() - worker.started_at
             failures = 0 if ran >= STABLE_S else failures + 1
@@ -191,15 +207,15 @@ class Workers:
             await self._launch(worker)
 
     def stopping(self) -> bool:
-        return self._stopping
+        return self._stopping or self._stop_requested()
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every worker (each finishes its requests within `grace_s`), then kill stragglers."""
         self._stopping = True
         for worker in self.members:
             worker.signal(signal.SIGTERM)
-        waits = [worker.process.wait() for worker in self.members if worker.process is not None]
-        _, late = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=grace_s + KILL_AFTER_S)
+        waits = [asyncio.ensure_future(w.process.wait()) for w in self.members if w.process is not None]
+        _, late = await asyncio.wait(waits, timeout=grace_s + KILL_AFTER_S) if waits else (set(), set())
         if late:
             log.warning("%d workers did not stop within the grace period; killing them", len(late))
             for worker in self.members:

@@ -71,7 +71,7 @@ class Supervisor(Daemon):
         self._version = 0
         self._reloader: Reloader | None = None
         self._control_plane: SupervisedControl | None = None
-        self.workers = Workers([], self._boot, self._on_ready)
+        self.workers = Workers([], self._boot, self._on_ready, self._stop.is_set)
 
     # --- the start (lbd/daemon.py's hooks) -------------------------------------------------------------
 
