@@ -417,12 +417,14 @@ def mode(
     show(answer, as_json, views.mode_line)
 
 
-set_app = typer.Typer(
-    help="Change a setting of a server live.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(set_app, name="set")
+def command_group(name: str, help_text: str) -> typer.Typer:
+    """A command with subcommands (`lbctl set capacity`, `lbctl config dump`)."""
+    group = typer.Typer(help=help_text, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+    app.add_typer(group, name=name)
+    return group
+
+
+set_app = command_group("set", "Change a setting of a server live.")
 
 
 @set_app.command("capacity")
@@ -513,12 +515,7 @@ def reload(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     show(_client(ctx).post("/v1/reload"), as_json, views.reload_report)
 
 
-config_app = typer.Typer(
-    help="The running lbd's configuration.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(config_app, name="config")
+config_app = command_group("config", "The running lbd's configuration.")
 
 
 @config_app.command("dump")

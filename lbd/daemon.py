@@ -223,19 +223,24 @@ class Daemon:
         )  # fmt: skip
 
     async def _serve(self, proxy: ProxyServer, reloader: Reloader) -> None:
-        """Serve until SIGTERM/SIGINT, then stop the proxy gracefully (requests in flight finish
-        within the grace period in effect) and snapshot the sticky sessions."""
+        """Serve until SIGTERM/SIGINT, then stop gracefully (requests in flight finish within the
+        grace period in effect) and snapshot the sticky sessions."""
         if self.keeper is not None:
             self.keeper.sessions_consumed()  # serving: a later crash must not bring back that snapshot
         self.started.set()
-        systemd.notify("READY=1", f"STATUS=serving on {proxy.address or proxy.tls_address}")
+        systemd.notify("READY=1", f"STATUS={self._serving_status(proxy)}")
         await self._stop.wait()
         systemd.notify("STOPPING=1")
-        grace_ms = reloader.config.shutdown_grace_ms
-        log.info("stopping: finishing requests in flight (grace %d ms)", grace_ms)
-        await proxy.stop(grace_ms / 1000.0)
+        await self._wind_down(proxy, reloader.config.shutdown_grace_ms)
         if self.keeper is not None:
             self.keeper.save_sessions(self.sessions)
+
+    def _serving_status(self, proxy: ProxyServer) -> str:
+        return f"serving on {proxy.address or proxy.tls_address}"
+
+    async def _wind_down(self, proxy: ProxyServer, grace_ms: int) -> None:
+        log.info("stopping: finishing requests in flight (grace %d ms)", grace_ms)
+        await proxy.stop(grace_ms / 1000.0)
 
     async def _warm_routing(self) -> None:
         """Fill the static hash table in slices of about a millisecond, yielding to requests between

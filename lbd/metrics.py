@@ -12,7 +12,7 @@ separate TCP app that serves nothing else. Names follow HAProxy's and Envoy's ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -53,6 +53,14 @@ class ClusterFigures(Protocol):
 
 SERVER_LABELS = ("server", "region")
 BUCKET_BOUNDS = (*(repr(bound) for bound in LATENCY_BUCKETS_S), "+Inf")
+
+
+def counts_by(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter with one label: a sample per value, in the mapping's order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
 
 
 class LbdCollector(Collector):
@@ -105,14 +113,12 @@ class LbdCollector(Collector):
             "Pending pins dropped because the store was away too long.",
             value=cluster.pins_dropped,
         )
-        claims = CounterMetricFamily(
+        yield counts_by(
             "lbd_cluster_claims",
             "New clients' pins: won (ours stored), adopted (another instance's), local (store away or slow).",
-            labels=["result"],
+            "result",
+            cluster.claims,
         )
-        for result, count in cluster.claims.items():
-            claims.add_metric([result], count)
-        yield claims
 
     def _global(self) -> Iterator[Metric]:
         proxy, sessions = self.proxy, self.sessions
@@ -121,12 +127,12 @@ class LbdCollector(Collector):
             mode.add_metric([each], 1.0 if self.balancer.mode == each else 0.0)
         yield mode
         yield CounterMetricFamily("lbd_requests", "Requests received from clients.", value=proxy.requests_total)
-        responses = CounterMetricFamily(
-            "lbd_responses", "Responses sent to clients by status class (lbd's own errors included).", labels=["class"]
+        yield counts_by(
+            "lbd_responses",
+            "Responses sent to clients by status class (lbd's own errors included).",
+            "class",
+            {name: proxy.responses[name] for name in STATUS_CLASSES},
         )
-        for name in STATUS_CLASSES:
-            responses.add_metric([name], proxy.responses[name])
-        yield responses
         yield CounterMetricFamily(
             "lbd_retries", "Upstream attempts made again (on a backup, or on a fresh connection).", value=proxy.retries
         )
@@ -140,34 +146,30 @@ class LbdCollector(Collector):
         yield GaugeMetricFamily(
             "lbd_client_connections", "Open client connections to the proxy.", value=len(proxy.connections)
         )
-        rejections = CounterMetricFamily(
+        yield counts_by(
             "lbd_client_rejections",
             "Client connections or requests refused by a limit or for bad framing, by reason.",
-            labels=["reason"],
+            "reason",
+            proxy.rejections,
         )
-        for reason, count in proxy.rejections.items():
-            rejections.add_metric([reason], count)
-        yield rejections
         yield GaugeMetricFamily("lbd_sessions", "Live sticky sessions.", value=len(sessions))
         yield CounterMetricFamily(
             "lbd_sessions_evicted", "Sessions evicted because the table was full.", value=sessions.evicted
         )
         yield CounterMetricFamily("lbd_sessions_expired", "Sessions ended by inactivity.", value=sessions.expired)
         yield GaugeMetricFamily("lbd_servers", "Registered servers.", value=len(self.registry))
-        changes = CounterMetricFamily(
+        yield counts_by(
             "lbd_admin_changes",
             "Changes made by operators (admin API, reloads, signals), by action.",
-            labels=["action"],
+            "action",
+            {action: self.audit.counts[action] for action in ACTIONS},
         )
-        for action in ACTIONS:
-            changes.add_metric([action], self.audit.counts[action])
-        yield changes
-        reloads = CounterMetricFamily(
-            "lbd_config_reloads", "Config reloads (lbctl reload, SIGHUP) by result.", labels=["result"]
+        yield counts_by(
+            "lbd_config_reloads",
+            "Config reloads (lbctl reload, SIGHUP) by result.",
+            "result",
+            {"ok": self.reloads.succeeded, "failed": self.reloads.failed},
         )
-        reloads.add_metric(["ok"], self.reloads.succeeded)
-        reloads.add_metric(["failed"], self.reloads.failed)
-        yield reloads
         yield GaugeMetricFamily(
             "lbd_config_last_reload_successful",
             "0 when the last reload was refused (the running config is not the file's), else 1.",

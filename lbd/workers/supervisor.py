@@ -24,7 +24,6 @@ from typing import Any
 
 from aiohttp import web
 
-from lbd import systemd
 from lbd.admin.common import AdminState
 from lbd.config import Config, ConfigSource, config_to_mapping
 from lbd.control import Changes, Control
@@ -134,16 +133,11 @@ class Supervisor(Daemon):
             self.config.admin_socket,
         )  # fmt: skip
 
-    async def _serve(self, proxy: ProxyServer, reloader: Reloader) -> None:
-        """Serve until SIGTERM/SIGINT, then stop every worker gracefully (each finishes its requests
-        within the grace period in effect)."""
-        if self.keeper is not None:
-            self.keeper.sessions_consumed()
-        self.started.set()
-        systemd.notify("READY=1", f"STATUS=serving with {len(self.workers.members)} workers")
-        await self._stop.wait()
-        systemd.notify("STOPPING=1")
-        grace_ms = reloader.config.shutdown_grace_ms
+    def _serving_status(self, proxy: ProxyServer) -> str:
+        return f"serving with {len(self.workers.members)} workers"
+
+    async def _wind_down(self, proxy: ProxyServer, grace_ms: int) -> None:
+        """Every worker finishes its requests in flight within the grace period in effect."""
         log.info("stopping: the workers finish requests in flight (grace %d ms)", grace_ms)
         await self.workers.stop(grace_ms / 1000.0)
 
