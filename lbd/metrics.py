@@ -148,6 +148,18 @@ class LbdCollector(Collector):
         for reason, count in proxy.rejections.items():
             rejections.add_metric([reason], count)
         yield rejections
+        access_log = proxy.access_log
+        if access_log is not None:
+            yield CounterMetricFamily("lbd_access_log_lines", "Access-log lines written.", value=access_log.lines)
+            dropped = CounterMetricFamily(
+                "lbd_access_log_dropped",
+                "Access-log lines dropped: buffer_full (the writer was too far behind), write_failed (the file "
+                "refused them).",
+                labels=["reason"],
+            )
+            dropped.add_metric(["buffer_full"], access_log.dropped_full)
+            dropped.add_metric(["write_failed"], access_log.dropped_failed)
+            yield dropped
         yield GaugeMetricFamily("lbd_sessions", "Live sticky sessions.", value=len(sessions))
         yield CounterMetricFamily(
             "lbd_sessions_evicted", "Sessions evicted because the table was full.", value=sessions.evicted
