@@ -30,6 +30,8 @@ COMPILED = [
     "lbd/proxy/exchange.py",
     "lbd/proxy/client.py",
     "lbd/proxy/context.py",
+    "lbd/accesslog.py",
+    "lbd/accesslog_writer.py",
     "lbd/models.py",
     "lbd/registry.py",
     "lbd/balancer.py",

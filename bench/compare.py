@@ -11,7 +11,9 @@ row sends the same requests (bench/wrk/clients.lua: 10,000 client ids with fixed
 HAProxy's and lbd's hashing and lbd's sticky sessions see the same mix; except the two lbd-new
 rows (tiny responses only): lbd static sending a client id never seen before on every request,
 with 3 servers and with 1,000 (the 1,000 spread over the same three backends, health checks once a
-minute in both), to show what a new client's pick costs as the server count grows. After the rows, a fresh lbd
+minute in both), to show what a new client's pick costs as the server count grows. lbd-static-log is
+lbd static writing every request to a JSON access log (`--access-log FILE --access-log-format json`,
+the file emptied after each run), judged against lbd-static in the same rounds. After the rows, a fresh lbd
 (static) holds many idle keep-alive connections, then streams a large body each way, with its RSS
 measured. Prints one table and the targets' verdicts, and writes the same as JSON under
 bench/results/. Exit 0 when everything ran (FAILs included; --strict makes a FAIL exit 1), 1 when a
@@ -40,12 +42,25 @@ from types import FrameType
 from bench import memcheck
 from bench.loadgen import run_observed, run_wrk
 from bench.report import Row, machine, memory_text, memory_verdicts, row_dict, table, targets_text, verdicts
-from bench.stack import CAPACITY, VENV_BIN, Child, Stack, StartError, client_routed_to, haproxy_stats, lbd_stats
+from bench.stack import (
+    CAPACITY,
+    VENV_BIN,
+    Child,
+    Stack,
+    StartError,
+    client_routed_to,
+    haproxy_stats,
+    lbd_access_log,
+    lbd_stats,
+)
 
 PROXIES = (
-    "direct", "haproxy", "lbd-static", "lbd-dynamic", "lbd-cluster", "lbd-new-3", "lbd-new-1000", "haproxy-tls",
-    "lbd-tls",
+    "direct", "haproxy", "lbd-static", "lbd-static-log", "lbd-dynamic", "lbd-cluster", "lbd-new-3", "lbd-new-1000",
+    "haproxy-tls", "lbd-tls",
 )  # fmt: skip
+# lbd static with every request in a JSON access log (a file in the run's directory, emptied after each
+# measured run so a long run does not fill the disk)
+ACCESS_LOG_ROWS = ("lbd-static-log",)
 NEW_CLIENT_ROWS = {"lbd-new-3": 3, "lbd-new-1000": 1000}  # static, a new client id per request: servers
 # Their health checks run once a minute: at the default 2 s, checking 1,000 servers takes about a fifth
 # of the proxy CPU all run long, beside every other row, and is not what these rows measure.
@@ -158,6 +173,9 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
             stack.stop(child)
             stack.stop(store)
         return
+    elif name in ACCESS_LOG_ROWS:
+        log_args = ["--access-log", str(access_log_path(stack, name)), "--access-log-format", "json"]
+        child, port, socket_path = stack.start_lbd("static", name=name, args=log_args)
     elif name in NEW_CLIENT_ROWS:
         child, port, socket_path = stack.start_lbd(
             "static", servers=NEW_CLIENT_ROWS[name], name=name, config=NEW_CLIENT_CONFIG
@@ -168,6 +186,10 @@ def proxy(stack: Stack, name: str) -> Iterator[Running]:
         yield child, port, socket_path
     finally:
         stack.stop(child)
+
+
+def access_log_path(stack: Stack, name: str) -> Path:
+    return stack.workdir / f"{name}.access.log"
 
 
 def measure_once(args: argparse.Namespace, row: Row, running: Running) -> None:
@@ -227,12 +249,16 @@ def run_rows(args: argparse.Namespace, stack: Stack) -> tuple[list[Row], dict[st
                     row = rows.get((name, response, conns))
                     if row is not None and row.failure is None:
                         measure_once(args, row, running[name])
+                        if name in ACCESS_LOG_ROWS:
+                            os.truncate(access_log_path(stack, name), 0)  # the writer appends at the new end
                         done = f"{row.rounds[-1].rps:,.0f}" if row.failure is None else "failed"
                         print(f"  {name} {done}", end="", flush=True)
                 print(flush=True)
         for name, (child, _, socket_path) in running.items():
             if socket_path is not None and child is not None and child.process.poll() is None:
                 stats = haproxy_stats(socket_path) if name.startswith("haproxy") else lbd_stats(socket_path)
+                if name in ACCESS_LOG_ROWS:
+                    stats["access_log"] = lbd_access_log(socket_path)
                 counted[name] = stats
                 print(f"  {name} counted: {stats_line(stats)}", flush=True)
     return list(rows.values()), counted
@@ -267,7 +293,9 @@ def stats_line(stats: dict[str, object]) -> str:
         counts = sorted(per_server.values())
         servers = f"{len(counts)} servers, {counts[0]:,} to {counts[-1]:,} (median {counts[len(counts) // 2]:,})"
     sessions = f"; sessions {stats['sessions']:,}" if isinstance(stats.get("sessions"), int) else ""
-    return f"{requests['total']:,} requests ({classes}); per server: {servers}{sessions}"
+    logged = stats.get("access_log")
+    lines = f"; access log {logged['lines']:,} lines, {logged['dropped']:,} dropped" if isinstance(logged, dict) else ""
+    return f"{requests['total']:,} requests ({classes}); per server: {servers}{sessions}{lines}"
 
 
 def run_memory(args: argparse.Namespace, stack: Stack) -> dict[str, object]:

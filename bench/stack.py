@@ -278,12 +278,13 @@ class Stack:
         command: list[str] | None = None,
         cluster: str | None = None,
         workers: int = 1,
+        args: list[str] | None = None,
     ) -> tuple[Child, int, Path]:
         """lbd in `mode`, run by `command` (else the one under test), with `servers` servers over the
         backends (else one per backend); its log named after `name`, else lbd-MODE (base-MODE for
         `command`); `config` as its config file's text, else --lbd-config's file; `cluster` a store
-        URL (--cluster); `workers` its proxy processes (--workers); static gets the servers from
-        --servers, dynamic has them registered over the API."""
+        URL (--cluster); `workers` its proxy processes (--workers); `args` more flags; static gets
+        the servers from --servers, dynamic has them registered over the API."""
         port = free_port()
         rundir = Path(tempfile.mkdtemp(prefix=f"lbd-{mode}-", dir=self.workdir))
         socket_path = rundir / "lbd.sock"
@@ -302,6 +303,7 @@ class Stack:
             argv += ["--cluster", cluster]
         if workers != 1:
             argv += ["--workers", str(workers)]
+        argv += args or []
         child = self.spawn(name or f"{'base' if command else 'lbd'}-{mode}", argv, self.proxy_cpu)
         if mode == "dynamic":
             self._register(child, socket_path, json.loads(servers_file.read_text()))
@@ -347,6 +349,23 @@ def lbd_stats(socket_path: Path) -> dict[str, object]:
         "per_server": {server["id"]: server["requests"] for server in servers},
         "health": {server["id"]: server["health"] for server in servers},
     }
+
+
+def lbd_access_log(socket_path: Path) -> dict[str, int]:
+    """What lbd's access log counted (from /metrics): lines written, lines dropped."""
+    connection = UnixHTTPConnection(socket_path, timeout=5.0)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    counts = {"lines": 0, "dropped": 0}
+    for line in text.splitlines():
+        if line.startswith("lbd_access_log_lines_total "):
+            counts["lines"] += int(float(line.split()[-1]))
+        elif line.startswith("lbd_access_log_dropped_total{"):
+            counts["dropped"] += int(float(line.split()[-1]))
+    return counts
 
 
 def haproxy_stats(stats_socket: Path) -> dict[str, object]:

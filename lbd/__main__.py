@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from lbd import logs
+from lbd.accesslog_writer import check_target
 from lbd.config import ConfigSource
 from lbd.daemon import Daemon
 from lbd.errors import LbError
@@ -135,6 +136,18 @@ def start(
             "(redis://HOST:PORT/DB, rediss://..., unix:///PATH).",
         ),
     ] = None,
+    access_log: Annotated[
+        str | None,
+        typer.Option("--access-log", metavar="FILE|-", help="Append one line per request to FILE (-: stdout) [off]."),
+    ] = None,
+    access_log_format: Annotated[
+        str | None,
+        typer.Option("--access-log-format", metavar="text|json", help="Access-log lines as text or JSON [text]."),
+    ] = None,
+    access_log_sample: Annotated[
+        float | None,
+        typer.Option("--access-log-sample", metavar="F", help="Log this fraction of clients' successful requests [1]."),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="debug|info|warning|error", help="What lbd logs to stderr.")
     ] = "info",
@@ -162,11 +175,16 @@ def start(
         "client_id_fallback": client_id_fallback,
         "cluster": cluster,
         "workers": workers,
+        "access_log": access_log if access_log in (None, "-") else _absolute(Path(access_log)),
+        "access_log_format": access_log_format,
+        "access_log_sample": access_log_sample,
     }
     source = ConfigSource(config, overrides)
     try:
         resolved, seed = source.load()
         load_certificates(resolved.tls)  # a bad certificate is a config error (the daemon loads them again)
+        if resolved.access_log is not None:  # likewise an access log that cannot be written (opened again)
+            check_target(resolved.access_log, create=True)
         store = StateStore(resolved.state_dir)
         store.open()  # locked for the process's life: one daemon per state directory
         persisted = store.load(resolved.regions.server_regions)
@@ -210,6 +228,8 @@ def check_config(
     try:
         resolved, seed = ConfigSource(path, {"admin_token": os.environ.get("LBD_ADMIN_TOKEN")}).load()
         certificates = load_certificates(resolved.tls)
+        if resolved.access_log is not None:
+            check_target(resolved.access_log, create=False)
     except LbError as exc:
         _fail(str(exc), EXIT_CONFIG)
     source = f" from {resolved.servers}" if resolved.servers is not None else ""

@@ -140,11 +140,15 @@ class Balancer:
     # --- choosing ---------------------------------------------------------------------------------
 
     def choose(self, client_id: str, client_region: str | None, now: float) -> Server:
+        return self.route(client_id, client_region, now)[0]
+
+    def route(self, client_id: str, client_region: str | None, now: float) -> tuple[Server, str]:
+        """The server for this request and why (a REASON_*, the access log's `route`); pins as needed."""
         if self.mode == "static":
-            return self._static_choice(client_id)[0]
+            return self._static_choice(client_id)
         region = self.resolve_region(client_region)
         session = self.sessions.get(client_id, now)
-        server, _, repin = self._dynamic_decision(client_id, region, session, now)
+        server, reason, repin = self._dynamic_decision(client_id, region, session, now)
         shared = self.shared
         if repin:
             self.sessions.pin(client_id, server.id, region, now)
@@ -152,7 +156,7 @@ class Balancer:
                 shared.pinned(client_id, server.id, region)
         elif shared is not None and session is not None:
             shared.touched(client_id, session, now)
-        return server
+        return server, reason
 
     def proposal(self, client_id: str, client_region: str | None, now: float) -> Server:
         """Where a client without a session would go now (a cluster asks the store whether another

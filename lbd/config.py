@@ -29,6 +29,7 @@ MODES: tuple[Mode, ...] = ("static", "dynamic")
 CLIENT_ID_FALLBACKS = ("reject", "client-ip", "cookie")
 COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 6265 cookie-name (a token)
 FIELD_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an HTTP field name (RFC 9110 token)
+ACCESS_LOG_FORMATS = ("text", "json")
 
 DEFAULT_LATENCY_MS: Mapping[str, int] = MappingProxyType(
     {"us-east": 10, "eu-west": 50, "asia-south": 100, "oceania": 150, "ca-central": 30}
@@ -217,6 +218,10 @@ class Config:
     retry_body_limit_bytes: int = 64 * 1024
     non_idempotent_reuse_ms: int = 1000  # a POST takes a pooled connection only if it served this recently
     splice_responses: bool = True  # large response bodies moved in the kernel (HAProxy's option splice-response)
+    access_log: str | None = None  # a file to append one line per request to, "-" for stdout; None: off
+    access_log_format: str = "text"  # or "json"
+    access_log_sample: float = 1.0  # the fraction of clients whose successful requests are logged
+    access_log_buffer: int = field(default=16_384, metadata={"min": 256})  # lines waiting for the writer
     tls: TlsSettings = field(default_factory=TlsSettings)
     regions: Regions = field(default_factory=Regions)
     health: HealthSettings = field(default_factory=HealthSettings)
@@ -229,6 +234,7 @@ class Config:
 
 
 TOP_LEVEL_KEYS = _keys(Config)
+ACCESS_LOG_MIN_BUFFER = _int_minimums(Config)["access_log_buffer"]  # one batch handed to the writer
 INTEGER_KEYS = tuple(key for key in _int_minimums(Config) if key != "workers")
 MAX_WORKERS = 256
 MIN_TOKEN_LENGTH = 16
@@ -303,7 +309,11 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "splice_responses": _boolean,
         "client_id_fallback": _client_id_fallback,
         "client_id_cookie": _cookie_name,
+        "access_log": lambda value, at: _access_log(value, at, base_dir),
+        "access_log_format": _access_log_format,
+        "access_log_sample": _fraction,
         **dict.fromkeys(INTEGER_KEYS, _non_negative_int),
+        "access_log_buffer": _access_log_buffer,
     }
     values = {key: parse(raw[key], f"{where}: {key}") for key, parse in parsers.items() if key in raw}
     config = replace(Config(), **values)
@@ -494,6 +504,29 @@ def _cookie_name(value: object, where: str) -> str:
     if not isinstance(value, str) or not COOKIE_NAME.match(value):
         raise ConfigError(f"{where}: must be a cookie name (1-64 letters, digits or !#$%&'*+.^_`|~-); got {value!r}")
     return value
+
+
+def _access_log(value: object, where: str, base_dir: Path) -> str:
+    """A file path (absolute, from the config file's directory), or "-" for stdout."""
+    return "-" if value == "-" else str(_path(value, where, base_dir))
+
+
+def _access_log_format(value: object, where: str) -> str:
+    if value not in ACCESS_LOG_FORMATS:
+        raise ConfigError(f"{where}: must be one of {', '.join(ACCESS_LOG_FORMATS)}; got {value!r}")
+    return str(value)
+
+
+def _access_log_buffer(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < ACCESS_LOG_MIN_BUFFER:
+        raise ConfigError(f"{where}: must be an integer >= {ACCESS_LOG_MIN_BUFFER}; got {value!r}")
+    return value
+
+
+def _fraction(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: must be a number from 0 to 1; got {value!r}")
+    return float(value)
 
 
 def _boolean(value: object, where: str) -> bool:

@@ -5,7 +5,8 @@ until SIGTERM/SIGINT, shut down (stop accepting, let requests in flight finish w
 period, snapshot the sticky sessions, remove the socket file). Everything the start opens is
 registered in one exit stack, so it is closed however the daemon ends, a failed start included.
 State saved in the state directory is restored before the listeners open (see lbd/state.py).
-SIGHUP reloads the config file, like `lbctl reload` (see lbd/reload.py).
+SIGHUP reloads the config file, like `lbctl reload` (see lbd/reload.py); SIGUSR1 reopens the access
+log (lbd/accesslog_writer.py), for log rotation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from lbd import systemd
+from lbd.accesslog_writer import AccessLog, open_target
 from lbd.admin.app import collectors_of, create_admin_app
 from lbd.admin.common import AdminState
 from lbd.admin.socket import bind_owner_only, remove_socket
@@ -50,6 +52,8 @@ FD_HEADROOM = 1024  # descriptors beyond the client connections: upstream pools,
 
 
 class Daemon:
+    access_log: AccessLog  # opened by the start
+
     def __init__(
         self,
         config: Config,
@@ -111,6 +115,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         _raise_fd_limit(config.limits.max_connections)
         proxy_ctx = ProxyContext(loop, self.registry, self.balancer, config)
+        access_log = self.access_log = proxy_ctx.access_log = _start_access_log(loop, config, opened)
         proxy = ProxyServer(proxy_ctx)
         admin_sock, admin_inode = bind_owner_only(config.admin_socket)
         opened.callback(remove_socket, config.admin_socket, admin_inode)
@@ -128,6 +133,7 @@ class Daemon:
             self.source, config, self.seed,
             registry=self.registry, balancer=self.balancer, sessions=self.sessions,
             proxy=proxy_ctx, checker=checker, state=self._follower(cluster), audit=self.audit, tls=tls,
+            access_log=access_log,
         )  # fmt: skip
         control = self._control(changes, reloader, cluster)
         if cluster is not None:
@@ -193,7 +199,12 @@ class Daemon:
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
             signal.SIGHUP: lambda: self._reload_on_sighup(reloader),
+            signal.SIGUSR1: self._reopen_logs,
         }
+
+    def _reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): the access log's path is opened again."""
+        self.access_log.reopen()
 
     async def _before_admin(self, opened: contextlib.AsyncExitStack) -> None:
         """The admin API is about to answer: a supervisor's workers serve by then."""
@@ -268,6 +279,15 @@ def _raise_fd_limit(max_connections: int) -> None:
             "connections beyond it will fail to be accepted",
             hard, FD_HEADROOM, needed,
         )  # fmt: skip
+
+
+def _start_access_log(loop: asyncio.AbstractEventLoop, config: Config, opened: contextlib.AsyncExitStack) -> AccessLog:
+    """The access log (off unless configured); closed after the proxy, whose close is pushed later, so
+    the lines of requests cut at the end go out too."""
+    access_log = AccessLog(loop)
+    access_log.apply(config, -1 if config.access_log is None else open_target(config.access_log))
+    opened.push_async_callback(access_log.close)
+    return access_log
 
 
 async def _listen(proxy: ProxyServer, config: Config, tls: TlsTerminator | None) -> dict[str, str]:

@@ -152,6 +152,16 @@ class LbdCollector(Collector):
             "reason",
             proxy.rejections,
         )
+        access_log = proxy.access_log
+        if access_log is not None:
+            yield CounterMetricFamily("lbd_access_log_lines", "Access-log lines written.", value=access_log.lines)
+            yield counts_by(
+                "lbd_access_log_dropped",
+                "Access-log lines dropped: buffer_full (the writer was too far behind), write_failed (the file "
+                "refused them).",
+                "reason",
+                {"buffer_full": access_log.dropped_full, "write_failed": access_log.dropped_failed},
+            )
         yield GaugeMetricFamily("lbd_sessions", "Live sticky sessions.", value=len(sessions))
         yield CounterMetricFamily(
             "lbd_sessions_evicted", "Sessions evicted because the table was full.", value=sessions.evicted

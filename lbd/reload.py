@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from lbd.accesslog_writer import AccessLog, open_target
 from lbd.audit import AuditTrail
 from lbd.balancer import Balancer
 from lbd.config import RESTART_KEYS, Config, ConfigSource, Mode, config_changes
@@ -119,6 +120,7 @@ class Reloader:
         state: StateFollower | None = None,
         audit: AuditTrail | None = None,
         tls: TlsTerminator | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.source = source
         self.config = config
@@ -132,6 +134,7 @@ class Reloader:
         self._state = state
         self.audit = audit or AuditTrail()
         self.tls = tls  # the TLS listener's certificates, re-read by every reload
+        self.access_log = access_log  # reopened by every reload (logrotate's postrotate), its settings live
         self._lock = asyncio.Lock()  # one reload at a time: each one compares with the config in effect
         # told of each reload that applied, in order (a supervisor passes it on to its workers)
         self.followers: list[Callable[[Config, list[ServerSpec]], Awaitable[None]]] = []
@@ -190,6 +193,7 @@ class Reloader:
         plan = plan_seed(self._seed, new_seed, {server.id: server.spec for server in self._registry.servers()})
         self._check_regions(new, plan)
         certificates = self._reread_certificates(new)
+        access_fd = self._open_access_log(new)  # the last check: nothing after it can fail and leak it
         # Checked: from here on nothing fails, so a reload applies whole or not at all.
         mode_before = self._balancer.mode
         self._registry.configure(new.regions.latency_ms, new.health)
@@ -197,6 +201,8 @@ class Reloader:
         self._sessions.configure(new.session_idle_timeout, new.max_sessions)
         self._proxy.apply(new)
         tls_changes = [] if self.tls is None or certificates is None else self.tls.apply(certificates)
+        if self.access_log is not None:
+            self.access_log.apply(new, access_fd)
         self._apply_seed(plan)
         self._seed = new_seed
         # the state keeper learns the new seed, and whether the file's mode applies
@@ -255,6 +261,16 @@ class Reloader:
             return None
         try:
             return load_certificates(new.tls)
+        except LbError as exc:
+            raise ReloadError(422, "invalid_config", str(exc)) from None
+
+    def _open_access_log(self, new: Config) -> int:
+        """The access log's file opened again (its path may be new, or renamed by a rotation) and
+        checked writable; an unwritable one refuses the reload and the file in use stays."""
+        if new.access_log is None or self.access_log is None:
+            return -1
+        try:
+            return open_target(new.access_log)
         except LbError as exc:
             raise ReloadError(422, "invalid_config", str(exc)) from None
 

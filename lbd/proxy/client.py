@@ -55,6 +55,7 @@ class ClientConnection(FlowControlled):
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_exchange: Exchange | None = None
         self.client_ip = b"unknown"
+        self.client_port = 0
         self.forwarded_for_line = b"X-Forwarded-For: unknown\r\n"  # for requests that bring no X-Forwarded-For
         self.closing = False
         self.half_closed = False  # the client sent its FIN after whole requests: close once they are answered
@@ -75,6 +76,7 @@ class ClientConnection(FlowControlled):
         self.requests = 0  # request heads received on this connection
         self.stopping = False  # a graceful stop came before the first request: serve that one, then close
         self.fd = -1  # the socket's descriptor, looked up the first time a body is spliced to it
+        self.tunnel_bytes = 0  # sent by the client through its tunnel (the access log's bytes_in)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -83,6 +85,7 @@ class ClientConnection(FlowControlled):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
+            self.client_port = int(peer[1])
             self.forwarded_for_line = b"X-Forwarded-For: " + self.client_ip + CRLF
         if self.tls_lines is not None:
             self.proto_lines = self.tls_lines(transport)
@@ -98,6 +101,7 @@ class ClientConnection(FlowControlled):
         if self.lingering:
             return
         if self.tunnel is not None:
+            self.tunnel_bytes += len(data)
             self.tunnel.write(data)
             return
         upgrading = self.upgrading  # a local: the feed below may set the attribute
@@ -242,6 +246,7 @@ class ClientConnection(FlowControlled):
             return "1.1"
         version: str = self.parser.get_http_version()
         if version not in ("1.0", "1.1"):
+            self.head.version = version  # for the access log
             raise Refused(505, f"HTTP/{version} is not supported; lbd speaks HTTP/1.0 and 1.1", "malformed")
         return version
 
@@ -425,13 +430,28 @@ class ClientConnection(FlowControlled):
         self.in_head = False
         self.closing = True
         if self.active is None:
-            self.write(simple_response(refused.status, refused.text, close=True))
+            answer = simple_response(refused.status, refused.text, close=True)
+            self.write(answer)
             self.ctx.count_response(refused.status, None)
+            self._log_refusal(broken, refused, len(answer))
             if linger:
                 self._linger()
             else:
                 self.close()
         elif self.active is broken:
             self.linger_on_close = True
-            broken.client_failed(refused.status, refused.text)  # its body broke mid-way: stop it now
+            broken.client_failed(refused.status, refused.text, refused.reason)  # its body broke mid-way: stop it now
         # else: a pipelined request behind the active one broke; close after the active response
+
+    def _log_refusal(self, broken: Exchange | None, refused: Refused, answered: int) -> None:
+        """The access-log entry of a request (or, with none begun, a connection) lbd refused itself."""
+        log = self.ctx.access_log
+        if log is None or not log.on:
+            return
+        exchange = broken if broken is not None else Exchange(self)
+        request = exchange.request
+        if request.url and not request.method:  # the request line was parsed, the head not completed
+            request.method = self.parser.get_method()
+        exchange.status = refused.status
+        exchange.bytes_out = answered
+        exchange.log(refused.reason)

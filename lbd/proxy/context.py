@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final, Protocol
 
+from lbd.accesslog_writer import AccessLog
 from lbd.balancer import Balancer
 from lbd.config import Config
 from lbd.models import Server
@@ -57,6 +58,8 @@ class ProxyContext:
         self.deadlines = DeadlineWheel(loop)
         self.connections: set[ClientConnection] = set()
         self.shared: SessionClaims | None = None  # set when lbd is part of a cluster
+        self.access_log: AccessLog | None = None  # set by the daemon; entries go to it while it is on
+        self.stopping = False  # the proxy is cutting what a graceful stop left (the access log says so)
         self.requests_total = 0
         self.retries = 0
         self.failovers = 0

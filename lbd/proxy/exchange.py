@@ -6,7 +6,8 @@ for a server, makes an `Attempt` against it, streams the request to an upstream 
 response back, framed for this client (`framing.py`). A failure before any response byte reached
 the client is retried or answered as `retry.py` decides (502/503/504); the upstream timeout is
 `timeout_base + region latency`, counted only while lbd waits on the server. Outcomes go to the
-registry through the attempt; the exchange never decides health.
+registry through the attempt; the exchange never decides health. Its end is one access-log entry
+(`log`): facts gathered on the way (clock readings, byte counts, the balancer's reason), not a line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Final
 
+from lbd import accesslog
+from lbd.accesslog import Entry
 from lbd.balancer import BadRoute, NoServer
 from lbd.models import Outcome, Server
 from lbd.proxy import retry
@@ -59,8 +62,12 @@ ANY_IDLE: Final = float("inf")
 class Exchange:
     __slots__ = (
         "attempt",
+        "began",
+        "bytes_in",
+        "bytes_out",
         "client",
         "close_after",
+        "connected_at",
         "connecting",
         "ctx",
         "deadline",
@@ -78,18 +85,21 @@ class Exchange:
         "response_started",
         "retried_backup",
         "retried_same",
+        "retries",
+        "route",
         "set_cookie",
         "status",
+        "tunnel",
         "upstream",
         "upstream_write_full",
     )
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
-        self.ctx = client.ctx
+        self.ctx = ctx = client.ctx
         self.request = RequestHead()  # filled by the client connection's parser
         self.request_complete = False
-        self.deferred_reply: tuple[int, str] | None = None
+        self.deferred_reply: tuple[int, str, str] | None = None  # status, text, termination
         self.set_cookie = b""  # the Set-Cookie line issuing a new client id (client_id_fallback = "cookie")
         self.pending: list[bytes] = []  # request bytes waiting for an upstream connection
         self.pending_size = 0
@@ -109,10 +119,21 @@ class Exchange:
         self.deadline = 0  # the deadline wheel's handle, 0 when none is armed
         self.upstream_write_full = False
         self.status = 0
+        # for the access log, read only while it is on: the request's first byte (perf_counter; 0: not
+        # logged), the final attempt's connection, bytes each way, why its server, attempts made again
+        log = ctx.access_log
+        self.began = time.perf_counter() if log is not None and log.on else 0.0
+        self.connected_at = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.route: str | None = None
+        self.retries = 0
+        self.tunnel: UpstreamConnection | None = None
 
     # --- request side, fed by the client connection's parser ----------------------------------
 
     def request_body(self, chunk: bytes) -> None:
+        self.bytes_in += len(chunk)
         if self.attempt is not None:
             self.last_activity = self.ctx.loop.time()
         self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF if self.request.chunked else chunk)
@@ -120,7 +141,8 @@ class Exchange:
     def request_done(self) -> None:
         self.request_complete = True
         if self.deferred_reply is not None:
-            self.reply(*self.deferred_reply, Outcome.OK)
+            status, text, termination = self.deferred_reply
+            self.reply(status, text, Outcome.OK, termination)
             return
         if self.request.chunked:
             self._to_upstream(CHUNK_END)
@@ -152,7 +174,7 @@ class Exchange:
         if request.client_id is None:
             request.client_id = self._fallback_client_id()
             if request.client_id is None:
-                self._refuse(400, "missing the client-id header; lbd routes each client by it")
+                self._refuse(400, "missing the client-id header; lbd routes each client by it", accesslog.NO_ROUTE)
                 return
         if request.has_body and request.idempotent:
             self.replay = Replay(ctx.retry_body_limit)
@@ -164,11 +186,17 @@ class Exchange:
 
     def _route(self) -> None:
         try:
-            server = self.ctx.balancer.choose(self._client(), self._region(), time.monotonic())
+            server, self.route = self.ctx.balancer.route(self._client(), self._region(), time.monotonic())
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
-            self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
+            self._unroutable(unroutable)
             return
         self._forward_to(server, fresh_connection=False)
+
+    def _unroutable(self, unroutable: BadRoute | NoServer) -> None:
+        if isinstance(unroutable, BadRoute):
+            self._refuse(400, str(unroutable), accesslog.NO_ROUTE)
+        else:
+            self._refuse(503, str(unroutable), accesslog.NO_SERVER)
 
     def _claim(self, shared: SessionClaims) -> None:
         """A client new to this instance, in a cluster: where the balancer would put it is claimed in
@@ -179,7 +207,7 @@ class Exchange:
             region = balancer.resolve_region(self._region())
             proposal = balancer.proposal(client_id, region, time.monotonic())
         except (BadRoute, NoServer) as unroutable:
-            self._refuse(400 if isinstance(unroutable, BadRoute) else 503, str(unroutable))
+            self._unroutable(unroutable)
             return
         task = self.ctx.loop.create_task(shared.claim(client_id, proposal, region))
         task.add_done_callback(self._claimed)
@@ -217,18 +245,19 @@ class Exchange:
         region = self.request.client_region
         return None if region is None else region.decode("latin-1")
 
-    def _refuse(self, status: int, text: str) -> None:
+    def _refuse(self, status: int, text: str, termination: str) -> None:
         """Answer without a server. A bodiless request is answered once fully read, keeping the
         connection; one with a body is answered at once and the connection closed (its body is
         not worth reading)."""
         if self.request_complete or self.request.has_body:
-            self.reply(status, text, Outcome.OK)
+            self.reply(status, text, Outcome.OK, termination)
         else:
-            self.deferred_reply = (status, text)
+            self.deferred_reply = (status, text, termination)
 
     def _forward_to(self, server: Server, fresh_connection: bool) -> None:
         ctx = self.ctx
         self.attempt = Attempt(server, ctx.timeout_s(server))
+        self.connected_at = 0.0
         self.last_activity = ctx.loop.time()
         self._arm_timer()
         if fresh_connection:
@@ -266,6 +295,8 @@ class Exchange:
         assert attempt is not None
         self.upstream = connection
         connection.exchange = self
+        if self.began:
+            self.connected_at = time.perf_counter()
         client = self.client
         if self.request.has_body:
             client.gather_for(connection)  # the head and the body parsed in the same read: one write
@@ -310,25 +341,37 @@ class Exchange:
             lines.append(self.set_cookie)
         self.framing = framing
         self.flags = flags
-        self.client.write(b"".join((status_line(status, head.reason), *lines, CRLF)))
+        data = b"".join((status_line(status, head.reason), *lines, CRLF))
+        self.bytes_out += len(data)
+        self.client.write(data)
         return flags
 
     def response_body(self, body: bytes | memoryview) -> None:
         if self.flags & CHUNK_FOR_CLIENT:
-            self.client.write(b"%x\r\n" % len(body) + body + CRLF)
+            piece = b"%x\r\n" % len(body) + body + CRLF
+            self.bytes_out += len(piece)
+            self.client.write(piece)
         else:
+            self.bytes_out += len(body)
             self.client.write(body)
+
+    def spliced(self, moved: int) -> None:
+        """Body bytes the kernel moved from the server's socket to the client's."""
+        self.bytes_out += moved
 
     def interim_response(self, head: ResponseHead) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         if self.request.version == "1.1":
             lines = _response_header_pieces(head)
-            self.client.write(b"".join((status_line(head.status, head.reason), *lines, CRLF)))
+            data = b"".join((status_line(head.status, head.reason), *lines, CRLF))
+            self.bytes_out += len(data)
+            self.client.write(data)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
             return
         if self.flags & CHUNK_FOR_CLIENT:
+            self.bytes_out += len(CHUNK_END)
             self.client.write(CHUNK_END)
         connection = self.upstream
         self.upstream = None
@@ -338,7 +381,7 @@ class Exchange:
             else:
                 connection.exchange = None
                 connection.close()
-        self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK)
+        self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK, accesslog.COMPLETE)
 
     def server_sent(self) -> None:
         """The server is not silent: its deadline restarts."""
@@ -380,7 +423,7 @@ class Exchange:
         if self.response_started and self.framing == UNTIL_CLOSE:
             self.response_complete(False)  # the body's end was the connection's end
         elif self.response_started:
-            self._abort(Outcome.RESET)
+            self._abort(Outcome.RESET, accesslog.SERVER_CLOSED)
         else:
             self._upstream_failed(Outcome.RESET, "closed the connection before responding")
 
@@ -390,29 +433,30 @@ class Exchange:
         if self.finished:
             return
         if self.response_started and not unsent:
-            self._abort(Outcome.BAD_RESPONSE)
+            self._abort(Outcome.BAD_RESPONSE, accesslog.BAD_RESPONSE)
         else:
             self.response_started = False
             self.flags = self.framing = 0
             self._upstream_failed(Outcome.BAD_RESPONSE, f"sent a malformed response ({what})")
 
-    def client_failed(self, status: int, text: str) -> None:
+    def client_failed(self, status: int, text: str, termination: str) -> None:
         """The client broke its request mid-way (its framing, a limit) or went silent: free the
         server's slot, and answer if nothing of the response has gone yet."""
         if self.finished:
             return
         if self.response_started:
-            self._abort(Outcome.CLIENT_ABORTED)
+            self._abort(Outcome.CLIENT_ABORTED, termination)
         else:
             self._drop_upstream()
-            self.reply(status, text, Outcome.CLIENT_ABORTED)
+            self.reply(status, text, Outcome.CLIENT_ABORTED, termination)
 
     def client_lost(self) -> None:
-        """The client went away: stop the upstream side too (its connection cannot be reused)."""
+        """The client went away (or lbd cut it at the end of a graceful stop): stop the upstream side
+        too (its connection cannot be reused)."""
         if self.finished:
             return
         self._drop_upstream()
-        self._account(Outcome.CLIENT_ABORTED)
+        self._account(Outcome.CLIENT_ABORTED, accesslog.SHUTDOWN if self.ctx.stopping else accesslog.CLIENT_CLOSED)
 
     def _drop_upstream(self) -> UpstreamConnection | None:
         """Abandon the upstream connection mid-exchange (it cannot be reused); returns it."""
@@ -443,6 +487,7 @@ class Exchange:
         server = attempt.server
         if decision == retry.RETRY_SAME_SERVER:
             self.retried_same = True
+            self.route = (self.route or "") + accesslog.RETRY_SUFFIX
             self._retry_on(server, None, sent)  # not the server's fault: it had closed the idle connection
             return
         if decision == retry.RETRY_BACKUP:
@@ -450,9 +495,11 @@ class Exchange:
             backup = self.ctx.balancer.backup(self._client(), self._region(), server, time.monotonic())
             if backup is not None:
                 self.ctx.failovers += 1
+                self.route = (self.route or "") + accesslog.FAILOVER_SUFFIX
                 self._retry_on(backup, outcome, sent)
                 return
-        self.reply(retry.failure_status(outcome), f"upstream {server.id} ({server.spec.url}) {what}", outcome)
+        text = f"upstream {server.id} ({server.spec.url}) {what}"
+        self.reply(retry.failure_status(outcome), text, outcome, _upstream_termination(outcome))
 
     def _retry_on(self, server: Server, failure: Outcome | None, sent: bool) -> None:
         """Settle the failed attempt, then start again; what was sent goes again from the replay
@@ -461,24 +508,27 @@ class Exchange:
         assert attempt is not None
         attempt.settle(self.ctx.registry, failure)
         self.ctx.retries += 1
+        self.retries += 1
         if sent and self.replay is not None:
             self.pending = list(self.replay.pieces)
             self.pending_size = self.replay.size
         self._forward_to(server, fresh_connection=True)
 
-    def _abort(self, outcome: Outcome) -> None:
+    def _abort(self, outcome: Outcome, termination: str) -> None:
         """Mid-response failure: the client can only learn of it from a cut connection."""
         self._drop_upstream()
         self.client.abort()
-        self._account(outcome)
+        self._account(outcome, termination)
 
-    def reply(self, status: int, text: str, outcome: Outcome) -> None:
+    def reply(self, status: int, text: str, outcome: Outcome, termination: str) -> None:
         """Answer the client ourselves; close afterwards if the request body was not read."""
         close = not self.request_complete or not self.request.keep_alive or self.client.closing
         self.close_after = self.close_after or close
         self.status = status
-        self.client.write(simple_response(status, text, close))
-        self._finish(outcome)
+        answer = simple_response(status, text, close)
+        self.bytes_out += len(answer)
+        self.client.write(answer)
+        self._finish(outcome, termination)
 
     # --- timing -----------------------------------------------------------------------------------
 
@@ -518,11 +568,11 @@ class Exchange:
             if now < stalled_since:
                 self.deadline = self.ctx.deadlines.arm(self, min(stalled_since, now + timeout_s))
             else:
-                self.client_failed(408, "the client sent nothing for too long")
+                self.client_failed(408, "the client sent nothing for too long", accesslog.CLIENT_TIMEOUT)
         elif now < deadline:
             self.deadline = self.ctx.deadlines.arm(self, deadline)
         elif self.response_started:
-            self._abort(Outcome.TIMEOUT)
+            self._abort(Outcome.TIMEOUT, accesslog.SERVER_TIMEOUT)
         else:
             if self.connecting is not None:
                 self.connecting.cancel()
@@ -537,6 +587,7 @@ class Exchange:
         attempt = self.attempt
         assert connection is not None and attempt is not None
         self.upstream = None
+        self.tunnel = connection
         connection.exchange = None
         self.finished = True
         self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
@@ -545,20 +596,35 @@ class Exchange:
         client = self.client
         connection.tunnel_to(client.transport)
         if self.early_tunnel:
+            self.bytes_in += len(self.early_tunnel)
             connection.write(self.early_tunnel)
             self.early_tunnel = b""
         client.tunnel_to(connection.transport, self)
         if upstream_bytes:
+            self.bytes_out += len(upstream_bytes)
             client.write(upstream_bytes)
 
     def tunnel_closed(self) -> None:
+        """The client's side of the tunnel closed (after the server's, or first): one access-log
+        entry for the whole tunnel, with the bytes it carried."""
         if self.attempt is not None:
             self.attempt.tunnel_closed()
+        connection = self.tunnel
+        if connection is None:
+            return
+        self.tunnel = None
+        self.bytes_in += self.client.tunnel_bytes
+        self.bytes_out += connection.tunnel_bytes
+        if self.ctx.stopping:
+            self.log(accesslog.SHUTDOWN)
+        else:
+            self.log(accesslog.TUNNEL_CLOSED_BY_SERVER if connection.lost else accesslog.TUNNEL_CLOSED_BY_CLIENT)
 
     # --- the end ----------------------------------------------------------------------------------
 
-    def _account(self, outcome: Outcome) -> None:
-        """Settle this exchange's books exactly once: timer, connect attempt, the server's attempt."""
+    def _account(self, outcome: Outcome, termination: str) -> None:
+        """Settle this exchange's books exactly once: timer, connect attempt, the server's attempt,
+        the response's count and its access-log entry."""
         if self.finished:
             return
         self.finished = True
@@ -571,10 +637,40 @@ class Exchange:
         if attempt is not None:
             attempt.settle(self.ctx.registry, outcome)
         self.ctx.count_response(self.status, None if attempt is None else attempt.server)
+        self.log(termination)
 
-    def _finish(self, outcome: Outcome) -> None:
-        self._account(outcome)
+    def _finish(self, outcome: Outcome, termination: str) -> None:
+        self._account(outcome, termination)
         self.client.exchange_finished(self, self.request.keep_alive and not self.close_after)
+
+    def log(self, termination: str) -> None:
+        """Hand this request's access-log entry over, when the log is on and sampling keeps it: plain
+        values only, formatted by the writer thread. Also used for lbd's refusals of a connection."""
+        log = self.ctx.access_log
+        began = self.began
+        if log is None or not log.on or not began:
+            return  # off, or the request began before the log was turned on
+        request = self.request
+        status = self.status
+        if log.sampling and accesslog.successful(status, termination) and not log.sampled(request.client_id):
+            return
+        ended = time.perf_counter()
+        attempt = self.attempt
+        server = region = None
+        ttfb_s = -1.0
+        if attempt is not None:
+            server, region = attempt.server.id, attempt.server.spec.region
+            if attempt.latency_s is not None:
+                ttfb_s = attempt.started_at + attempt.latency_s - began
+        client = self.client
+        log.add(
+            Entry(
+                began, client.client_ip, client.client_port, request.client_id, request.client_region,
+                request.method, request.url, request.version if request.method else "", status,
+                self.bytes_in, self.bytes_out, server, region, self.route, self.retries,
+                self.connected_at - began if self.connected_at else -1.0, ttfb_s, ended - began, termination,
+            )
+        )  # fmt: skip
 
 
 def _response_header_pieces(head: ResponseHead) -> list[bytes]:
@@ -583,6 +679,17 @@ def _response_header_pieces(head: ResponseHead) -> list[bytes]:
     if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
         pieces = head.forwarded_without(named)
     return [*pieces, VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)]
+
+
+def _upstream_termination(outcome: Outcome) -> str:
+    """How a request ends that failed on its server with `outcome` and is not tried again."""
+    if outcome is Outcome.CONNECT_FAILED:
+        return accesslog.CONNECT_FAILED
+    if outcome is Outcome.TIMEOUT:
+        return accesslog.SERVER_TIMEOUT
+    if outcome is Outcome.BAD_RESPONSE:
+        return accesslog.BAD_RESPONSE
+    return accesslog.SERVER_CLOSED
 
 
 def _describe_connect_error(error: BaseException) -> str:

@@ -86,6 +86,7 @@ class ProxyServer:
     async def close(self) -> None:
         """Stop at once: no more accepting, every connection cut, the sweeper ended (idempotent)."""
         self._stop_accepting()
+        self.ctx.stopping = True
         for connection in list(self.ctx.connections):
             connection.abort()
         self.ctx.pool.close_idle()

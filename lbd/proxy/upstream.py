@@ -77,6 +77,7 @@ class UpstreamConnection(FlowControlled):
         self.keep_alive = False
         self.broken = False
         self.tunnel: asyncio.Transport | None = None
+        self.tunnel_bytes = 0  # sent by the server through its tunnel (the access log's bytes_out)
         self.lost = False
         self.tcp_socket: Any = None  # set where TCP_QUICKACK applies (uvloop's socket-like object)
         self.fd = -1  # the socket's descriptor, where bodies could be spliced from it (not TLS)
@@ -101,6 +102,7 @@ class UpstreamConnection(FlowControlled):
         pool = self.pool
         buf = pool.read_buffer
         if self.tunnel is not None:
+            self.tunnel_bytes += nbytes
             self.tunnel.write(bytes(pool.read_view[:nbytes]))
             return
         exchange = self.exchange
@@ -245,6 +247,7 @@ class UpstreamConnection(FlowControlled):
             pool.splice_responses(False)
         self.broken = self.broken or overran
         self.length_left -= moved
+        exchange.spliced(moved)
         if refused:
             exchange.response_body(refused)
         if moved and self.length_left == 0:

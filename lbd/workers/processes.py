@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -74,24 +75,40 @@ class WorkerProcess:
         self.serving.clear()
         self.synced = False
         env = {key: value for key, value in os.environ.items() if key not in PRIVATE_ENV}
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lbd", "worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self.fds, env=env,
-        )  # fmt: skip
+        # the worker's words come on a pipe of their own: its stdout is lbd's (an access log on "-")
+        words, words_end = os.pipe()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lbd", "worker",
+                stdin=asyncio.subprocess.PIPE, pass_fds=[*self.fds, words_end], env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(words)
+            raise
+        finally:
+            os.close(words_end)
         self.started_at = time.monotonic()
         assert self.process.stdin is not None
-        self.process.stdin.write(boot.to_line())  # stdin stays open: its end tells the worker we are gone
+        line = dataclasses.replace(boot, words_fd=words_end).to_line()
+        self.process.stdin.write(line)  # stdin stays open: its end tells the worker we are gone
         await self.process.stdin.drain()
-        self._reader = asyncio.get_running_loop().create_task(self._read_words())
+        self._reader = asyncio.get_running_loop().create_task(self._read_words(words))
 
-    async def _read_words(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        async for line in self.process.stdout:
-            word = line.decode(errors="replace").strip()
-            if word == READY:
-                self.ready.set()
-            elif word == SERVING:
-                self.serving.set()
+    async def _read_words(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        try:
+            async for line in reader:
+                word = line.decode(errors="replace").strip()
+                if word == READY:
+                    self.ready.set()
+                elif word == SERVING:
+                    self.serving.set()
+        finally:
+            transport.close()
 
     async def exited(self) -> str:
         """Wait for the process to end; how it ended, in words."""

@@ -5,8 +5,9 @@
   own), the servers file's entries, the secrets that shape leaves out, the log settings and the
   numbers of the listening sockets it inherits. stdin then stays open: end of file means the
   supervisor is gone, and the worker stops.
-- **Worker to supervisor**, one word a line on stdout: `ready` (its admin socket answers) and
-  `serving` (it accepts connections).
+- **Worker to supervisor**, one word a line on a pipe of its own (`words_fd`; stdout stays lbd's,
+  for an access log on `-`): `ready` (its admin socket answers) and `serving` (it accepts
+  connections).
 - **Supervisor to worker**, on the worker's admin socket: `PUT /v1/internal/state` (a `StateSnapshot`:
   the servers, drain flags and mode every worker must hold) and `PUT /v1/internal/config` (a reload).
 """
@@ -36,6 +37,7 @@ class Boot:
     log_format: str
     listen_fd: int | None  # the plain listener's socket, inherited
     tls_listen_fd: int | None
+    words_fd: int = -1  # the pipe the worker's words go to, set when it is started
 
     def to_line(self) -> bytes:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}

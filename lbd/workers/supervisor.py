@@ -6,7 +6,8 @@ metrics listeners), the state directory, the config and its reloads, and with --
 membership of the cluster (it is the instance the peers see). It binds one SO_REUSEPORT socket
 per worker and listener (sockets.py), starts the workers (processes.py), brings each to its state
 before it accepts (control.py), and answers the admin API from them (admin.py). SIGTERM or SIGINT
-stops every worker gracefully, then itself; SIGHUP reloads, and the workers follow.
+stops every worker gracefully, then itself; SIGHUP reloads, and the workers follow; SIGUSR1 has
+every worker reopen the access log.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ class Supervisor(Daemon):
         start that fails later still stops them."""
         opened.push_async_callback(self.workers.stop, 0.0)
         await self.workers.start()
+
+    def _reopen_logs(self) -> None:
+        """The workers write the access log: each reopens it (systemd may have told them already)."""
+        super()._reopen_logs()
+        for worker in self.workers.serving():
+            worker.signal(signal.SIGUSR1)
 
     def _log_started(self, listeners: dict[str, str]) -> None:
         schemes = {"proxy": "http", "tls": "https"}

@@ -135,15 +135,16 @@ class Worker(Daemon):
         return [self._sweep_sessions(), self._warm_routing(), self._watch_supervisor()]
 
     def _signals(self, reloader: Reloader) -> dict[signal.Signals, Callable[[], None]]:
-        """SIGTERM from the supervisor stops it gracefully; Ctrl-C and SIGHUP are the supervisor's."""
-        return {signal.SIGTERM: self.request_stop}
+        """SIGTERM from the supervisor stops it gracefully, SIGUSR1 (from the supervisor, or systemd's
+        to the whole unit) reopens the access log; Ctrl-C and SIGHUP are the supervisor's."""
+        return {signal.SIGTERM: self.request_stop, signal.SIGUSR1: self._reopen_logs}
 
     async def _ready(
         self, state: AdminState, proxy: ProxyServer, tls: TlsTerminator | None, opened: contextlib.AsyncExitStack
     ) -> None:
         """Tell the supervisor the admin socket answers, wait for its state (or the store's), then
         accept on the inherited sockets."""
-        _say(READY)
+        _say(self.boot.words_fd, READY)
         if self._cluster_member is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cluster_member.joined_once.wait(), JOIN_WAIT_S)
@@ -153,7 +154,7 @@ class Worker(Daemon):
             await proxy.start(self._sockets["proxy"])
         if "tls" in self._sockets and tls is not None:
             await proxy.start_tls(self._sockets["tls"], tls.context, tls.connection_lines)
-        _say(SERVING)
+        _say(self.boot.words_fd, SERVING)
 
     def _log_started(self, listeners: dict[str, str]) -> None:
         log.info("worker %d serving (pid %d, %d servers)", self.boot.index, os.getpid(), len(self.registry))
@@ -209,14 +210,15 @@ async def _put_config(request: web.Request) -> web.Response:
     return web.json_response(report)
 
 
-def _say(word: str) -> None:
-    sys.stdout.write(word + "\n")
-    sys.stdout.flush()
+def _say(fd: int, word: str) -> None:
+    os.write(fd, word.encode() + b"\n")
 
 
 def run_worker_process(boot: Boot, run: Callable[[Daemon], None]) -> None:
     """`lbd worker`: run until stopped. Ctrl-C reaches the whole process group, and SIGHUP may: the
-    supervisor decides what they mean, and tells its workers."""
+    supervisor decides what they mean, and tells its workers. SIGUSR1 is ignored until the loop
+    handles it, so a log rotation does not kill a worker that is starting."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the loop handles it: a log rotation must not kill
     run(Worker(boot))

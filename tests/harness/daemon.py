@@ -35,8 +35,12 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 class Lbd:
-    def __init__(self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        """`prefix`: a command lbd runs under, which execs it (so signals still reach lbd)."""
         self.workdir = workdir
+        self.prefix = list(prefix)
         self.socket = workdir / "lbd.sock"
         self.log_path = workdir / "lbd.log"
         self.args = list(args)
@@ -59,7 +63,7 @@ class Lbd:
         """Start (or, after `stop` or `kill`, restart on the same workdir and state directory)."""
         state = [] if "--state-dir" in [*self.args, *extra] else ["--state-dir", str(self.state_dir)]
         command = [
-            sys.executable, "-m", "lbd", "start",
+            *self.prefix, sys.executable, "-m", "lbd", "start",
             "--listen", "127.0.0.1:0",
             "--admin-socket", str(self.socket),
             *state, *self.args, *extra,
