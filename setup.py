@@ -36,6 +36,7 @@ COMPILED = [
     "lbd/sessions.py",
     "lbd/routing/static.py",
     "lbd/routing/dynamic.py",
+    "lbd/routing/regions.py",
 ]
 
 

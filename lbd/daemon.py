@@ -58,7 +58,7 @@ class Daemon:
         self.registry = Registry(config.regions.latency_ms, config.health, seed)
         self.sessions = SessionTable(config.session_idle_timeout, config.max_sessions)
         self.balancer = Balancer(
-            self.registry, config.mode, config.regions, self.sessions, config.default_client_region
+            self.registry, config.mode, config.regions, self.sessions, config.default_client_region, config.failover
         )
         self.keeper = None if store is None else StateKeeper(store, self.registry, self.balancer, seed)
         if self.keeper is not None:

@@ -176,6 +176,7 @@ class Reloader:
         mode_before = self._balancer.mode
         self._registry.configure(new.regions.latency_ms, new.health)
         self._balancer.configure(new.regions, new.default_client_region)
+        self._balancer.configure_failover(new.failover)
         self._sessions.configure(new.session_idle_timeout, new.max_sessions)
         self._proxy.apply(new)
         self._apply_seed(plan)
