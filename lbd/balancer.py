@@ -381,7 +381,11 @@ class Balancer:
                         return back, REASON_FAILBACK, True
                 if not dynamic.is_nearly_full(pinned):
                     return pinned, REASON_STICKY, False
-                relief = dynamic.pick(self._index, digest64(client_id), self._spill_order(region), counts, now, pinned)
+                order = self._spill_order(region)
+                key = digest64(client_id)
+                relief = dynamic.pick(self._index, key, order, counts, now, pinned, dynamic.has_headroom)
+                if relief is None:  # nothing with headroom: any available server but this one
+                    relief = dynamic.pick(self._index, key, order, counts, now, pinned)
                 if relief is not None:
                     return relief.server, REASON_BACKUP_FULL, False  # the session stays with its server
                 if pinned.state.active < pinned.spec.capacity:
