@@ -29,7 +29,11 @@ def region_load(capacity: int, load: float) -> regions.RegionLoad:
 
 loads_strategy = st.lists(
     st.tuples(st.integers(0, 1000), st.floats(0, 1.5)), min_size=len(NAMES), max_size=len(NAMES)
-).map(lambda rows: {name: region_load(capacity, share * capacity) for name, (capacity, share) in zip(NAMES, rows)})
+).map(
+    lambda rows: {
+        name: region_load(capacity, share * capacity) for name, (capacity, share) in zip(NAMES, rows, strict=True)
+    }
+)
 limits = st.floats(0.05, 1.0)
 
 
