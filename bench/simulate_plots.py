@@ -30,8 +30,8 @@ def _phases(axis: Any, summary: dict[str, Any], labels: bool = False) -> None:
             axis.axvspan(phase["start"] / 60, phase["end"] / 60, color=colour, alpha=0.6, lw=0)
             if labels:
                 axis.text(
-                    (phase["start"] + phase["end"]) / 120, 1.02, phase["name"], transform=axis.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8,
+                    (phase["start"] + phase["end"]) / 120, 0.97, phase["name"], transform=axis.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8,
                 )  # fmt: skip
 
 
@@ -49,8 +49,9 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
     region_axis.axhline(failover["home_max_load"], color="grey", ls=":", lw=1)
     region_axis.set_ylabel("region load / capacity")
     region_axis.set_title("Each region's load over its capacity in rotation (dashed: fallback limit; dotted: home)")
-    region_axis.legend(loc="upper left", ncol=5, fontsize=8)
-    region_axis.set_ylim(0, 1.1)
+    region_axis.legend(loc="upper left", ncol=2, fontsize=8)
+    highest = max(max(s["region_util"].values()) for s in samples)
+    region_axis.set_ylim(0, max(1.1, highest * 1.05))
 
     _phases(server_axis, summary)
     server_axis.plot(minutes, [s["server_max"] for s in samples], color="black", label="busiest server")
@@ -86,7 +87,7 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
     moves_axis.set_ylabel("thousands per minute")
     moves_axis.set_xlabel("simulated minutes")
     moves_axis.set_title("Sessions moved, by reason (lbctl route's reasons)")
-    moves_axis.legend(loc="upper right", fontsize=8)
+    moves_axis.legend(loc="center right", fontsize=8)
     present_axis = moves_axis.twinx()
     present_axis.plot(minutes, [s["present"] / 1000 for s in samples], color="black", lw=0.8, ls=":")
     present_axis.set_ylabel("clients present (thousands, dotted)")

@@ -15,7 +15,7 @@ def test_a_small_run_goes_through_every_phase_with_lbds_own_decisions(tmp_path: 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert code in (0, 1)  # 1: a target failed, which a run this small may do
     assert [phase["name"] for phase in summary["phases"]] == [name for name, _ in simulate.PHASES_MIN]
-    assert len(summary["targets"]) == 4 and all(isinstance(target["pass"], bool) for target in summary["targets"])
+    assert len(summary["targets"]) == 5 and all(isinstance(target["pass"], bool) for target in summary["targets"])
     figures = summary["figures"]
     assert figures["requests"] > 50_000 and figures["new_clients"] <= 4000
     decisions = figures["decisions"]  # the balancer's own count of its choices, by route reason
