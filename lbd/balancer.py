@@ -49,6 +49,9 @@ REASON_FAILBACK: Final = "failback"  # dynamic: session away from its home regio
 # often than MIN_REFRESH_S) once a region has had EARLY_REFRESH_PINS clients pinned since, or that
 # share of its sessions, so a burst of moves is weighed by what it really brings.
 REFRESH_S: Final = 1.0
+# A nearly full server's request looks this far past each draw for a server with headroom, then takes
+# any available one: in a region whose servers are all nearly full, an unbounded look is a scan.
+RELIEF_PROBES: Final = 16
 MIN_REFRESH_S: Final = 0.05
 EARLY_REFRESH_PINS: Final = 64
 EARLY_REFRESH_SHARE: Final = 0.005
@@ -383,7 +386,7 @@ class Balancer:
                     return pinned, REASON_STICKY, False
                 order = self._spill_order(region)
                 key = digest64(client_id)
-                relief = dynamic.pick(self._index, key, order, counts, now, pinned, dynamic.has_headroom)
+                relief = dynamic.pick(self._index, key, order, counts, now, pinned, dynamic.has_headroom, RELIEF_PROBES)
                 if relief is None:  # nothing with headroom: any available server but this one
                     relief = dynamic.pick(self._index, key, order, counts, now, pinned)
                 if relief is not None:

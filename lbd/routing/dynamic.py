@@ -187,14 +187,17 @@ def pick(
     now: float,
     exclude: Server | None = None,
     accept: Callable[[Server], bool] = is_available,
+    probes: int = 0,
 ) -> Pick | None:
     """The best `accept`-able server for a client, walking `proximity` (nearest region first).
-    `pinned` is the live session count per server id."""
+    `pinned` is the live session count per server id. `probes` bounds how far each draw of a large
+    region looks past servers it does not accept (0: as far as it takes, so the only free server of
+    a region is found), for a preference that may give up and fall back to another pick."""
     for position, region in enumerate(proximity):
         members = index.by_region.get(region)
         if members is None:
             continue
-        chosen = _best_in_region(members, client_key, pinned, now, exclude, accept)
+        chosen = _best_in_region(members, client_key, pinned, now, exclude, accept, probes)
         if chosen is not None:
             return Pick(chosen, region, position > 0)
     return None
@@ -207,11 +210,12 @@ def _best_in_region(
     now: float,
     exclude: Server | None,
     accept: Callable[[Server], bool],
+    probes: int,
 ) -> Server | None:
     if len(members) <= EXACT_SCAN_LIMIT:
         candidates: Iterable[int] = range(len(members))
     else:
-        candidates = draw_choices(members, client_key, exclude, accept)
+        candidates = draw_choices(members, client_key, exclude, accept, probes)
     best: Server | None = None
     best_score = 0.0
     best_hash = 0
@@ -235,7 +239,11 @@ def _server_id(server: Server) -> str:
 
 
 def draw_choices(
-    members: RegionMembers, client_key: int, exclude: Server | None, accept: Callable[[Server], bool]
+    members: RegionMembers,
+    client_key: int,
+    exclude: Server | None,
+    accept: Callable[[Server], bool],
+    probes: int = 0,
 ) -> list[int]:
     """The positions of `CHOICES` acceptable members, each drawn in proportion to capacity from the
     client's hash (its low and high 32 bits, then 32 bits of two mixes of it) and probing onward past
@@ -243,12 +251,13 @@ def draw_choices(
     so the same server may come more than once: then, as when they tie, each server is chosen with
     probability capacity / total."""
     count = len(members)
+    steps = count if probes <= 0 else min(count, probes)
     found: list[int] = []
     fractions = [client_key & 0xFFFFFFFF, (client_key >> 32) & 0xFFFFFFFF]
     fractions.extend(tie_break(client_key, salt) & 0xFFFFFFFF for salt in DRAW_SALTS[: CHOICES - 2])
     for fraction in fractions:
         start = members.draw(fraction)
-        for step in range(count):
+        for step in range(steps):
             position = (start + step) % count
             server = members.servers[position]
             if server is not exclude and accept(server):
