@@ -38,6 +38,7 @@ COMPILED = [
     "lbd/sessions.py",
     "lbd/routing/static.py",
     "lbd/routing/dynamic.py",
+    "lbd/routing/regions.py",
 ]
 
 

@@ -688,11 +688,37 @@ def route_decision(answer: Mapping[str, Any]) -> RenderableType:
     elif "session" in answer:
         facts.append("no session")
     lines.append(Text(", ".join(facts), style="dim"))
+    region_rows = [_mapping(row) for row in _sequence(answer.get("regions"))]
+    if region_rows:
+        lines.append(_regions_line(region_rows, region))
     if candidates:
         lines.extend((Text(), _candidates_table(candidates, chosen)))
     else:
         lines.append(Text("no candidates", style="dim"))
     return Group(*lines)
+
+
+def _regions_line(rows: Sequence[Mapping[str, Any]], chosen_region: object) -> Text:
+    """The client's proximity order as the spill rule sees it: `regions (load/limit): us-east home
+    93%/90% full, ca-central 41%/80%, ...`; the chosen server's region in bold."""
+    line = Text("regions (load/limit): ", style="dim")
+    for position, row in enumerate(rows):
+        if position:
+            line.append(", ", style="dim")
+        name = _str(row.get("region"))
+        utilization, limit = row.get("utilization"), row.get("max_load")
+        shown = "no servers in rotation" if not isinstance(utilization, int | float) else _share(utilization)
+        if isinstance(limit, int | float) and isinstance(utilization, int | float):
+            shown += f"/{_share(limit)}"
+        state = "" if row.get("room") else " full" if isinstance(utilization, int | float) else ""
+        home = " home" if row.get("home") else ""
+        line.append(f"{name}{home} ", style="bold" if name == chosen_region else "")
+        line.append(shown + state, style="yellow" if state else "")
+    return line
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}"
 
 
 def _candidates_table(candidates: Sequence[Mapping[str, Any]], chosen: object) -> RenderableType:

@@ -139,6 +139,24 @@ class HealthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverSettings:
+    """`[failover]`: how dynamic mode lets clients leave a region short of capacity and brings them
+    back (docs/routing-at-scale.md). A region's load is its requests in flight per unit of capacity in
+    rotation; a new choice takes the first region of the client's proximity order with room: the
+    client's home region (the first of its order) below `home_max_load`, any other below
+    `fallback_max_load`."""
+
+    home_max_load: float = field(default=0.9, metadata={"min": 0.05, "max": 1.0})
+    fallback_max_load: float = field(default=0.8, metadata={"min": 0.05, "max": 1.0})
+    # a session away from its home region goes back once the home region has had room this long, ...
+    failback: bool = True
+    failback_stable_ms: int = 30_000
+    # ... the share of away clients allowed back growing from 0 to all over this long (a client's share
+    # is fixed by its id's hash, so `lbctl route` knows whose turn it is)
+    failback_ramp_ms: int = 60_000
+
+
+@dataclass(frozen=True, slots=True)
 class ClientLimits:
     """What one client may send or hold open; each breach is answered (status in the comment), the
     connection closed and the breach counted. Defaults follow HAProxy, Envoy and nginx."""
@@ -192,6 +210,11 @@ def _int_minimums(settings: type) -> dict[str, int]:
 
 HEALTH_KEYS = _keys(HealthSettings)
 HEALTH_INT_KEYS = _int_minimums(HealthSettings)
+FAILOVER_KEYS = _keys(FailoverSettings)
+FAILOVER_INT_KEYS = _int_minimums(FailoverSettings)
+FAILOVER_SHARES = {
+    f.name: (f.metadata["min"], f.metadata["max"]) for f in fields(FailoverSettings) if f.type == "float"
+}
 LIMIT_KEYS = _int_minimums(ClientLimits)
 
 
@@ -227,6 +250,7 @@ class Config:
     health: HealthSettings = field(default_factory=HealthSettings)
     limits: ClientLimits = field(default_factory=ClientLimits)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
 
     def upstream_timeout_s(self, region: str) -> float:
         """An upstream attempt's timeout for a server in `region`: timeout_base_ms + its latency."""
@@ -306,6 +330,7 @@ def _config_from_mapping(raw: Mapping[str, Any], where: str, base_dir: Path) -> 
         "health": _health,
         "limits": _limits,
         "cluster": _cluster,
+        "failover": _failover,
         "splice_responses": _boolean,
         "client_id_fallback": _client_id_fallback,
         "client_id_cookie": _cookie_name,
@@ -581,6 +606,22 @@ def _health(raw: object, where: str) -> HealthSettings:
     if settings.max_cooldown_ms < settings.cooldown_ms:
         settings = replace(settings, max_cooldown_ms=settings.cooldown_ms)
     return settings
+
+
+def _failover(raw: object, where: str) -> FailoverSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with keys {', '.join(FAILOVER_KEYS)}")
+    _reject_unknown(raw, FAILOVER_KEYS, where)
+    values = _bounded_ints(raw, FAILOVER_INT_KEYS, where)
+    for key, (low, high) in FAILOVER_SHARES.items():
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ConfigError(f"{where}.{key}: must be a number from {low} to {high}; got {value!r}")
+            values[key] = float(value)
+    if "failback" in raw:
+        values["failback"] = _boolean(raw["failback"], f"{where}.failback")
+    return replace(FailoverSettings(), **values)
 
 
 def _limits(raw: object, where: str) -> ClientLimits:

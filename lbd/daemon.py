@@ -68,7 +68,7 @@ class Daemon:
         self.registry = Registry(config.regions.latency_ms, config.health, seed)
         self.sessions = SessionTable(config.session_idle_timeout, config.max_sessions)
         self.balancer = Balancer(
-            self.registry, config.mode, config.regions, self.sessions, config.default_client_region
+            self.registry, config.mode, config.regions, self.sessions, config.default_client_region, config.failover
         )
         # in a cluster the store holds what changes at run time; the state directory only its lock
         clustered = config.cluster.url is not None

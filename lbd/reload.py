@@ -198,6 +198,7 @@ class Reloader:
         mode_before = self._balancer.mode
         self._registry.configure(new.regions.latency_ms, new.health)
         self._balancer.configure(new.regions, new.default_client_region)
+        self._balancer.configure_failover(new.failover)
         self._sessions.configure(new.session_idle_timeout, new.max_sessions)
         self._proxy.apply(new)
         tls_changes = [] if self.tls is None or certificates is None else self.tls.apply(certificates)

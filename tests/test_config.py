@@ -9,6 +9,7 @@ import pytest
 
 from lbd.config import (
     CERTIFICATE_KEYS,
+    FAILOVER_KEYS,
     HEALTH_KEYS,
     LIMIT_KEYS,
     TLS_KEYS,
@@ -28,7 +29,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     text = (EXAMPLES / "lbd.toml").read_text()
     table_keys = [key for key in TLS_KEYS if key != "certificates"]  # that one is its own [[tls.certificates]]
     assert "# [[tls.certificates]]" in text
-    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS, *LIMIT_KEYS, *table_keys, *CERTIFICATE_KEYS):
+    for key in (*TOP_LEVEL_KEYS, *HEALTH_KEYS, *LIMIT_KEYS, *table_keys, *CERTIFICATE_KEYS, *FAILOVER_KEYS):
         assert re.search(rf"^(# )?\[?{key}", text, re.MULTILINE), f"examples/lbd.toml does not mention {key}"
     assert len(load_servers_file(EXAMPLES / "servers.json", config.regions)) == 3
 
@@ -41,6 +42,8 @@ def test_defaults_are_the_seeds() -> None:
     assert config.regions.proximity["me-central"] == ("eu-west", "asia-south", "us-east", "ca-central", "oceania")
     assert config.timeout_base_ms == 2000 and config.session_idle_timeout == 9000
     assert config.upstream_timeout_s("eu-west") == pytest.approx(2.05)
+    assert (config.failover.home_max_load, config.failover.fallback_max_load) == (0.9, 0.8)
+    assert config.failover.failback and config.failover.failback_stable_ms == 30_000
 
 
 def test_flags_override_file_values(tmp_path: Path) -> None:
@@ -62,6 +65,10 @@ def test_flags_override_file_values(tmp_path: Path) -> None:
         ('default_client_region = "mars"\n', "default_client_region 'mars' is not a client region"),
         ("splice_responses = 1\n", "splice_responses: must be true or false; got 1"),
         ("[health]\npassive_5xx = 'yes'\n", "health.passive_5xx: must be true or false; got 'yes'"),
+        ("[failover]\nhome_max_load = 1.5\n", "failover.home_max_load: must be a number from 0.05 to 1.0; got 1.5"),
+        ("[failover]\nfailback = 1\n", "failover.failback: must be true or false; got 1"),
+        ("[failover]\nfailback_stable_ms = -1\n", "failover.failback_stable_ms: must be an integer >= 0"),
+        ("[failover]\nspill = true\n", "unknown key 'spill'"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:

@@ -146,7 +146,7 @@ def test_ties_break_deterministically_and_spread_over_clients() -> None:
     assert len({p.server.id for p in first if p}) == 4  # equal scores do not all land on one server
 
 
-def test_large_regions_use_two_choices_and_still_find_the_only_free_server() -> None:
+def test_large_regions_draw_choices_and_still_find_the_only_free_server() -> None:
     servers = [make_server(f"s{i:04}", active=10) for i in range(1000)]
     servers[537].state.active = 0
     index = dynamic.RegionIndex.build(servers)

@@ -12,11 +12,15 @@ from typing import Any
 
 from lbd.balancer import (
     REASON_BACKUP_FULL,
+    REASON_FAILBACK,
     REASON_FALLBACK,
     REASON_HASH_NEXT,
     REASON_MOVED,
+    REASON_SPILL,
     REASON_STICKY,
     Balancer,
+    FailbackView,
+    RegionView,
     RouteDecision,
 )
 from lbd.models import Health, Server
@@ -72,6 +76,8 @@ def route_json(decision: RouteDecision, balancer: Balancer) -> dict[str, Any]:
         "session": None
         if session is None
         else {"server": session.server_id, "idle_s": round(decision.now - session.last_seen, 3)},
+        "regions": [_region_json(view) for view in decision.regions],
+        "failback": None if decision.failback is None else _failback_json(decision.failback),
         "candidates": [
             {
                 "server": c.server.id,
@@ -84,6 +90,32 @@ def route_json(decision: RouteDecision, balancer: Balancer) -> dict[str, Any]:
     }
 
 
+def _region_json(view: RegionView) -> dict[str, Any]:
+    return {
+        "region": view.region,
+        "home": view.home,
+        "capacity": view.capacity,
+        "load": round(view.load, 2),
+        "utilization": None if view.capacity <= 0 else round(view.load / view.capacity, 4),
+        "max_load": view.max_load,
+        "room": view.room,
+        "available_for_s": None if view.available_for_s < 0 else round(view.available_for_s, 1),
+    }
+
+
+def _failback_json(view: FailbackView) -> dict[str, Any]:
+    return {
+        "home": view.home,
+        "enabled": view.enabled,
+        "home_available_for_s": None if view.available_for_s < 0 else round(view.available_for_s, 1),
+        "stable_s": view.stable_s,
+        "ramp_s": view.ramp_s,
+        "admitted": round(view.admitted, 4),
+        "client_share": round(view.client_share, 4),
+        "home_room": view.room,
+    }
+
+
 def _static_detail(decision: RouteDecision) -> str:
     if decision.reason == REASON_HASH_NEXT:
         first = decision.candidates[0].server.id if decision.candidates else "-"
@@ -91,16 +123,75 @@ def _static_detail(decision: RouteDecision) -> str:
     return f"hash of the client id picks {decision.server.id}"
 
 
+def _percent(load: float, capacity: int) -> str:
+    return "no capacity" if capacity <= 0 else f"{load / capacity:.0%}"
+
+
+def _full_regions(decision: RouteDecision) -> str:
+    """The regions nearer than the chosen one that a new choice passed over, and why."""
+    parts = []
+    for view in decision.regions:
+        if view.region == decision.server.spec.region:
+            break
+        if view.capacity <= 0:
+            parts.append(f"{view.region} has no server in rotation")
+        elif not view.room:
+            limit = "home limit" if view.home else "fallback limit"
+            parts.append(
+                f"{view.region} is full ({_percent(view.load, view.capacity)} of capacity, {limit} {view.max_load:.0%})"
+            )
+        else:
+            parts.append(f"{view.region} has no available server")
+    return "; ".join(parts)
+
+
+def _away_detail(view: FailbackView) -> str:
+    """Why a session away from its home region has not gone back yet."""
+    if not view.enabled:
+        return f"away from home region {view.home}; failback is off"
+    if view.available_for_s < 0:
+        return (
+            f"away from home region {view.home}, which has no room; it goes back once {view.home} "
+            f"has had room for {view.stable_s:g} s"
+        )
+    if view.admitted <= 0.0:
+        wait = view.stable_s - view.available_for_s
+        return (
+            f"away from home region {view.home}; {view.home} has had room for {view.available_for_s:.0f} s, "
+            f"failback starts in {wait:.0f} s"
+        )
+    if not view.room:
+        return f"away from home region {view.home}, which is full now"
+    return (
+        f"away from home region {view.home}; {view.admitted:.0%} of away clients admitted back so far, "
+        f"this client's turn comes at {view.client_share:.0%}"
+    )
+
+
 def _dynamic_detail(decision: RouteDecision) -> str:
     reason, server, pinned, session = decision.reason, decision.server, decision.session_server, decision.session
     if reason == REASON_STICKY:
+        if decision.failback is not None:
+            return f"live session with {server.id}, {_away_detail(decision.failback)}"
         return f"live session with {server.id}"
+    if reason == REASON_FAILBACK and decision.failback is not None and session is not None:
+        view = decision.failback
+        return (
+            f"session server {session.server_id} is away from home region {view.home}, which has had room for "
+            f"{view.available_for_s:.0f} s (stable after {view.stable_s:g} s); {view.admitted:.0%} of away clients "
+            f"admitted back, this client at {view.client_share:.0%}: moved back to {server.id} and re-pinned"
+        )
     if reason == REASON_BACKUP_FULL and pinned is not None:
         load = f"{pinned.state.active}/{pinned.spec.capacity}"
         return f"session server {pinned.id} is nearly full ({load}); served by a backup, session kept"
     if reason == REASON_MOVED and session is not None:
         why = "left" if pinned is None else "is draining" if pinned.state.draining else "is out of rotation"
-        return f"session server {session.server_id} {why}; moved to {server.id} and re-pinned"
+        passed = _full_regions(decision)
+        return f"session server {session.server_id} {why}; moved to {server.id} and re-pinned" + (
+            f" ({passed})" if passed else ""
+        )
+    if reason == REASON_SPILL:
+        return f"{_full_regions(decision)}; {server.spec.region} is the nearest region with room"
     if reason == REASON_FALLBACK:
         return f"no available server in {decision.client_region}; nearest region with one is {server.spec.region}"
-    return f"best score among available servers in {decision.client_region}"
+    return f"best score among available servers in {decision.server.spec.region}"

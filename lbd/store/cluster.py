@@ -363,8 +363,11 @@ class Cluster:
             self.claims["local"] += 1
             self._pins[client_id] = (proposal.id, region)
             self.sessions.pin(client_id, proposal.id, region, time.monotonic())
+            self.balancer.note_pin(proposal)
             return
         self.claims["won" if existing is None else "adopted"] += 1
+        if existing is None:
+            self.balancer.note_pin(proposal)
         server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
         self.sessions.pin(client_id, server_id, pinned_region or region, time.monotonic())
 
