@@ -105,7 +105,7 @@ bench: $(NATIVE) bench-deps
 	$(BIN)/python -m bench.registration $(if $(findstring --quick,$(BENCH_ARGS)),--servers 1000)
 
 # `make simulate`: dynamic mode at 10,000 servers and 1,000,000 clients through lbd's real code, in
-# process on a simulated clock (bench/simulate.py, about 5 minutes): a region outage and its recovery,
+# process on a simulated clock (bench/simulate.py, about 6 minutes): a region outage and its recovery,
 # a partial outage, a slow region; prints the targets as PASS/FAIL, writes plots and summary.json to
 # bench/results/simulate (SIMULATE_ARGS='--out DIR' elsewhere, '--servers 1000 --clients 100000' for a
 # smaller run, --help for the rest). matplotlib is the bench extra's (pyproject.toml), installed here.
