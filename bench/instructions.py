@@ -60,7 +60,9 @@ def counted(output: Path) -> int:
     raise RuntimeError(f"no totals in {output}")
 
 
-def measure(stack: Stack, command: list[str], mode: str, count: int, clients: int, tls: bool = False) -> float:
+def measure(
+    stack: Stack, command: list[str], mode: str, count: int, clients: int, tls: bool = False, profile: int = 0
+) -> float:
     port = free_port()
     rundir = Path(tempfile.mkdtemp(prefix="instr-", dir=stack.workdir))
     tls_port = free_port()
@@ -96,9 +98,30 @@ def measure(stack: Stack, command: list[str], mode: str, count: int, clients: in
         status, _ = admin(socket_path, "GET", "/v1/status")
         if status != 200:
             raise RuntimeError(f"lbd answered {status} after the run")
+        if profile:
+            print_profile(dumps[-1], profile, count)
         return counted(dumps[-1]) / count
     finally:
         stack.stop(child)
+
+
+def print_profile(dump: Path, top: int, count: int) -> None:
+    """lbd's `top` costliest functions (its compiled modules, and the request parser) by inclusive
+    instructions per request (callgrind_annotate), to see where they go."""
+    annotated = subprocess.run(
+        [tool("callgrind_annotate"), "--inclusive=yes", "--threshold=100", str(dump)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    seen: set[str] = set()
+    for line in annotated.splitlines():
+        instructions, _, rest = line.strip().partition(" ")
+        name = rest.rsplit(":", 1)[-1].split(" [", 1)[0] if ":" in rest else ""
+        if not instructions[:1].isdigit() or name in seen or not name.startswith(("CPyDef_", "llhttp__on_")):
+            continue
+        seen.add(name)
+        print(f"    {int(instructions.replace(',', '')) / count:>10,.0f}  {name.removeprefix('CPyDef_')}")
+        if len(seen) == top:
+            break
 
 
 def main() -> int:
@@ -108,6 +131,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1000, help="distinct client ids [1000]")
     parser.add_argument("--modes", default="static,dynamic")
     parser.add_argument("--tls", action="store_true", help="also through lbd's TLS listener (keep-alive), as MODE+tls")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print lbd's N costliest functions")
     args = parser.parse_args()
     commands = args.lbd_cmd or [str(VENV_BIN / "lbd")]
     with tempfile.TemporaryDirectory(prefix="lb-instr-") as workdir:
@@ -118,7 +142,9 @@ def main() -> int:
             for command in commands:
                 for mode in args.modes.split(","):
                     for tls in (False, True) if args.tls else (False,):
-                        per_request = measure(stack, shlex.split(command), mode, args.requests, args.clients, tls)
+                        per_request = measure(
+                            stack, shlex.split(command), mode, args.requests, args.clients, tls, args.profile
+                        )
                         shown = f"{mode}+tls" if tls else mode
                         print(f"{command:<50} {shown:<11} {per_request:>18,.0f}", flush=True)
         finally:

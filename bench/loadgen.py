@@ -7,6 +7,7 @@ as a fallback (units us/ms/s converted), so a run without the script still gives
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -38,6 +39,9 @@ class Load:
     proxy_cpu_pct: float | None = None
     proxy_wait_pct: float | None = None
     cpu_pressure_pct: float | None = None
+    # the proxy's own CPU per request, in microseconds: user (its code) and kernel (its system calls)
+    user_us: float | None = None
+    sys_us: float | None = None
 
     @property
     def errors(self) -> int:
@@ -64,6 +68,18 @@ def schedstat_ns(pid: int | None) -> tuple[int, int] | None:
     return int(ran), int(waited)
 
 
+def cpu_times_s(pid: int | None) -> tuple[float, float] | None:
+    """Seconds of user and kernel CPU `pid` used so far (/proc/<pid>/stat); None without a pid."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks  # utime, stime (fields 14 and 15)
+
+
 def pressure_us() -> int | None:
     """Microseconds some task waited for a CPU since boot (PSI); None where the kernel lacks it."""
     try:
@@ -84,10 +100,13 @@ def run_observed(
     close: bool = False,
 ) -> Load:
     """`run_wrk`, plus how much CPU the proxy (`pid`) used and waited for, and the machine's CPU pressure."""
-    sched, pressure, started = schedstat_ns(pid), pressure_us(), time.monotonic()
+    sched, times, pressure, started = schedstat_ns(pid), cpu_times_s(pid), pressure_us(), time.monotonic()
     load = run_wrk(url, path, connections, seconds, cpu, new_clients, close)
     wall = time.monotonic() - started
-    sched_after, pressure_after = schedstat_ns(pid), pressure_us()
+    sched_after, times_after, pressure_after = schedstat_ns(pid), cpu_times_s(pid), pressure_us()
+    if times and times_after and load.requests:
+        load.user_us = round((times_after[0] - times[0]) * 1e6 / load.requests, 2)
+        load.sys_us = round((times_after[1] - times[1]) * 1e6 / load.requests, 2)
     if sched and sched_after:
         load.proxy_cpu_pct = round((sched_after[0] - sched[0]) / 1e7 / wall, 1)
         load.proxy_wait_pct = round((sched_after[1] - sched[1]) / 1e7 / wall, 1)

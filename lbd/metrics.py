@@ -131,7 +131,7 @@ class LbdCollector(Collector):
             "lbd_responses",
             "Responses sent to clients by status class (lbd's own errors included).",
             "class",
-            {name: proxy.responses[name] for name in STATUS_CLASSES},
+            dict(zip(STATUS_CLASSES, proxy.responses, strict=True)),
         )
         yield CounterMetricFamily(
             "lbd_retries", "Upstream attempts made again (on a backup, or on a fresh connection).", value=proxy.retries

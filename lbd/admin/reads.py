@@ -21,6 +21,7 @@ from lbd.admin.common import AdminState, ApiError, dumps, state_of
 from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
+from lbd.proxy.context import STATUS_CLASSES
 
 routes = web.RouteTableDef()  # what the config and the control plane say
 traffic_routes = web.RouteTableDef()  # what this process's proxy saw (a supervisor sums its workers')
@@ -53,7 +54,7 @@ def status_json(state: AdminState) -> dict[str, Any]:
         "clients": {"connections": len(proxy.connections), "rejected": dict(proxy.rejections)},
         "requests": {
             "total": proxy.requests_total,
-            "responses": dict(proxy.responses),
+            "responses": dict(zip(STATUS_CLASSES, proxy.responses, strict=True)),
             "retries": proxy.retries,
             "failovers": proxy.failovers,
         },

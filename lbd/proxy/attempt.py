@@ -8,7 +8,7 @@ counting as active after its attempt is settled, until the tunnel closes.
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 
 from lbd.models import Outcome, Server
 from lbd.registry import Registry
@@ -24,13 +24,13 @@ class Attempt:
         state.active += 1
         state.requests += 1
         # a fine clock: uvloop's loop time is in whole milliseconds, so a loopback answer would measure 0
-        self.started_at = time.perf_counter()
+        self.started_at = perf_counter()
         self.latency_s: float | None = None  # time to the response head
         self.settled = False
         self.holds_tunnel = False
 
     def responded(self) -> None:
-        self.latency_s = time.perf_counter() - self.started_at
+        self.latency_s = perf_counter() - self.started_at
 
     def settle(self, registry: Registry, outcome: Outcome | None) -> None:
         """End the attempt (once; later calls do nothing). `outcome` None: not the server's doing

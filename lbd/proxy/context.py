@@ -63,7 +63,7 @@ class ProxyContext:
         self.requests_total = 0
         self.retries = 0
         self.failovers = 0
-        self.responses: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
+        self.responses = [0] * len(STATUS_CLASSES)  # by class, as STATUS_CLASSES: named at scrape time
         self.rejections: dict[str, int] = dict.fromkeys(REJECTIONS, 0)
         self.apply(config)
 
@@ -99,6 +99,6 @@ class ProxyContext:
         """One response to a client, by status class; also the server's when one was chosen."""
         if 100 <= status < 600:
             index = status // 100 - 1
-            self.responses[STATUS_CLASSES[index]] += 1
+            self.responses[index] += 1
             if server is not None:
                 server.state.responses[index] += 1

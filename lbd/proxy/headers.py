@@ -79,6 +79,8 @@ CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 # a peer that could strip Content-Length from a message whose body still follows would smuggle that
 # body past lbd as a request (or response) of its own.
 NEVER_HOP_BY_HOP: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_NEVER_NAMED: Final = CONNECTION_OPTIONS | NEVER_HOP_BY_HOP
+_NO_NAMES: Final[frozenset[bytes]] = frozenset()
 _COMMON_CONNECTION_VALUES: Final = {
     value: frozenset({value.lower()})
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
@@ -95,7 +97,9 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 def named_hop_by_hop(tokens: frozenset[bytes]) -> frozenset[bytes]:
     """The header names a `Connection` header's options declare hop-by-hop, less those lbd keeps."""
-    return tokens - CONNECTION_OPTIONS - NEVER_HOP_BY_HOP
+    if tokens <= CONNECTION_OPTIONS:  # close, keep-alive, upgrade: nearly every Connection header
+        return _NO_NAMES
+    return tokens - _NEVER_NAMED
 
 
 def is_chunked(transfer_encoding: bytes) -> bool:

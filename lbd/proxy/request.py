@@ -57,6 +57,8 @@ class Refused(Exception):
 # port, "[" "]" of an IPv6 literal). reg-name's sub-delims (",;=!$&'()*+") name no real host and make
 # a Host (and X-Forwarded-Host) that reads as a list.
 _HOST_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%:[]"
+MAX_REMEMBERED_HOSTS: Final = 1024
+_VALID_HOSTS: Final[set[bytes]] = set()
 # Bytes of a cookie value lbd takes as a client id (RFC 6265 cookie-octet, without quotes)
 _COOKIE_VALUE_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if c not in b'",;\\')
 MAX_COOKIE_ID: Final = 128
@@ -265,8 +267,15 @@ def body_too_large(limit: int) -> Refused:
 
 
 def valid_host(value: bytes) -> bool:
-    """An empty Host is allowed (RFC 9110 §7.2); otherwise only authority characters."""
-    return not value.translate(None, _HOST_BYTES)
+    """An empty Host is allowed (RFC 9110 §7.2); otherwise only authority characters. Clients send
+    the same few hosts again and again: those found valid are remembered (up to a bound)."""
+    if value in _VALID_HOSTS:
+        return True
+    if value.translate(None, _HOST_BYTES):
+        return False
+    if len(_VALID_HOSTS) < MAX_REMEMBERED_HOSTS:
+        _VALID_HOSTS.add(value)
+    return True
 
 
 def host_problem(hosts: int, host: bytes | None, version: str) -> Refused | None:
