@@ -21,7 +21,7 @@ import httptools
 
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
-from lbd.proxy.headers import CRLF, FORWARD, SEP, simple_response
+from lbd.proxy.headers import CRLF, FORWARD, simple_response
 from lbd.proxy.request import X_FORWARDED_PROTO_LINE, Refused, RequestHead, body_too_large
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ class ClientConnection(FlowControlled):
         self.head_bytes += len(name) + len(value) + 4
         kind = self.kinds.of(name)
         if kind == FORWARD:
-            self.head.header_pieces += (name, SEP, value, CRLF)  # end-to-end: forwarded as it came
+            self.head.header_pieces.append(b"%s: %s\r\n" % (name, value))  # end-to-end: forwarded as it came
         else:
             self.head.field(kind, name, value)
 

@@ -115,12 +115,8 @@ def wants_keep_alive(version: str, tokens: frozenset[bytes]) -> bool:
 
 
 def without_named(pieces: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """The header pieces minus the headers `Connection` names as hop-by-hop (rare: a slow path)."""
-    kept: list[bytes] = []
-    for i in range(0, len(pieces), 4):
-        if pieces[i].lower() not in names:
-            kept += pieces[i : i + 4]
-    return kept
+    """The header lines minus those `Connection` names as hop-by-hop (rare: a slow path)."""
+    return [line for line in pieces if line.partition(b":")[0].lower() not in names]
 
 
 def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:
