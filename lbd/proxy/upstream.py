@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform has none
 SPLICE_FROM: Final = 16 * 1024  # a Content-Length body with this much still to come is spliced
 HEAD: Final = -1  # UpstreamConnection.framing while a response head is expected
+SMALL_READ_BYTES: Final = 4096
 
 
 async def open_connection(pool: UpstreamPool, server: Server) -> UpstreamConnection:
@@ -174,14 +175,22 @@ class UpstreamConnection(FlowControlled):
 
     def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int) -> int:
         """Parse a head at `pos`; the position after it, or -1 when the read is used up (or tunnelled)."""
-        found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
-        if found < 0 and end - pos <= MAX_HEAD_BYTES:
-            self.head_start = bytes(view[pos:end])
-            return -1
-        if found < 0 or found + 4 - pos > MAX_HEAD_BYTES:
-            raise BadResponse(f"a response head larger than {MAX_HEAD_BYTES} bytes")
-        head = parse_head(bytes(view[pos : found + 4]))
-        assert head is not None  # it ends with its empty line
+        if end - pos <= SMALL_READ_BYTES and buf is self.pool.read_buffer:
+            # a small read, likely a whole response: parsed from one copy, with no search first (a head
+            # that arrives in pieces is searched for: each piece would parse it again from its start)
+            head = parse_head(bytes(view[pos:end]))
+            if head is None:
+                self.head_start = bytes(view[pos:end])
+                return -1
+        else:
+            found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
+            if found < 0 and end - pos <= MAX_HEAD_BYTES:
+                self.head_start = bytes(view[pos:end])
+                return -1
+            if found < 0 or found + 4 - pos > MAX_HEAD_BYTES:
+                raise BadResponse(f"a response head larger than {MAX_HEAD_BYTES} bytes")
+            head = parse_head(bytes(view[pos : found + 4]))
+            assert head is not None  # it ends with its empty line
         pos += head.size
         if head.interim:
             exchange.interim_response(head)
