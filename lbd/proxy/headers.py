@@ -125,15 +125,22 @@ def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:
 
 
 _STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}  # servers use few (status, reason) pairs: built once each
+_LAST_STATUS_LINE: Final[dict[int, tuple[bytes, bytes]]] = {}  # status -> (reason, line) last made
 
 
 def status_line(status: int, reason: bytes) -> bytes:
+    """`HTTP/1.1 status reason` CRLF. The last line made for each status is at hand by the status
+    alone (its reason compared, not hashed); the others are remembered by status and reason."""
+    last = _LAST_STATUS_LINE.get(status)
+    if last is not None and last[0] == reason:
+        return last[1]
     key = (status, reason)
     line = _STATUS_LINES.get(key)
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
         if len(_STATUS_LINES) < 1024:
             _STATUS_LINES[key] = line
+    _LAST_STATUS_LINE[status] = (reason, line)
     return line
 
 

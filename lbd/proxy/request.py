@@ -133,7 +133,8 @@ class RequestHead:
             self.host = value.rstrip(b" \t")
             return
         elif kind == CONNECTION:
-            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+            tokens = connection_tokens(value)
+            self.conn_tokens = tokens if not self.conn_tokens else self.conn_tokens | tokens
             return
         elif kind == TRANSFER_ENCODING:
             prior = self.transfer_encoding

@@ -203,7 +203,8 @@ def _take_special(parsed: ResponseHead, kind: int, head: bytes, start: int, stop
         raise BadResponse(f"an invalid Content-Length: {_show(head[start:stop])}")
     value = head[start:stop]
     if kind == CONNECTION:
-        parsed.conn_tokens |= connection_tokens(value)
+        tokens = connection_tokens(value)
+        parsed.conn_tokens = tokens if not parsed.conn_tokens else parsed.conn_tokens | tokens
     elif kind == TRANSFER_ENCODING:
         prior = parsed.transfer_encoding
         parsed.transfer_encoding = value if prior is None else prior + b", " + value
