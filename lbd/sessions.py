@@ -14,18 +14,25 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Container, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 SWEEP_PER_CALL: Final = 2
 
 
-@dataclass(slots=True)
 class Session:
-    server_id: str
-    region: str | None
-    last_seen: float
-    synced_at: float = 0.0  # a cluster's store last learned of this session's use (lbd/store/cluster.py)
+    """A client's pin. A plain class, not a dataclass: compiled, it is built without a call to an
+    interpreted __init__."""
+
+    __slots__ = ("last_seen", "region", "server_id", "synced_at")
+
+    def __init__(self, server_id: str, region: str | None, last_seen: float, synced_at: float = 0.0) -> None:
+        self.server_id = server_id
+        self.region = region
+        self.last_seen = last_seen
+        self.synced_at = synced_at  # a cluster's store last learned of this session's use (lbd/store/cluster.py)
+
+    def __repr__(self) -> str:
+        return f"Session({self.server_id!r}, {self.region!r}, last_seen={self.last_seen})"
 
 
 class SessionRecord(NamedTuple):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from lbd.models import Server
@@ -172,11 +171,16 @@ class RegionIndex:
                 del self.by_region[server.spec.region]
 
 
-@dataclass(frozen=True, slots=True)
 class Pick:
-    server: Server
-    region: str  # the server region it came from
-    fallback: bool  # True when the client's own first region had nothing available
+    """A choice: the server, its region, and whether that was not the client's first region. A plain
+    class, not a dataclass: compiled, it is built without a call to an interpreted __init__."""
+
+    __slots__ = ("fallback", "region", "server")
+
+    def __init__(self, server: Server, region: str, fallback: bool) -> None:
+        self.server = server
+        self.region = region  # the server region it came from
+        self.fallback = fallback  # True when the client's own first region had nothing available
 
 
 def pick(
