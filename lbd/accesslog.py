@@ -15,6 +15,7 @@ import json
 import re
 import time
 import zlib
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 T = TypeVar("T", bytes, str)
@@ -168,31 +169,27 @@ class LineCache:
         return address + str(port)
 
     def text_bytes(self, value: bytes) -> str:
-        token = self.text.get(value)
-        if token is None:
-            token = _remembered(self.text, value, _text(value))
-        return token
+        return _memo(self.text, value, _text)
 
     def json_bytes(self, value: bytes) -> str:
-        token = self.json.get(value)
-        if token is None:
-            token = _remembered(self.json, value, _json(value))
-        return token
+        return _memo(self.json, value, _json)
 
     def text_name(self, value: str) -> str:
-        token = self.text_names.get(value)
-        if token is None:
-            token = _remembered(self.text_names, value, _text(value.encode()))
-        return token
+        return _memo(self.text_names, value, _text_str)
 
     def json_name(self, value: str) -> str:
-        token = self.json_names.get(value)
-        if token is None:
-            token = _remembered(self.json_names, value, _json_str(value))
-        return token
+        return _memo(self.json_names, value, _json_str)
 
 
 MEMO_SIZE: Final = 65_536
+
+
+def _memo(memo: dict[T, str], value: T, render: Callable[[T], str]) -> str:
+    """`render(value)`, remembered: the same few ids, regions and servers come again and again."""
+    token = memo.get(value)
+    if token is None:
+        token = _remembered(memo, value, render(value))
+    return token
 
 
 def _remembered(memo: dict[T, str], value: T, token: str) -> str:
@@ -200,6 +197,10 @@ def _remembered(memo: dict[T, str], value: T, token: str) -> str:
         memo.clear()
     memo[value] = token
     return token
+
+
+def _text_str(value: str) -> str:
+    return _text(value.encode())
 
 
 def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
