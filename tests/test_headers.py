@@ -1,11 +1,18 @@
-"""The pure header helpers the proxy forwards with (lbd.proxy.headers)."""
+"""The pure header helpers the proxy forwards and checks with (lbd.proxy.headers, valid_host)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbd.proxy.headers import CONNECTION_OPTIONS, NEVER_HOP_BY_HOP, named_hop_by_hop, without_named
+from lbd.proxy.headers import (
+    CONNECTION_OPTIONS,
+    NEVER_HOP_BY_HOP,
+    connection_tokens,
+    named_hop_by_hop,
+    without_named,
+)
+from lbd.proxy.request import valid_host
 
 NAMES = st.sampled_from([b"close", b"keep-alive", b"upgrade", b"x-secret", b"te", b"content-length", b"host"])
 
@@ -20,3 +27,17 @@ def test_connection_names_hop_by_hop_fields_but_never_framing_or_host(tokens: fr
 def test_named_lines_are_dropped_whatever_their_case() -> None:
     lines = [b"X-Secret: 1\r\n", b"x-kept: 2\r\n", b"X-SECRET: 3\r\n", b"Te: trailers\r\n"]
     assert without_named(lines, frozenset({b"x-secret", b"te"})) == [b"x-kept: 2\r\n"]
+
+
+@given(
+    st.lists(st.sampled_from([b"example.com", b"a b", b"[::1]:8080", b"", b"x\x00", b"example.com:80"]), max_size=12)
+)
+def test_remembered_hosts_never_change_the_verdict(hosts: list[bytes]) -> None:
+    allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%:[]"
+    for host in hosts:  # in any order: the memo of the last valid host and the set of them
+        assert valid_host(host) == (not host.translate(None, allowed)), host
+
+
+def test_connection_values_are_read_whatever_their_case() -> None:
+    assert connection_tokens(b"keep-alive") == connection_tokens(b"Keep-Alive") == {b"keep-alive"}
+    assert connection_tokens(b"close, X-Secret") == {b"close", b"x-secret"}

@@ -81,6 +81,7 @@ CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 NEVER_HOP_BY_HOP: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _NEVER_NAMED: Final = CONNECTION_OPTIONS | NEVER_HOP_BY_HOP
 _NO_NAMES: Final[frozenset[bytes]] = frozenset()
+_KEEP_ALIVE: Final = frozenset({b"keep-alive"})
 _COMMON_CONNECTION_VALUES: Final = {
     value: frozenset({value.lower()})
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
@@ -88,7 +89,10 @@ _COMMON_CONNECTION_VALUES: Final = {
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
-    """Lower-cased options of a `Connection` header: `close`, `keep-alive`, `upgrade`, or header names."""
+    """Lower-cased options of a `Connection` header: `close`, `keep-alive`, `upgrade`, or header names.
+    The commonest value is compared before any lookup (a lookup hashes the value)."""
+    if value == b"keep-alive":
+        return _KEEP_ALIVE
     common = _COMMON_CONNECTION_VALUES.get(value)
     if common is not None:
         return common
