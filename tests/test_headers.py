@@ -7,7 +7,10 @@ from hypothesis import strategies as st
 
 from lbd.proxy.headers import (
     CONNECTION_OPTIONS,
+    FORWARD,
     NEVER_HOP_BY_HOP,
+    REQUEST_HEADERS,
+    FieldKinds,
     connection_tokens,
     named_hop_by_hop,
     without_named,
@@ -41,3 +44,13 @@ def test_remembered_hosts_never_change_the_verdict(hosts: list[bytes]) -> None:
 def test_connection_values_are_read_whatever_their_case() -> None:
     assert connection_tokens(b"keep-alive") == connection_tokens(b"Keep-Alive") == {b"keep-alive"}
     assert connection_tokens(b"close, X-Secret") == {b"close", b"x-secret"}
+
+
+SPELLINGS = st.sampled_from([b"Host", b"host", b"HOST", b"Hist", b"Content-Length", b"content-length", b"X-A", b"X-B"])
+
+
+@given(st.lists(SPELLINGS | st.binary(min_size=1, max_size=80), max_size=60))
+def test_a_field_s_kind_is_its_lower_case_name_s_whatever_was_seen_before(names: list[bytes]) -> None:
+    kinds = FieldKinds(REQUEST_HEADERS)  # a fresh memo: what it remembers must never change a verdict
+    for name in names:
+        assert kinds.of(name) == REQUEST_HEADERS.get(name.lower(), FORWARD), name

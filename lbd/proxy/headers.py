@@ -47,23 +47,34 @@ REQUEST_HEADERS: Final = {
 FORWARD: Final = -1  # not in the table: forwarded as it came
 
 
+SPELLINGS_PER_LENGTH: Final = 8
+REMEMBERED_LENGTHS: Final = 64
+
+
 class FieldKinds:
     """What lbd does with a field, by its name as the peer spells it.
 
-    Peers repeat their spellings, so each is lower-cased and looked up once, then remembered (up to
-    a bound, so a peer inventing names costs only the slower lookup, never memory).
+    Peers repeat their spellings, so each is lower-cased and looked up once, then remembered by its
+    length: a name is compared with the few spellings of its length seen before (no hashing, which
+    a dict lookup does on every new bytes object). Bounded per length, so a peer inventing names
+    costs only the slower lookup, never memory nor a longer scan.
     """
 
     def __init__(self, kinds: dict[bytes, int]) -> None:
         self.kinds = kinds
-        self.spellings: dict[bytes, int] = {}
+        self.by_length: list[list[tuple[bytes, int]]] = [[] for _ in range(REMEMBERED_LENGTHS)]
 
     def of(self, name: bytes) -> int:
-        kind = self.spellings.get(name)
-        if kind is None:
-            kind = self.kinds.get(name.lower(), FORWARD)
-            if len(self.spellings) < 1024:
-                self.spellings[name] = kind
+        length = len(name)
+        if length >= REMEMBERED_LENGTHS:
+            return self.kinds.get(name.lower(), FORWARD)
+        seen = self.by_length[length]
+        for spelling, kind in seen:
+            if spelling == name:
+                return kind
+        kind = self.kinds.get(name.lower(), FORWARD)
+        if len(seen) < SPELLINGS_PER_LENGTH:
+            seen.append((name, kind))
         return kind
 
 
