@@ -61,7 +61,14 @@ def counted(output: Path) -> int:
 
 
 def measure(
-    stack: Stack, command: list[str], mode: str, count: int, clients: int, tls: bool = False, profile: int = 0
+    stack: Stack,
+    command: list[str],
+    mode: str,
+    count: int,
+    clients: int,
+    tls: bool = False,
+    profile: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> float:
     port = free_port()
     rundir = Path(tempfile.mkdtemp(prefix="instr-", dir=stack.workdir))
@@ -79,6 +86,7 @@ def measure(
     argv += ["--listen", f"127.0.0.1:{port}", "--mode", mode, "--admin-socket", str(socket_path)]
     argv += ["--state-dir", str(rundir / "state"), "--servers", str(rundir / "servers.json"), "--log-level", "warning"]
     argv += ["--config", str(rundir / "lbd.toml")] if tls else []
+    argv += [argument.replace("{rundir}", str(rundir)) for argument in extra]
     child = stack.spawn(f"lbd-{mode}", argv, None)
     through = tls_port if tls else port
     try:
@@ -132,6 +140,12 @@ def main() -> int:
     parser.add_argument("--modes", default="static,dynamic")
     parser.add_argument("--tls", action="store_true", help="also through lbd's TLS listener (keep-alive), as MODE+tls")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print lbd's N costliest functions")
+    parser.add_argument(
+        "--lbd-args",
+        default="",
+        help="more arguments for lbd start, {rundir} standing for its directory "
+        "(e.g. '--access-log {rundir}/access.log --access-log-format json')",
+    )
     args = parser.parse_args()
     commands = args.lbd_cmd or [str(VENV_BIN / "lbd")]
     with tempfile.TemporaryDirectory(prefix="lb-instr-") as workdir:
@@ -143,8 +157,9 @@ def main() -> int:
                 for mode in args.modes.split(","):
                     for tls in (False, True) if args.tls else (False,):
                         per_request = measure(
-                            stack, shlex.split(command), mode, args.requests, args.clients, tls, args.profile
-                        )
+                            stack, shlex.split(command), mode, args.requests, args.clients, tls, args.profile,
+                            tuple(shlex.split(args.lbd_args)),
+                        )  # fmt: skip
                         shown = f"{mode}+tls" if tls else mode
                         print(f"{command:<50} {shown:<11} {per_request:>18,.0f}", flush=True)
         finally:
