@@ -153,7 +153,10 @@ def _line_end(data: bytes, pos: int) -> int:
     """The position after the CRLF ending the line that goes on at `pos` (only value bytes before
     it), or -1 when `data` ends first."""
     size = len(data)
-    while pos < size and _IS_VALUE[data[pos]]:
+    while pos < size:
+        byte = data[pos]  # a field-value byte: not a control character other than tab (compared, not looked up)
+        if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
+            break
         pos += 1
     if pos + 1 < size and data[pos] == 0x0D and data[pos + 1] == 0x0A:
         return pos + 2
