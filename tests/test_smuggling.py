@@ -492,6 +492,23 @@ def test_a_refused_request_with_a_body_logs_no_traceback(proxied: tuple[Lbd, Rec
     assert "Traceback" not in logged and "ERROR" not in logged, logged[:2000]
 
 
+def test_a_request_with_a_body_from_an_unknown_region_is_refused_quietly() -> None:
+    """Dynamic mode: an unknown client-region is the client's mistake, answered 400 at once (the body
+    unread), with at most one line of lbd's log per request and never a traceback."""
+    with recording_backend() as one, running_lbd(["--mode", "dynamic"], [server_entry("one", one.port)]) as daemon:
+        before = len(daemon.log())
+        for _ in range(20):
+            result = curl(
+                "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "client-id: c", "-H", "client-region: mars",
+                "-d", "a=b", f"{daemon.url}/form",
+            )  # fmt: skip
+            assert result.stdout == b"400"
+        logged = daemon.log()[before:]
+        assert "Traceback" not in logged and "ERROR" not in logged, logged[:2000]
+        assert len(logged.splitlines()) <= 20, logged[:2000]
+        assert [target for _, target in one.requests() if target == "/form"] == [], "nothing reached the server"
+
+
 def test_sessions_of_a_deregistered_server_are_dropped() -> None:
     with recording_backend() as one, recording_backend() as two:
         entries = [server_entry("one", one.port), server_entry("two", two.port)]
