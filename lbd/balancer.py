@@ -141,6 +141,7 @@ class Balancer:
         self.registry = registry
         self.mode: Mode = mode
         self.regions = regions
+        self._proximity = dict(regions.proximity)  # read per request: a dict held here, not the config's Mapping
         self.sessions = sessions
         self.shared: SharedSessions | None = None  # set when lbd is part of a cluster
         self.default_client_region = default_client_region
@@ -186,6 +187,7 @@ class Balancer:
     def configure(self, regions: Regions, default_client_region: str | None) -> None:
         """Reloaded regions (proximity orders) and default client region, used from the next choice on."""
         self.regions = regions
+        self._proximity = dict(regions.proximity)  # read per request: a dict held here, not the config's Mapping
         self.default_client_region = default_client_region
 
     def configure_failover(self, failover: FailoverSettings) -> None:
@@ -243,7 +245,7 @@ class Balancer:
     def _spill_order(self, region: str) -> list[str]:
         settings = self.failover
         return region_rules.spill_order(
-            self.regions.proximity[region], self._loads, settings.home_max_load, settings.fallback_max_load
+            self._proximity[region], self._loads, settings.home_max_load, settings.fallback_max_load
         )
 
     def _failback_choice(self, client_id: str, home: str, now: float) -> Server | None:
@@ -304,7 +306,7 @@ class Balancer:
         session = self.sessions.peek(client_id, now)
         server, reason, _ = self._dynamic_decision(client_id, region, session, now)
         ordered = dynamic.ranked(
-            self._index, digest64(client_id), self.regions.proximity[region], self.sessions.by_server, now
+            self._index, digest64(client_id), self._proximity[region], self.sessions.by_server, now
         )
         candidates = tuple(Candidate(s, r, dynamic.is_available(s)) for r, s, _ in ordered)
         pinned = None if session is None else self.registry.get(session.server_id)
@@ -316,7 +318,7 @@ class Balancer:
     def _region_views(self, region: str, now: float) -> tuple[RegionView, ...]:
         settings = self.failover
         views: list[RegionView] = []
-        for position, name in enumerate(self.regions.proximity[region]):
+        for position, name in enumerate(self._proximity[region]):
             load = self._loads.get(name)
             if load is None:
                 continue
@@ -329,7 +331,7 @@ class Balancer:
         return tuple(views)
 
     def _failback_view(self, client_id: str, region: str, pinned: Server | None, now: float) -> FailbackView | None:
-        home = self.regions.proximity[region][0]
+        home = self._proximity[region][0]
         if pinned is None or pinned.spec.region == home:
             return None
         settings = self.failover
@@ -348,12 +350,12 @@ class Balancer:
         if region is None:
             raise BadRoute(
                 "missing the client-region header; dynamic mode routes each client to a server near its "
-                f"region (known regions: {', '.join(sorted(self.regions.proximity))})"
+                f"region (known regions: {', '.join(sorted(self._proximity))})"
             )
-        if region not in self.regions.proximity:
+        if region not in self._proximity:
             raise BadRoute(
                 f"unknown client region {region!r} in the client-region header; "
-                f"known regions: {', '.join(sorted(self.regions.proximity))}"
+                f"known regions: {', '.join(sorted(self._proximity))}"
             )
         return region
 
@@ -402,7 +404,7 @@ class Balancer:
         if session is not None:
             pinned = self.registry.get(session.server_id)
             if pinned is not None and pinned.in_rotation:
-                home = self.regions.proximity[region][0]
+                home = self._proximity[region][0]
                 if pinned.spec.region != home and self.failover.failback:
                     back = self._failback_choice(client_id, home, now)
                     if back is not None:
@@ -423,7 +425,7 @@ class Balancer:
         if choice is None:
             raise NoServer(
                 f"no available server for client region {region} or its fallbacks "
-                f"({', '.join(self.regions.proximity[region][1:]) or 'none'})"
+                f"({', '.join(self._proximity[region][1:]) or 'none'})"
             )
         if session is not None:
             return choice.server, REASON_MOVED, True
@@ -432,7 +434,7 @@ class Balancer:
     def _new_client_reason(self, region: str, chosen: str) -> str:
         """best_in_region at home; spill when a region nearer than the chosen one was full; else
         fallback_region (the nearer ones had no available server)."""
-        proximity = self.regions.proximity[region]
+        proximity = self._proximity[region]
         if chosen == proximity[0]:
             return REASON_BEST
         settings = self.failover

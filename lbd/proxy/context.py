@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from lbd.accesslog_writer import AccessLog
 from lbd.balancer import Balancer
-from lbd.config import Config
+from lbd.config import ClientLimits, Config
 from lbd.models import Server
 from lbd.proxy.deadlines import DeadlineWheel
 from lbd.proxy.headers import DROP, REQUEST_HEADERS, REQUEST_KINDS, FieldKinds
@@ -41,6 +41,20 @@ class SessionClaims(Protocol):
     async def claim(self, client_id: str, proposal: Server, region: str) -> None: ...
 
 
+class ClientBounds:
+    """The client limits a connection checks per request, as plain compiled attributes (the config's
+    dataclass is interpreted: each of its attribute reads is a dictionary lookup)."""
+
+    __slots__ = ("max_body_bytes", "max_connections", "max_header_bytes", "max_headers", "max_request_line_bytes")
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.max_connections = limits.max_connections
+        self.max_request_line_bytes = limits.max_request_line_bytes
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_body_bytes = limits.max_body_bytes
+
+
 class ProxyContext:
     """What every connection shares: routing, the upstream pool, timeouts and counters."""
 
@@ -70,7 +84,7 @@ class ProxyContext:
     def apply(self, config: Config) -> None:
         """Settings for what starts from now on (also on reload): a request in flight keeps the
         upstream timeout it started with, an open connection the limits it was accepted with."""
-        self.limits = config.limits
+        self.limits = ClientBounds(config.limits)
         self.client_header_timeout_s = config.limits.header_timeout_ms / 1000.0
         self.client_idle_timeout_s = config.limits.keepalive_timeout_ms / 1000.0
         # a client silent this long mid-request, or not reading its response, is cut (nginx's
