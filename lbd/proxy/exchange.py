@@ -213,8 +213,8 @@ class Exchange:
         task.add_done_callback(self._claimed)
 
     def _claimed(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is not None or self.finished:
-            pass  # a claim that failed leaves no session: routing pins the client here
+        if not task.cancelled():
+            task.exception()  # retrieved, so never reported: a failed claim leaves no session, routing pins it here
         if not self.finished:
             self._route()  # the session is held here now: routed as sticky (or moved, if its server is out)
 
@@ -341,19 +341,19 @@ class Exchange:
             lines.append(self.set_cookie)
         self.framing = framing
         self.flags = flags
-        data = b"".join((status_line(status, head.reason), *lines, CRLF))
-        self.bytes_out += len(data)
-        self.client.write(data)
+        self._to_client(b"".join((status_line(status, head.reason), *lines, CRLF)))
         return flags
 
     def response_body(self, body: bytes | memoryview) -> None:
         if self.flags & CHUNK_FOR_CLIENT:
-            piece = b"%x\r\n" % len(body) + body + CRLF
-            self.bytes_out += len(piece)
-            self.client.write(piece)
+            self._to_client(b"%x\r\n" % len(body) + body + CRLF)
         else:
-            self.bytes_out += len(body)
-            self.client.write(body)
+            self._to_client(body)
+
+    def _to_client(self, data: bytes | memoryview) -> None:
+        """Write to the client, counted (the access log's bytes_out)."""
+        self.bytes_out += len(data)
+        self.client.write(data)
 
     def spliced(self, moved: int) -> None:
         """Body bytes the kernel moved from the server's socket to the client's."""
@@ -363,16 +363,13 @@ class Exchange:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         if self.request.version == "1.1":
             lines = _response_header_pieces(head)
-            data = b"".join((status_line(head.status, head.reason), *lines, CRLF))
-            self.bytes_out += len(data)
-            self.client.write(data)
+            self._to_client(b"".join((status_line(head.status, head.reason), *lines, CRLF)))
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
             return
         if self.flags & CHUNK_FOR_CLIENT:
-            self.bytes_out += len(CHUNK_END)
-            self.client.write(CHUNK_END)
+            self._to_client(CHUNK_END)
         connection = self.upstream
         self.upstream = None
         if connection is not None:
@@ -525,9 +522,7 @@ class Exchange:
         close = not self.request_complete or not self.request.keep_alive or self.client.closing
         self.close_after = self.close_after or close
         self.status = status
-        answer = simple_response(status, text, close)
-        self.bytes_out += len(answer)
-        self.client.write(answer)
+        self._to_client(simple_response(status, text, close))
         self._finish(outcome, termination)
 
     # --- timing -----------------------------------------------------------------------------------
@@ -601,8 +596,7 @@ class Exchange:
             self.early_tunnel = b""
         client.tunnel_to(connection.transport, self)
         if upstream_bytes:
-            self.bytes_out += len(upstream_bytes)
-            client.write(upstream_bytes)
+            self._to_client(upstream_bytes)
 
     def tunnel_closed(self) -> None:
         """The client's side of the tunnel closed (after the server's, or first): one access-log

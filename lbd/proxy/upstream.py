@@ -178,9 +178,10 @@ class UpstreamConnection(FlowControlled):
         if end - pos <= SMALL_READ_BYTES and buf is self.pool.read_buffer:
             # a small read, likely a whole response: parsed from one copy, with no search first (a head
             # that arrives in pieces is searched for: each piece would parse it again from its start)
-            head = parse_head(bytes(view[pos:end]))
+            data = bytes(view[pos:end])
+            head = parse_head(data)
             if head is None:
-                self.head_start = bytes(view[pos:end])
+                self.head_start = data  # the copy just parsed: the rest of the head comes in the next read
                 return -1
         else:
             found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
