@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeat = max(1, args.repeat or (1 if args.quick else 5))
     args.phases = split(args.only, PHASES, "--only")
     if args.base_lbd_cmd:
-        args.phases += [f"base-{phase.removeprefix('lbd-')}" for phase in args.phases if phase.startswith("lbd-")]
+        # the other build's plain rows only: its flags and config keys may differ from this one's
+        args.phases += [f"base-{mode}" for mode in ("static", "dynamic") if f"lbd-{mode}" in args.phases]
     args.response_list = split(args.responses, tuple(PATHS), "--responses")
     args.conn_list = [int(value) for value in args.conns.split(",") if value]
     return args
