@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import i64
+
 from lbd.proxy.headers import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -99,13 +101,13 @@ class ResponseHead:
 def parse_head(data: bytes) -> ResponseHead | None:
     """The response head at the start of `data` (the body may follow it), or None while the empty
     line ending it has not arrived. `ResponseHead.size` is its length with that line."""
-    pos = _line_end(data, 0)
+    pos: i64 = _line_end(data, 0)  # positions are native integers when compiled
     if pos < 0:
         return None
     parsed = _status_line(data[: pos - 2])
     pieces = parsed.header_pieces
-    kept_from = pos  # the start of the run of lines forwarded as they came
-    size = len(data)
+    kept_from: i64 = pos  # the start of the run of lines forwarded as they came
+    size: i64 = len(data)
     while pos + 1 < size and not (data[pos] == 0x0D and data[pos + 1] == 0x0A):
         colon = _name_end(data, pos)
         if colon == size:
@@ -118,7 +120,8 @@ def parse_head(data: bytes) -> ResponseHead | None:
         length = colon - pos
         kind = RESPONSE_KINDS.of(data[pos:colon]) if length < 32 and _SPECIAL_LENGTH[length] else FORWARD
         if kind != FORWARD:
-            start, stop = colon + 1, end - 2  # the value, without the whitespace around it
+            start: i64 = colon + 1  # the value, without the whitespace around it
+            stop: i64 = end - 2
             while start < stop and data[start] in (0x20, 0x09):
                 start += 1
             while stop > start and data[stop - 1] in (0x20, 0x09):
@@ -141,18 +144,20 @@ def parse_head(data: bytes) -> ResponseHead | None:
     return parsed
 
 
-def _name_end(data: bytes, pos: int) -> int:
-    """The position after the field name (token characters) that starts at `pos`."""
-    size = len(data)
+def _name_end(data: bytes, start: i64) -> i64:
+    """The position after the field name (token characters) that starts at `start`."""
+    pos: i64 = start  # a native integer when compiled: no tagged-int checks per byte
+    size: i64 = len(data)
     while pos < size and _IS_TCHAR[data[pos]]:
         pos += 1
     return pos
 
 
-def _line_end(data: bytes, pos: int) -> int:
-    """The position after the CRLF ending the line that goes on at `pos` (only value bytes before
+def _line_end(data: bytes, start: i64) -> i64:
+    """The position after the CRLF ending the line that goes on at `start` (only value bytes before
     it), or -1 when `data` ends first."""
-    size = len(data)
+    pos: i64 = start
+    size: i64 = len(data)
     while pos < size:
         byte = data[pos]  # a field-value byte: not a control character other than tab (compared, not looked up)
         if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
@@ -185,18 +190,18 @@ def _status_line(line: bytes) -> ResponseHead:
     return ResponseHead(status, line[13:], line[7] == 0x30)
 
 
-def _take_special(parsed: ResponseHead, kind: int, head: bytes, start: int, stop: int) -> bool:
+def _take_special(parsed: ResponseHead, kind: int, head: bytes, start: i64, stop: i64) -> bool:
     """Note what a framing or hop-by-hop field (value `head[start:stop]`) says; whether its line is
     forwarded (only Content-Length's)."""
     if kind == CONTENT_LENGTH:
-        length = 0
-        for i in range(start, stop):
-            digit = head[i] - 0x30
-            if not 0 <= digit <= 9:
-                break
-            length = length * 10 + digit
-        else:
-            if 0 < stop - start <= 18:
+        if 0 < stop - start <= 18:  # 1-18 digits: within 64 bits
+            length: i64 = 0
+            for i in range(start, stop):
+                digit = head[i] - 0x30
+                if not 0 <= digit <= 9:
+                    break
+                length = length * 10 + digit
+            else:
                 if parsed.content_length < 0:
                     parsed.content_length = length
                     return True
