@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import i64
+
 from lbd.models import Server
 from lbd.proxy.headers import (
     CLIENT_ID,
@@ -131,16 +133,16 @@ class RequestHead:
         if kind == CLIENT_ID:
             if self.client_id is not None:
                 self.duplicated = name
-            self.client_id = value.rstrip(b" \t")
+            self.client_id = _trimmed(value)
         elif kind == CLIENT_REGION:
             if self.client_region is not None:
                 self.duplicated = name
-            self.client_region = value.rstrip(b" \t")
+            self.client_region = _trimmed(value)
         elif kind == COOKIE:
             self.cookie = value if self.cookie is None else self.cookie + b"; " + value
         elif kind == HOST:
             self.hosts += 1
-            self.host = value.rstrip(b" \t")
+            self.host = _trimmed(value)
             return
         elif kind == CONNECTION:
             tokens = connection_tokens(value)
@@ -376,3 +378,12 @@ def cookie_value(cookies: bytes, name: bytes) -> bytes | None:
 def _show(value: bytes) -> str:
     text = value[:80].decode("latin-1")
     return repr(text + "..." if len(value) > 80 else text)
+
+
+def _trimmed(value: bytes) -> bytes:
+    """`value` without the spaces and tabs that end it; most values have none, and are returned as
+    they are (compiled, a byte compare: `bytes.rstrip` is a method call through Python)."""
+    end: i64 = len(value)
+    while end > 0 and value[end - 1] in (0x20, 0x09):
+        end -= 1
+    return value if end == len(value) else value[:end]
