@@ -49,7 +49,7 @@ class Health(StrEnum):
     serving: bool  # its health admits traffic: healthy, or failing but not yet out (set below; read per request)
 
 
-for _health in Health:  # a plain attribute, not a property: it is read for every request
+for _health in Health:  # a plain attribute, set once; ServerState keeps its own copy for the request path
     _health.serving = _health in (Health.HEALTHY, Health.FAILING)
 
 
@@ -98,7 +98,8 @@ class RegionLatency:
 class ServerState:
     """What lbd observes about a server while it runs (times are monotonic seconds)."""
 
-    health: Health = Health.HEALTHY
+    _health: Health = Health.HEALTHY
+    serving: bool = True  # `health.serving`, kept beside it: read for every request, and an enum's attribute is not compiled
     draining: bool = False
     active: int = 0
     requests: int = 0
@@ -123,6 +124,15 @@ class ServerState:
     # time to response headers: counts per LATENCY_BUCKETS_S bucket (not cumulative; last is +Inf)
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_s: float = 0.0
+
+    @property
+    def health(self) -> Health:
+        return self._health
+
+    @health.setter
+    def health(self, health: Health) -> None:
+        self._health = health
+        self.serving = health.serving
 
     @property
     def health_in_cooldown(self) -> bool:
@@ -155,7 +165,7 @@ class Server:
         """Takes new requests: its health admits traffic and it is not draining. The one meaning of
         "in rotation" everywhere (`lbctl servers`, `lbctl status`, routing)."""
         state = self.state
-        return state.health.serving and not state.draining
+        return state.serving and not state.draining
 
     def to_json(self, now: float, wall_offset: float) -> dict[str, Any]:
         """`now` is the monotonic clock; `wall_offset` turns monotonic times into Unix times."""
