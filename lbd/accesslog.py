@@ -18,6 +18,8 @@ import zlib
 from collections.abc import Callable
 from typing import Final, TypeVar
 
+from mypy_extensions import i64
+
 T = TypeVar("T", bytes, str)
 
 # How a request ended (`termination`), HAProxy's termination states and Envoy's response flags in
@@ -43,7 +45,6 @@ ALL_KEPT: Final = 1 << 32  # a sampling threshold that keeps every client (CRC-3
 # Bytes kept as they are: printable ASCII except the quote and the backslash (and, in text, the space,
 # which separates fields); anything else is written \xNN.
 _TEXT_UNSAFE: Final = re.compile(rb'[^\x21-\x7e]|["\\]')
-_JSON_UNSAFE: Final = re.compile(rb'[^\x20-\x7e]|["\\]')
 _JSON_UNSAFE_STR: Final = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
@@ -137,28 +138,25 @@ def sampled_in(client_id: bytes | None, threshold: int) -> bool:
 
 
 class LineCache:
-    """What formatting remembers, for one writer thread: the timestamp up to the second, and the
-    strings clients send again and again (ids, regions, methods, paths, server names) as they are
-    written, so most of a line is dictionary look-ups. Each memo starts over once it is full."""
+    """What formatting remembers, for one writer thread: the timestamp up to the second, client
+    addresses, and the names lbd itself writes (servers, regions, routes) as they are written. Each
+    memo starts over once it is full. Bytes a client sent (ids, paths) are checked afresh instead:
+    compiled, a scan of their few bytes costs less than hashing a new bytes object for a look-up."""
 
     def __init__(self) -> None:
-        self.seconds: dict[int, str] = {}
+        self.second = -1  # the second `prefix` is stamped with
+        self.prefix = ""
         self.addresses: dict[bytes, str] = {}  # a client's IP address as written before its port
-        self.text: dict[bytes, str] = {}
-        self.json: dict[bytes, str] = {}
         self.text_names: dict[str, str] = {}
         self.json_names: dict[str, str] = {}
 
     def stamp(self, wall: float) -> str:
         """RFC 3339, UTC, milliseconds (truncated)."""
         second = int(wall)
-        prefix = self.seconds.get(second)
-        if prefix is None:
-            if len(self.seconds) >= 8:  # lines are stamped with their start, so a few seconds interleave
-                self.seconds.clear()
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self.seconds[second] = prefix
-        return prefix + _MILLIS[int((wall - second) * 1000)]
+        if second != self.second:  # lines are stamped with their start: seconds may interleave a little
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.second = second
+        return self.prefix + _MILLIS[int((wall - second) * 1000)]
 
     def client(self, ip: bytes, port: int) -> str:
         """`ip:port`, `[ip]:port` for IPv6."""
@@ -167,12 +165,6 @@ class LineCache:
             text = ip.decode("latin-1")
             address = _remembered(self.addresses, ip, f"[{text}]:" if ":" in text else f"{text}:")
         return address + str(port)
-
-    def text_bytes(self, value: bytes) -> str:
-        return _memo(self.text, value, _text)
-
-    def json_bytes(self, value: bytes) -> str:
-        return _memo(self.json, value, _json)
 
     def text_name(self, value: str) -> str:
         return _memo(self.text_names, value, _text_str)
@@ -184,8 +176,8 @@ class LineCache:
 MEMO_SIZE: Final = 65_536
 
 
-def _memo(memo: dict[T, str], value: T, render: Callable[[T], str]) -> str:
-    """`render(value)`, remembered: the same few ids, regions and servers come again and again."""
+def _memo(memo: dict[str, str], value: str, render: Callable[[str], str]) -> str:
+    """`render(value)`, remembered: the same few servers, regions and routes come again and again."""
     token = memo.get(value)
     if token is None:
         token = _remembered(memo, value, render(value))
@@ -197,6 +189,19 @@ def _remembered(memo: dict[T, str], value: T, token: str) -> str:
         memo.clear()
     memo[value] = token
     return token
+
+
+def _kept_as_is(value: bytes, lowest: int) -> bool:
+    """Whether every byte of `value` is written as it is: printable ASCII from `lowest` up (0x21 in
+    text, where a space separates fields; 0x20 in JSON), neither the quote nor the backslash."""
+    pos: i64 = 0
+    size: i64 = len(value)
+    while pos < size:
+        byte = value[pos]
+        if byte < lowest or byte > 0x7E or byte in (0x22, 0x5C):
+            return False
+        pos += 1
+    return True
 
 
 def _text_str(value: str) -> str:
@@ -212,10 +217,10 @@ def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
     )  # fmt: skip
     return (
         f"{cache.stamp(entry.began + wall_offset)} {cache.client(entry.client_ip, entry.client_port)}"
-        f' "{cache.text_bytes(entry.method) if entry.method else "-"}'
-        f' {cache.text_bytes(entry.path) if entry.path else "-"} {protocol}"'
+        f' "{_text(entry.method) if entry.method else "-"}'
+        f' {_text(entry.path) if entry.path else "-"} {protocol}"'
         f" {entry.status} {entry.bytes_in} {entry.bytes_out}"
-        f" {cache.text_bytes(client_id) if client_id else '-'} {cache.text_bytes(region) if region else '-'}"
+        f" {_text(client_id) if client_id else '-'} {_text(region) if region else '-'}"
         f" {cache.text_name(server) if server else '-'} {cache.text_name(server_region) if server_region else '-'}"
         f" {cache.text_name(route) if route else '-'} {entry.retries}"
         f" {_ms(entry.connect_s, '-')} {_ms(entry.ttfb_s, '-')} {_ms(entry.duration_s, '-')} {entry.termination}\n"
@@ -231,10 +236,10 @@ def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
     return (
         f'{{"time":"{cache.stamp(entry.began + wall_offset)}"'
         f',"client":"{cache.client(entry.client_ip, entry.client_port)}"'
-        f',"client_id":{"null" if client_id is None else cache.json_bytes(client_id)}'
-        f',"client_region":{"null" if region is None else cache.json_bytes(region)}'
-        f',"method":{cache.json_bytes(entry.method) if entry.method else "null"}'
-        f',"path":{cache.json_bytes(entry.path) if entry.path else "null"},"protocol":{protocol}'
+        f',"client_id":{"null" if client_id is None else _json(client_id)}'
+        f',"client_region":{"null" if region is None else _json(region)}'
+        f',"method":{_json(entry.method) if entry.method else "null"}'
+        f',"path":{_json(entry.path) if entry.path else "null"},"protocol":{protocol}'
         f',"status":{entry.status},"bytes_in":{entry.bytes_in},"bytes_out":{entry.bytes_out}'
         f',"server":{"null" if server is None else cache.json_name(server)}'
         f',"server_region":{"null" if server_region is None else cache.json_name(server_region)}'
@@ -247,6 +252,7 @@ def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
 # ".000Z" .. ".999Z" and ".000" .. ".999": joining a made string is cheaper than a format spec
 _MILLIS: Final = tuple(f".{n:03d}Z" for n in range(1000))
 _THOUSANDTHS: Final = tuple(f".{n:03d}" for n in range(1000))
+_SUB_MS: Final = tuple(f"0.{n:03d}" for n in range(1000))
 
 
 def _ms(seconds: float, absent: str) -> str:
@@ -254,6 +260,8 @@ def _ms(seconds: float, absent: str) -> str:
     if seconds < 0:
         return absent
     micros = int(seconds * 1_000_000.0 + 0.5)
+    if micros < 1000:
+        return _SUB_MS[micros]  # most times through a proxy: made once, not per line
     return str(micros // 1000) + _THOUSANDTHS[micros % 1000]
 
 
@@ -262,14 +270,14 @@ def _escaped(match: re.Match[bytes]) -> bytes:
 
 
 def _text(value: bytes) -> str:
-    if _TEXT_UNSAFE.search(value) is None:
+    if _kept_as_is(value, 0x21):
         return value.decode("ascii")
     return _TEXT_UNSAFE.sub(_escaped, value).decode("ascii")
 
 
 def _json(value: bytes) -> str:
-    if _JSON_UNSAFE.search(value) is None:
-        return '"' + value.decode("ascii") + '"'
+    if _kept_as_is(value, 0x20):
+        return f'"{value.decode("ascii")}"'  # one string built (compiled), where + makes two
     # bytes that are not UTF-8 stay visible as \xNN; json.dumps writes the rest as ASCII escapes
     return json.dumps(value.decode("utf-8", "backslashreplace"))
 
