@@ -37,3 +37,52 @@ def test_deadlines_fire_on_time_and_moves_and_clears_are_honoured() -> None:
     assert len(fired["moved"]) == 1 and fired["moved"][0] - start >= 0.12
     assert fired["cleared"] == []
     assert len(fired["past"]) == 1 and fired["past"][0] - start < 3 * TICK_S + 0.02
+
+
+class Rearming(Recorder):
+    """Arms itself once more from its own callback, as an exchange does while the client is slow."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wheel: DeadlineWheel, again_s: float) -> None:
+        super().__init__(loop)
+        self.wheel = wheel
+        self.again_s = again_s
+
+    def deadline_reached(self) -> None:
+        super().deadline_reached()
+        if len(self.fired) == 1:
+            self.wheel.arm(self, self.loop.time() + self.again_s)
+
+
+def test_deadlines_sharing_a_tick_are_kept_apart_and_the_wheel_works_after_each_round() -> None:
+    """Deadlines due together share a bucket that arm and move reach without a look-up: clearing
+    or moving one of them leaves the others, and buckets made after a round has fired still fire."""
+
+    async def scenario() -> tuple[list[Recorder], list[Recorder], Rearming, list[Recorder]]:
+        loop = asyncio.get_running_loop()
+        wheel = DeadlineWheel(loop)
+        when = loop.time() + 0.03
+        together = [Recorder(loop) for _ in range(6)]
+        handles = [wheel.arm(item, when) for item in together]
+        assert len(set(handles)) == 1  # one tick, one bucket
+        cleared = together[:3]
+        for item, handle in zip(cleared, handles[:3], strict=True):
+            assert wheel.move(item, handle, None) == 0
+        wheel.move(together[3], handles[3], when)  # moved to where it was: still armed once
+        rearming = Rearming(loop, wheel, 0.03)
+        wheel.arm(rearming, when)
+        deadline = loop.time() + 5.0
+        while not all(item.fired for item in together[3:]) and loop.time() < deadline:
+            await asyncio.sleep(TICK_S)
+        later = [Recorder(loop) for _ in range(3)]  # armed after that round: new buckets, same wheel
+        for item in later:
+            wheel.arm(item, loop.time() + 0.02)
+        while (len(rearming.fired) < 2 or not all(item.fired for item in later)) and loop.time() < deadline:
+            await asyncio.sleep(TICK_S)
+        await asyncio.sleep(5 * TICK_S)  # nothing fires twice, nothing cleared fires late
+        return cleared, together[3:], rearming, later
+
+    cleared, kept, rearming, later = asyncio.run(scenario())
+    assert all(item.fired == [] for item in cleared)
+    assert all(len(item.fired) == 1 for item in kept)
+    assert len(rearming.fired) == 2 and rearming.fired[1] - rearming.fired[0] >= 0.03
+    assert all(len(item.fired) == 1 for item in later)

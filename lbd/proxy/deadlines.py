@@ -24,6 +24,10 @@ class DeadlineWheel:
         self._buckets: dict[int, dict[Timed, None]] = {}
         self._next_tick = 0  # the first tick not yet processed
         self._timer: asyncio.TimerHandle | None = None
+        # the bucket last armed into: requests arriving together share a tick, and comparing the tick
+        # costs less than looking it up (a tick is a large int: boxed and hashed for the dict)
+        self._last_tick = 0  # 0: none
+        self._last_bucket: dict[Timed, None] = {}
 
     def arm(self, item: Timed, when: float) -> int:
         """Call `item.deadline_reached()` at `when` (loop time) or within a tick after; returns the
@@ -34,22 +38,30 @@ class DeadlineWheel:
             self._timer = self.loop.call_later(TICK_S, self._run)
         elif tick < self._next_tick:
             tick = self._next_tick  # already due: the next tick fires it
+        if tick == self._last_tick:
+            self._last_bucket[item] = None
+            return tick
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = {}
         bucket[item] = None
+        self._last_tick, self._last_bucket = tick, bucket
         return tick
 
     def move(self, item: Timed, handle: int, when: float | None) -> int:
         """Replace `item`'s deadline `handle` (0: none armed) by one at `when` (None: no deadline);
         returns the new handle, 0 when none."""
-        if handle and (bucket := self._buckets.get(handle)) is not None:
-            bucket.pop(item, None)
+        if handle:
+            bucket = self._last_bucket if handle == self._last_tick else self._buckets.get(handle)
+            if bucket is not None and item in bucket:
+                del bucket[item]
         return 0 if when is None else self.arm(item, when)
 
     def _run(self) -> None:
         now_tick = int(self.loop.time() / TICK_S)
         first, self._next_tick = self._next_tick, now_tick + 1  # items re-armed below land after now
+        if self._last_tick <= now_tick:
+            self._last_tick = 0  # its bucket is popped below
         buckets = self._buckets
         for tick in range(first, now_tick + 1):
             bucket = buckets.pop(tick, None)
