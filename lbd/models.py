@@ -6,20 +6,20 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from lbd.errors import ValidationError
 
 SERVER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-MAX_CAPACITY = 1_000_000
+MAX_CAPACITY: Final = 1_000_000
 # Upper bounds (seconds) of the per-server upstream latency histogram's buckets, plus +Inf (Prometheus
 # `le` semantics: a value equal to a bound counts in that bucket).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # How fast a server's latency estimate forgets itself while the server gets no answers: after this long
 # without one, what it still holds of its own past is 1/e, the rest is its region's typical latency
 # (Linkerd's EWMA_DECAY and Envoy peak_ewma's decay_time, both 10 s).
-LATENCY_DECAY_S = 10.0
+LATENCY_DECAY_S: Final = 10.0
 
 
 class Outcome(StrEnum):
@@ -99,7 +99,7 @@ class ServerState:
     """What lbd observes about a server while it runs (times are monotonic seconds)."""
 
     _health: Health = Health.HEALTHY
-    serving: bool = True  # `health.serving`, kept beside it: read for every request, and an enum's attribute is not compiled
+    serving: bool = True  # `health.serving`, kept beside it: read per request (an enum attribute is slow)
     draining: bool = False
     active: int = 0
     requests: int = 0

@@ -21,8 +21,8 @@ from lbd.models import LATENCY_BUCKETS_S, Outcome, RegionLatency, Server, Server
 log = logging.getLogger("lbd.health")
 _BUCKET_BOUNDS: Final[list[float]] = list(LATENCY_BUCKETS_S)
 
-LATENCY_EWMA_WEIGHT = 0.2  # a server's estimate: each answer moves it a fifth of the way
-REGION_LATENCY_WEIGHT = 0.05  # a region's typical latency: about its last 20 answers, whichever servers gave them
+LATENCY_EWMA_WEIGHT: Final = 0.2  # a server's estimate: each answer moves it a fifth of the way
+REGION_LATENCY_WEIGHT: Final = 0.05  # a region's typical latency: about its last 20 answers, from any of its servers
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +158,10 @@ class Registry:
         """The proxy's report on one forwarded request; `latency_s` is time to response headers."""
         state = server.state
         if latency_s is not None:
-            self._observe_latency(server, latency_s * 1000.0, monotonic())
-            state.latency_buckets[latency_bucket(latency_s)] += 1
-            state.latency_sum_s += latency_s
+            latency: float = latency_s  # unboxed once: a float | None is a Python object
+            self._observe_latency(server, latency * 1000.0, monotonic())
+            state.latency_buckets[latency_bucket(latency)] += 1
+            state.latency_sum_s += latency
         if outcome is Outcome.OK:
             state.passive_failures = 0
             return

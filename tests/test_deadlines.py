@@ -1,9 +1,11 @@
-"""The deadline wheel on a real event loop: deadlines fire within a tick after they are due, never
-before; a moved deadline fires only at its new time; a cleared one never fires."""
+"""The deadline wheel on a real event loop and the monotonic clock: deadlines fire within a tick
+after they are due, never before; a moved deadline fires only at its new time; a cleared one never
+fires."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from lbd.proxy.deadlines import TICK_S, DeadlineWheel
 
@@ -14,7 +16,7 @@ class Recorder:
         self.fired: list[float] = []
 
     def deadline_reached(self) -> None:
-        self.fired.append(self.loop.time())
+        self.fired.append(time.monotonic())
 
 
 def test_deadlines_fire_on_time_and_moves_and_clears_are_honoured() -> None:
@@ -22,7 +24,7 @@ def test_deadlines_fire_on_time_and_moves_and_clears_are_honoured() -> None:
         loop = asyncio.get_running_loop()
         wheel = DeadlineWheel(loop)
         items = {name: Recorder(loop) for name in ("plain", "moved", "cleared", "past")}
-        start = loop.time()
+        start = time.monotonic()
         wheel.arm(items["plain"], start + 0.05)
         handle = wheel.arm(items["moved"], start + 0.03)
         wheel.move(items["moved"], handle, start + 0.12)
@@ -50,7 +52,7 @@ class Rearming(Recorder):
     def deadline_reached(self) -> None:
         super().deadline_reached()
         if len(self.fired) == 1:
-            self.wheel.arm(self, self.loop.time() + self.again_s)
+            self.wheel.arm(self, time.monotonic() + self.again_s)
 
 
 def test_deadlines_sharing_a_tick_are_kept_apart_and_the_wheel_works_after_each_round() -> None:
@@ -60,7 +62,7 @@ def test_deadlines_sharing_a_tick_are_kept_apart_and_the_wheel_works_after_each_
     async def scenario() -> tuple[list[Recorder], list[Recorder], Rearming, list[Recorder]]:
         loop = asyncio.get_running_loop()
         wheel = DeadlineWheel(loop)
-        when = loop.time() + 0.03
+        when = time.monotonic() + 0.03
         together = [Recorder(loop) for _ in range(6)]
         handles = [wheel.arm(item, when) for item in together]
         assert len(set(handles)) == 1  # one tick, one bucket
@@ -70,13 +72,13 @@ def test_deadlines_sharing_a_tick_are_kept_apart_and_the_wheel_works_after_each_
         wheel.move(together[3], handles[3], when)  # moved to where it was: still armed once
         rearming = Rearming(loop, wheel, 0.03)
         wheel.arm(rearming, when)
-        deadline = loop.time() + 5.0
-        while not all(item.fired for item in together[3:]) and loop.time() < deadline:
+        deadline = time.monotonic() + 5.0
+        while not all(item.fired for item in together[3:]) and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)
         later = [Recorder(loop) for _ in range(3)]  # armed after that round: new buckets, same wheel
         for item in later:
-            wheel.arm(item, loop.time() + 0.02)
-        while (len(rearming.fired) < 2 or not all(item.fired for item in later)) and loop.time() < deadline:
+            wheel.arm(item, time.monotonic() + 0.02)
+        while (len(rearming.fired) < 2 or not all(item.fired for item in later)) and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)
         await asyncio.sleep(5 * TICK_S)  # nothing fires twice, nothing cleared fires late
         return cleared, together[3:], rearming, later

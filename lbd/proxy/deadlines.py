@@ -9,6 +9,7 @@ never early.
 from __future__ import annotations
 
 import asyncio
+from time import monotonic  # the proxy's one clock: deadlines are monotonic times
 from typing import Final, Protocol
 
 TICK_S: Final = 0.01
@@ -30,11 +31,11 @@ class DeadlineWheel:
         self._last_bucket: dict[Timed, None] = {}
 
     def arm(self, item: Timed, when: float) -> int:
-        """Call `item.deadline_reached()` at `when` (loop time) or within a tick after; returns the
+        """Call `item.deadline_reached()` at `when` (`time.monotonic()`) or within a tick after; returns the
         handle `move` takes."""
         tick = int(when / TICK_S) + 1
         if self._timer is None:
-            self._next_tick = min(tick, int(self.loop.time() / TICK_S))
+            self._next_tick = min(tick, int(monotonic() / TICK_S))
             self._timer = self.loop.call_later(TICK_S, self._run)
         elif tick < self._next_tick:
             tick = self._next_tick  # already due: the next tick fires it
@@ -58,7 +59,7 @@ class DeadlineWheel:
         return 0 if when is None else self.arm(item, when)
 
     def _run(self) -> None:
-        now_tick = int(self.loop.time() / TICK_S)
+        now_tick = int(monotonic() / TICK_S)
         first, self._next_tick = self._next_tick, now_tick + 1  # items re-armed below land after now
         if self._last_tick <= now_tick:
             self._last_tick = 0  # its bucket is popped below

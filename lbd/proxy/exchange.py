@@ -135,7 +135,7 @@ class Exchange:
     def request_body(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
         if self.attempt is not None:
-            self.last_activity = self.ctx.loop.time()
+            self.last_activity = monotonic()
         self._to_upstream(b"%x\r\n" % len(chunk) + chunk + CRLF if self.request.chunked else chunk)
 
     def request_done(self) -> None:
@@ -147,7 +147,7 @@ class Exchange:
         if self.request.chunked:
             self._to_upstream(CHUNK_END)
         if self.attempt is not None and not self.finished:
-            self.last_activity = self.ctx.loop.time()
+            self.last_activity = monotonic()
             if not self.deadline:
                 self._arm_timer()  # an armed deadline fires no later than needed and re-arms itself
 
@@ -258,7 +258,7 @@ class Exchange:
         ctx = self.ctx
         self.attempt = Attempt(server, ctx.timeout_s(server))
         self.connected_at = 0.0
-        self.last_activity = ctx.loop.time()
+        self.last_activity = monotonic()
         self._arm_timer()
         if fresh_connection:
             connection = None
@@ -382,7 +382,7 @@ class Exchange:
 
     def server_sent(self) -> None:
         """The server is not silent: its deadline restarts."""
-        self.last_activity = self.ctx.loop.time()
+        self.last_activity = monotonic()
 
     # --- what the upstream connection may ask of the client side ------------------------------
 
@@ -536,7 +536,7 @@ class Exchange:
         self.upstream_write_full = paused
         if paused:
             self.client.hold(PEER_WRITE_FULL)
-            self.last_activity = self.ctx.loop.time()
+            self.last_activity = monotonic()
             self._arm_timer()
         else:
             self.client.release(PEER_WRITE_FULL)
@@ -551,7 +551,7 @@ class Exchange:
         attempt = self.attempt
         if self.finished or attempt is None:
             return
-        now = self.ctx.loop.time()
+        now = monotonic()
         upstream = self.upstream
         waiting_on_server = (self.request_complete or self.upstream_write_full) and not (
             upstream is not None and upstream.held

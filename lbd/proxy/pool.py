@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from time import monotonic  # the proxy's one clock, as in client.py
 from typing import TYPE_CHECKING, Final
 
 from lbd.models import Server
@@ -59,7 +60,7 @@ class UpstreamPool:
                 idle.pop().close()
             elif not connection.usable:
                 idle.pop()
-            elif self.loop.time() - connection.idle_since >= idle_below_s:
+            elif monotonic() - connection.idle_since >= idle_below_s:
                 return None
             else:
                 idle.pop()
@@ -77,7 +78,7 @@ class UpstreamPool:
         if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
             connection.close()
             return
-        connection.idle_since = self.loop.time()
+        connection.idle_since = monotonic()
         idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
@@ -87,7 +88,7 @@ class UpstreamPool:
 
     def close_idle(self, older_than_s: float | None = None, server_id: str | None = None) -> None:
         """Close idle connections: all, those of one server, or those idle too long."""
-        now = self.loop.time()
+        now = monotonic()
         for sid, idle in list(self._idle.items()):
             if server_id is not None and sid != server_id:
                 continue

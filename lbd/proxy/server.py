@@ -68,7 +68,7 @@ class ProxyServer:
         pool = self.ctx.pool
         while True:
             await asyncio.sleep(min(1.0, self.ctx.client_idle_timeout_s / 4, pool.idle_timeout_s / 4))
-            cutoff = self.ctx.loop.time() - self.ctx.client_idle_timeout_s
+            cutoff = time.monotonic() - self.ctx.client_idle_timeout_s
             for connection in [c for c in self.ctx.connections if c.idle and c.idle_since < cutoff]:
                 connection.close()
             pool.close_idle(older_than_s=pool.idle_timeout_s)

@@ -178,7 +178,7 @@ class UpstreamConnection(FlowControlled):
         if end - pos <= SMALL_READ_BYTES and buf is self.pool.read_buffer:
             # a small read, likely a whole response: parsed from one copy, with no search first (a head
             # that arrives in pieces is searched for: each piece would parse it again from its start)
-            data = bytes(buf[pos:end])  # a bytearray slice is a compiled copy, a memoryview one is not
+            data = b"".join((buf[pos:end],))  # compiled calls (bytes() of a bytearray is a call through Python)
             head = parse_head(data)
             if head is None:
                 self.head_start = data  # the copy just parsed: the rest of the head comes in the next read
