@@ -16,6 +16,7 @@ from setuptools import setup
 
 # The modules every proxied request runs through (see the README's Performance section).
 COMPILED = [
+    "lbd/clock.py",
     "lbd/proxy/flow.py",
     "lbd/proxy/headers.py",
     "lbd/proxy/request.py",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from time import monotonic  # a name, not a module attribute: compiled, a cheaper lookup
 from typing import Final
 
+from lbd.clock import monotonic
 from lbd.config import HealthSettings
 from lbd.health import machine
 from lbd.models import LATENCY_BUCKETS_S, Outcome, RegionLatency, Server, ServerSpec, ServerState

@@ -8,8 +8,7 @@ counting as active after its attempt is settled, until the tunnel closes.
 
 from __future__ import annotations
 
-from time import perf_counter
-
+from lbd.clock import perf_counter
 from lbd.models import Outcome, Server
 from lbd.registry import Registry
 

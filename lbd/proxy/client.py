@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from time import monotonic  # the proxy's one clock (a compiled call; loop.time() is a method call through Python)
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from lbd.clock import monotonic  # not loop.time(): a method call through Python
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
 from lbd.proxy.headers import CRLF, FORWARD, simple_response

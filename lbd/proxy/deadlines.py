@@ -9,8 +9,9 @@ never early.
 from __future__ import annotations
 
 import asyncio
-from time import monotonic  # the proxy's one clock: deadlines are monotonic times
 from typing import Final, Protocol
+
+from lbd.clock import monotonic  # deadlines are monotonic times
 
 TICK_S: Final = 0.01
 

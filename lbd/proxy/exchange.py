@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from time import monotonic, perf_counter  # names, not module attributes: compiled, cheaper lookups
 from typing import TYPE_CHECKING, Final
 
 from lbd import accesslog
 from lbd.accesslog import Entry
 from lbd.balancer import BadRoute, NoServer
+from lbd.clock import monotonic, perf_counter
 from lbd.models import Outcome, Server
 from lbd.proxy import retry
 from lbd.proxy.attempt import Attempt

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from time import monotonic  # the proxy's one clock, as in client.py
 from typing import TYPE_CHECKING, Final
 
+from lbd.clock import monotonic
 from lbd.models import Server
 from lbd.proxy.flow import PEER_WRITE_FULL
 from lbd.proxy.splice import Splicer
