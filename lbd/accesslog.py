@@ -15,7 +15,6 @@ import json
 import re
 import time
 import zlib
-from collections.abc import Callable
 from typing import Final, TypeVar
 
 from mypy_extensions import i64
@@ -167,21 +166,16 @@ class LineCache:
         return address + str(port)
 
     def text_name(self, value: str) -> str:
-        return _memo(self.text_names, value, _text_str)
+        """A name lbd writes (server, region, route) as text: the same few come again and again."""
+        token = self.text_names.get(value)
+        return token if token is not None else _remembered(self.text_names, value, _text_str(value))
 
     def json_name(self, value: str) -> str:
-        return _memo(self.json_names, value, _json_str)
+        token = self.json_names.get(value)
+        return token if token is not None else _remembered(self.json_names, value, _json_str(value))
 
 
 MEMO_SIZE: Final = 65_536
-
-
-def _memo(memo: dict[str, str], value: str, render: Callable[[str], str]) -> str:
-    """`render(value)`, remembered: the same few servers, regions and routes come again and again."""
-    token = memo.get(value)
-    if token is None:
-        token = _remembered(memo, value, render(value))
-    return token
 
 
 def _remembered(memo: dict[T, str], value: T, token: str) -> str:
