@@ -223,7 +223,7 @@ def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
 
 def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
     """One JSON object, keys in the documented order, `null` for what is absent."""
-    protocol = '"HTTP/' + entry.version + '"' if entry.version else "null"
+    protocol = f'"HTTP/{entry.version}"' if entry.version else "null"  # one string built, where + makes two
     client_id, region, server, server_region, route = (
         entry.client_id, entry.client_region, entry.server, entry.server_region, entry.route,
     )  # fmt: skip
