@@ -319,29 +319,27 @@ class Exchange:
         attempt.responded()
         self.response_started = True
         self.status = status = head.status
-        lines = _response_header_pieces(head)
+        framing_lines = b""  # how the client is told where the body ends, and whether the connection stays
         flags = 0
         if status == 101 and head.upgrade is not None:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + head.upgrade + CRLF)
+            framing_lines = b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade
         else:
             request = self.request
             reusable = self.request_complete and request.keep_alive and not self.client.closing
             flags = for_client(framing, request.version == "1.1", reusable)
             if flags & FORWARD_CHUNKED:
                 assert head.transfer_encoding is not None
-                lines.append(b"Transfer-Encoding: " + head.transfer_encoding + CRLF)
+                framing_lines = b"Transfer-Encoding: %s\r\n" % head.transfer_encoding
             elif flags & CHUNK_FOR_CLIENT:
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                framing_lines = b"Transfer-Encoding: chunked\r\n"
             if flags & CLOSE_AFTER:
                 self.close_after = True
-                lines.append(b"Connection: close\r\n")
+                framing_lines += b"Connection: close\r\n"
             elif flags & KEEP_ALIVE_10:
-                lines.append(b"Connection: keep-alive\r\n")
-        if self.set_cookie:
-            lines.append(self.set_cookie)
+                framing_lines += b"Connection: keep-alive\r\n"
         self.framing = framing
         self.flags = flags
-        self._to_client(b"".join((status_line(status, head.reason), *lines, CRLF)))
+        self._to_client(_response_head_bytes(head, framing_lines + self.set_cookie))
         return flags
 
     def response_body(self, body: bytes | memoryview) -> None:
@@ -362,8 +360,7 @@ class Exchange:
     def interim_response(self, head: ResponseHead) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         if self.request.version == "1.1":
-            lines = _response_header_pieces(head)
-            self._to_client(b"".join((status_line(head.status, head.reason), *lines, CRLF)))
+            self._to_client(_response_head_bytes(head, b""))
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         if self.finished:
@@ -667,12 +664,16 @@ class Exchange:
         )  # fmt: skip
 
 
-def _response_header_pieces(head: ResponseHead) -> list[bytes]:
-    """The response's end-to-end headers as the client gets them, ending with our Via."""
+def _response_head_bytes(head: ResponseHead, lbd_lines: bytes) -> bytes:
+    """The response head as the client gets it: the status line, the end-to-end fields as the server
+    wrote them, our Via, then `lbd_lines` (framing, Connection, Set-Cookie). Built in one step
+    (compiled bytes formatting) from the runs of forwarded lines, usually one or two."""
     pieces = head.header_pieces
     if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
         pieces = head.forwarded_without(named)
-    return [*pieces, VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)]
+    fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    via = VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)
+    return b"%s%s%s%s\r\n" % (status_line(head.status, head.reason), fields, via, lbd_lines)
 
 
 def _upstream_termination(outcome: Outcome) -> str:
