@@ -179,7 +179,7 @@ class RequestHead:
         self.method = method
         self.version = version
         self.is_head = method == b"HEAD"
-        self.idempotent = method in IDEMPOTENT_METHODS
+        self.idempotent = method == b"GET" or method in IDEMPOTENT_METHODS  # compared first: a set hashes the new bytes
         self.keep_alive = wants_keep_alive(version, self.conn_tokens)
         if method == b"CONNECT":
             return Refused(405, "lbd is a reverse proxy; CONNECT is not supported", "malformed")
