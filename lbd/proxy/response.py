@@ -104,7 +104,7 @@ def parse_head(data: bytes) -> ResponseHead | None:
     pos: i64 = _line_end(data, 0)  # positions are native integers when compiled
     if pos < 0:
         return None
-    parsed = _status_line(data[: pos - 2])
+    parsed = _status_line(data, pos - 2)
     pieces = parsed.header_pieces
     kept_from: i64 = pos  # the start of the run of lines forwarded as they came
     size: i64 = len(data)
@@ -173,21 +173,29 @@ def _line_end(data: bytes, start: i64) -> i64:
     raise BadResponse(f"a control character (0x{byte:02x}) in the response head")
 
 
-def _status_line(line: bytes) -> ResponseHead:
-    """`HTTP/1.x SSS reason`; the reason may be empty, and so may the space before it."""
+def _status_line(data: bytes, end: i64) -> ResponseHead:
+    """`HTTP/1.x SSS reason` in `data[:end]`; the reason may be empty, and so may the space before
+    it. Read in place, byte by byte: only the reason is copied out."""
     if (
-        len(line) < 12
-        or line[:7] != b"HTTP/1."
-        or not 0x30 <= line[7] <= 0x39
-        or line[8] != 0x20
-        or not (0x30 <= line[9] <= 0x39 and 0x30 <= line[10] <= 0x39 and 0x30 <= line[11] <= 0x39)
-        or (len(line) > 12 and line[12] != 0x20)
+        end < 12
+        or data[0] != 0x48  # H
+        or data[1] != 0x54  # T
+        or data[2] != 0x54  # T
+        or data[3] != 0x50  # P
+        or data[4] != 0x2F  # /
+        or data[5] != 0x31  # 1
+        or data[6] != 0x2E  # .
+        or not 0x30 <= data[7] <= 0x39
+        or data[8] != 0x20
+        or not (0x30 <= data[9] <= 0x39 and 0x30 <= data[10] <= 0x39 and 0x30 <= data[11] <= 0x39)
+        or (end > 12 and data[12] != 0x20)
     ):
-        raise BadResponse(f"not an HTTP/1.x status line: {_show(line)}")
-    status = (line[9] - 0x30) * 100 + (line[10] - 0x30) * 10 + line[11] - 0x30
+        raise BadResponse(f"not an HTTP/1.x status line: {_show(data[:end])}")
+    status = (data[9] - 0x30) * 100 + (data[10] - 0x30) * 10 + data[11] - 0x30
     if status < 100 or status > 599:
         raise BadResponse(f"status {status} is outside 100-599")
-    return ResponseHead(status, line[13:], line[7] == 0x30)
+    reason = data[13:end] if end > 13 else b""  # (compiled, a slice that ends before it starts is an error)
+    return ResponseHead(status, reason, data[7] == 0x30)
 
 
 def _take_special(parsed: ResponseHead, kind: int, head: bytes, start: i64, stop: i64) -> bool:
