@@ -131,7 +131,7 @@ class LbdCollector(Collector):
             "lbd_responses",
             "Responses sent to clients by status class (lbd's own errors included).",
             "class",
-            dict(zip(STATUS_CLASSES, proxy.responses, strict=True)),
+            dict(zip(STATUS_CLASSES, proxy.responses.counts(), strict=True)),
         )
         yield CounterMetricFamily(
             "lbd_retries", "Upstream attempts made again (on a backup, or on a fresh connection).", value=proxy.retries
@@ -229,7 +229,7 @@ class LbdCollector(Collector):
             state = server.state
             labels = [server.id, server.spec.region]
             requests.add_metric(labels, state.requests)
-            for name, count in zip(STATUS_CLASSES, state.responses, strict=True):
+            for name, count in zip(STATUS_CLASSES, state.responses.counts(), strict=True):
                 responses.add_metric([*labels, name], count)
             errors.add_metric(labels, state.errors)
             cumulative = 0

@@ -94,6 +94,32 @@ class RegionLatency:
     measured: bool = False
 
 
+class StatusCounts:
+    """Responses by status class, 1xx to 5xx (lbd's own 502/504 included). Five native integers
+    when compiled: a list's items are Python ints, and each count would make a new one."""
+
+    def __init__(self) -> None:
+        self.informational = self.success = self.redirection = self.client_error = self.server_error = 0
+
+    def add(self, status: int) -> None:
+        """Count a status of 100-599 (lbd sends no other)."""
+        if status < 300:
+            if status >= 200:
+                self.success += 1
+            else:
+                self.informational += 1
+        elif status < 400:
+            self.redirection += 1
+        elif status < 500:
+            self.client_error += 1
+        else:
+            self.server_error += 1
+
+    def counts(self) -> list[int]:
+        """1xx, 2xx, 3xx, 4xx, 5xx."""
+        return [self.informational, self.success, self.redirection, self.client_error, self.server_error]
+
+
 @dataclass(slots=True)
 class ServerState:
     """What lbd observes about a server while it runs (times are monotonic seconds)."""
@@ -119,8 +145,7 @@ class ServerState:
     ejections: int = 0
     last_transition_at: float | None = None
     last_transition_reason: str = ""
-    # responses to clients by status class (1xx..5xx), lbd's own 502/504 for this server included
-    responses: list[int] = field(default_factory=lambda: [0] * 5)
+    responses: StatusCounts = field(default_factory=StatusCounts)  # to clients, from this server or for it
     # time to response headers: counts per LATENCY_BUCKETS_S bucket (not cumulative; last is +Inf)
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_s: float = 0.0

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, generate_latest
 from lbd.balancer import Balancer
 from lbd.config import Config, Regions, load_config
 from lbd.metrics import metrics_registry
-from lbd.models import LATENCY_BUCKETS_S, Outcome, ServerSpec
+from lbd.models import LATENCY_BUCKETS_S, Outcome, ServerSpec, StatusCounts
 from lbd.proxy.context import ProxyContext
 from lbd.registry import Registry, latency_bucket
 from lbd.sessions import SessionTable
@@ -232,3 +232,11 @@ def test_metrics_listen_is_a_config_key(tmp_path: Path) -> None:
 @given(st.one_of(st.sampled_from(LATENCY_BUCKETS_S), st.floats(min_value=0, max_value=100, allow_nan=False)))
 def test_a_latency_counts_in_the_bucket_whose_bound_is_the_first_not_below_it(latency_s: float) -> None:
     assert latency_bucket(latency_s) == bisect_left(LATENCY_BUCKETS_S, latency_s)
+
+
+@given(st.lists(st.integers(min_value=100, max_value=599)))
+def test_responses_are_counted_by_the_hundred_of_their_status(statuses: list[int]) -> None:
+    counts = StatusCounts()
+    for status in statuses:
+        counts.add(status)
+    assert counts.counts() == [sum(1 for s in statuses if s // 100 == c) for c in range(1, 6)]

@@ -54,7 +54,7 @@ def status_json(state: AdminState) -> dict[str, Any]:
         "clients": {"connections": len(proxy.connections), "rejected": dict(proxy.rejections)},
         "requests": {
             "total": proxy.requests_total,
-            "responses": dict(zip(STATUS_CLASSES, proxy.responses, strict=True)),
+            "responses": dict(zip(STATUS_CLASSES, proxy.responses.counts(), strict=True)),
             "retries": proxy.retries,
             "failovers": proxy.failovers,
         },

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from lbd.accesslog_writer import AccessLog
 from lbd.balancer import Balancer
 from lbd.config import ClientLimits, Config
-from lbd.models import Server
+from lbd.models import Server, StatusCounts
 from lbd.proxy.deadlines import DeadlineWheel
 from lbd.proxy.headers import DROP, REQUEST_HEADERS, REQUEST_KINDS, FieldKinds
 from lbd.proxy.pool import UpstreamPool
@@ -77,7 +77,7 @@ class ProxyContext:
         self.requests_total = 0
         self.retries = 0
         self.failovers = 0
-        self.responses = [0] * len(STATUS_CLASSES)  # by class, as STATUS_CLASSES: named at scrape time
+        self.responses = StatusCounts()  # by class, as STATUS_CLASSES: named at scrape time
         self.rejections: dict[str, int] = dict.fromkeys(REJECTIONS, 0)
         self.apply(config)
 
@@ -112,7 +112,6 @@ class ProxyContext:
     def count_response(self, status: int, server: Server | None) -> None:
         """One response to a client, by status class; also the server's when one was chosen."""
         if 100 <= status < 600:
-            index = status // 100 - 1
-            self.responses[index] += 1
+            self.responses.add(status)
             if server is not None:
-                server.state.responses[index] += 1
+                server.state.responses.add(status)
