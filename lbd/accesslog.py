@@ -138,39 +138,40 @@ def sampled_in(client_id: bytes | None, threshold: int) -> bool:
 
 class LineCache:
     """What formatting remembers, for one writer thread: the timestamp up to the second, client
-    addresses, and the names lbd itself writes (servers, regions, routes) as they are written. Each
-    memo starts over once it is full. Bytes a client sent (ids, paths) are checked afresh instead:
-    compiled, a scan of their few bytes costs less than hashing a new bytes object for a look-up."""
+    addresses, and the names lbd itself writes (servers, regions, routes, terminations) as they are
+    written. Each memo starts over once it is full. Bytes a client sent (ids, paths) are checked
+    afresh instead: compiled, a scan of their few bytes costs less than hashing a new bytes object
+    for a look-up, and bytes that need no escaping go into the line as they are."""
 
     def __init__(self) -> None:
         self.second = -1  # the second `prefix` is stamped with
-        self.prefix = ""
-        self.addresses: dict[bytes, str] = {}  # a client's IP address as written before its port
-        self.text_names: dict[str, str] = {}
-        self.json_names: dict[str, str] = {}
+        self.prefix = b""
+        self.addresses: dict[bytes, bytes] = {}  # a client's IP address as written before its port
+        self.text_names: dict[str, bytes] = {}
+        self.json_names: dict[str, bytes] = {}
 
-    def stamp(self, wall: float) -> str:
-        """RFC 3339, UTC, milliseconds (truncated)."""
+    def stamp(self, wall: float) -> tuple[bytes, bytes]:
+        """RFC 3339, UTC, milliseconds (truncated), in two parts: the line is built from parts, so
+        the two need not be joined first (compiled, a tuple returned is not an object)."""
         second = int(wall)
         if second != self.second:  # lines are stamped with their start: seconds may interleave a little
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
             self.second = second
-        return self.prefix + _MILLIS[int((wall - second) * 1000)]
+        return self.prefix, _MILLIS[int((wall - second) * 1000)]
 
-    def client(self, ip: bytes, port: int) -> str:
-        """`ip:port`, `[ip]:port` for IPv6."""
+    def address(self, ip: bytes) -> bytes:
+        """`ip:`, `[ip]:` for IPv6: what goes before the client's port."""
         address = self.addresses.get(ip)
         if address is None:
-            text = ip.decode("latin-1")
-            address = _remembered(self.addresses, ip, f"[{text}]:" if ":" in text else f"{text}:")
-        return address + str(port)
+            address = _remembered(self.addresses, ip, b"[%s]:" % ip if b":" in ip else b"%s:" % ip)
+        return address
 
-    def text_name(self, value: str) -> str:
+    def text_name(self, value: str) -> bytes:
         """A name lbd writes (server, region, route) as text: the same few come again and again."""
         token = self.text_names.get(value)
-        return token if token is not None else _remembered(self.text_names, value, _text_str(value))
+        return token if token is not None else _remembered(self.text_names, value, _text(value.encode()))
 
-    def json_name(self, value: str) -> str:
+    def json_name(self, value: str) -> bytes:
         token = self.json_names.get(value)
         return token if token is not None else _remembered(self.json_names, value, _json_str(value))
 
@@ -178,7 +179,7 @@ class LineCache:
 MEMO_SIZE: Final = 65_536
 
 
-def _remembered(memo: dict[T, str], value: T, token: str) -> str:
+def _remembered(memo: dict[T, bytes], value: T, token: bytes) -> bytes:
     if len(memo) >= MEMO_SIZE:
         memo.clear()
     memo[value] = token
@@ -198,85 +199,102 @@ def _kept_as_is(value: bytes, lowest: int) -> bool:
     return True
 
 
-def _text_str(value: str) -> str:
-    return _text(value.encode())
-
-
-def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
+def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
     """`TIME CLIENT "METHOD PATH PROTOCOL" STATUS BYTES_IN BYTES_OUT CLIENT_ID CLIENT_REGION SERVER
     SERVER_REGION ROUTE RETRIES CONNECT_MS TTFB_MS DURATION_MS TERMINATION`, `-` for what is absent."""
-    protocol = "HTTP/" + entry.version if entry.version else "-"
     client_id, region, server, server_region, route = (
         entry.client_id, entry.client_region, entry.server, entry.server_region, entry.route,
     )  # fmt: skip
-    return (
-        f"{cache.stamp(entry.began + wall_offset)} {cache.client(entry.client_ip, entry.client_port)}"
-        f' "{_text(entry.method) if entry.method else "-"}'
-        f' {_text(entry.path) if entry.path else "-"} {protocol}"'
-        f" {entry.status} {entry.bytes_in} {entry.bytes_out}"
-        f" {_text(client_id) if client_id else '-'} {_text(region) if region else '-'}"
-        f" {cache.text_name(server) if server else '-'} {cache.text_name(server_region) if server_region else '-'}"
-        f" {cache.text_name(route) if route else '-'} {entry.retries}"
-        f" {_ms(entry.connect_s, '-')} {_ms(entry.ttfb_s, '-')} {_ms(entry.duration_s, '-')} {entry.termination}\n"
-    )
-
-
-def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> str:
-    """One JSON object, keys in the documented order, `null` for what is absent."""
-    protocol = f'"HTTP/{entry.version}"' if entry.version else "null"  # one string built, where + makes two
-    client_id, region, server, server_region, route = (
-        entry.client_id, entry.client_region, entry.server, entry.server_region, entry.route,
+    day_and_time, millis = cache.stamp(entry.began + wall_offset)
+    return b'%s%s %s%d "%s %s %s" %d %d %d %s %s %s %s %s %d %s %s %s %s\n' % (
+        day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
+        _text(entry.method) if entry.method else b"-", _text(entry.path) if entry.path else b"-",
+        _text_protocol(entry.version), entry.status, entry.bytes_in, entry.bytes_out,
+        _text(client_id) if client_id else b"-", _text(region) if region else b"-",
+        cache.text_name(server) if server else b"-", cache.text_name(server_region) if server_region else b"-",
+        cache.text_name(route) if route else b"-", entry.retries,
+        _ms(entry.connect_s, b"-"), _ms(entry.ttfb_s, b"-"), _ms(entry.duration_s, b"-"),
+        cache.text_name(entry.termination),
     )  # fmt: skip
+
+
+def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
+    """One JSON object, keys in the documented order, `null` for what is absent. A string a client
+    sent is put between quotes in the line itself (`_json_slot`): no quoted copy of it is made."""
+    server, server_region, route = entry.server, entry.server_region, entry.route
+    day_and_time, millis = cache.stamp(entry.began + wall_offset)
+    id_quote, client_id = _json_slot(entry.client_id)
+    region_quote, region = _json_slot(entry.client_region)
+    method_quote, method = _json_slot(entry.method or None)
+    path_quote, path = _json_slot(entry.path or None)
     return (
-        f'{{"time":"{cache.stamp(entry.began + wall_offset)}"'
-        f',"client":"{cache.client(entry.client_ip, entry.client_port)}"'
-        f',"client_id":{"null" if client_id is None else _json(client_id)}'
-        f',"client_region":{"null" if region is None else _json(region)}'
-        f',"method":{_json(entry.method) if entry.method else "null"}'
-        f',"path":{_json(entry.path) if entry.path else "null"},"protocol":{protocol}'
-        f',"status":{entry.status},"bytes_in":{entry.bytes_in},"bytes_out":{entry.bytes_out}'
-        f',"server":{"null" if server is None else cache.json_name(server)}'
-        f',"server_region":{"null" if server_region is None else cache.json_name(server_region)}'
-        f',"route":{"null" if route is None else cache.json_name(route)},"retries":{entry.retries}'
-        f',"connect_ms":{_ms(entry.connect_s, "null")},"ttfb_ms":{_ms(entry.ttfb_s, "null")}'
-        f',"duration_ms":{_ms(entry.duration_s, "null")},"termination":"{entry.termination}"}}\n'
-    )
+        b'{"time":"%s%s","client":"%s%d","client_id":%s%s%s,"client_region":%s%s%s,"method":%s%s%s'
+        b',"path":%s%s%s,"protocol":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"server":%s'
+        b',"server_region":%s,"route":%s,"retries":%d,"connect_ms":%s,"ttfb_ms":%s,"duration_ms":%s'
+        b',"termination":%s}\n'
+    ) % (
+        day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
+        id_quote, client_id, id_quote, region_quote, region, region_quote, method_quote, method, method_quote,
+        path_quote, path, path_quote, _json_protocol(entry.version), entry.status, entry.bytes_in,
+        entry.bytes_out, b"null" if server is None else cache.json_name(server),
+        b"null" if server_region is None else cache.json_name(server_region),
+        b"null" if route is None else cache.json_name(route), entry.retries,
+        _ms(entry.connect_s, b"null"), _ms(entry.ttfb_s, b"null"), _ms(entry.duration_s, b"null"),
+        cache.json_name(entry.termination),
+    )  # fmt: skip
 
 
 # ".000Z" .. ".999Z" and ".000" .. ".999": joining a made string is cheaper than a format spec
-_MILLIS: Final = tuple(f".{n:03d}Z" for n in range(1000))
-_THOUSANDTHS: Final = tuple(f".{n:03d}" for n in range(1000))
-_SUB_MS: Final = tuple(f"0.{n:03d}" for n in range(1000))
+_MILLIS: Final = tuple(b".%03dZ" % n for n in range(1000))
+_THOUSANDTHS: Final = tuple(b".%03d" % n for n in range(1000))
+_SUB_MS: Final = tuple(b"0.%03d" % n for n in range(1000))
 
 
-def _ms(seconds: float, absent: str) -> str:
+def _ms(seconds: float, absent: bytes) -> bytes:
     """Milliseconds with three decimals (microseconds, rounded)."""
     if seconds < 0:
         return absent
     micros = int(seconds * 1_000_000.0 + 0.5)
     if micros < 1000:
         return _SUB_MS[micros]  # most times through a proxy: made once, not per line
-    return str(micros // 1000) + _THOUSANDTHS[micros % 1000]
+    return b"%d%s" % (micros // 1000, _THOUSANDTHS[micros % 1000])
+
+
+def _text_protocol(version: str) -> bytes:
+    if version == "1.1":
+        return b"HTTP/1.1"
+    return b"HTTP/%s" % version.encode() if version else b"-"
+
+
+def _json_protocol(version: str) -> bytes:
+    if version == "1.1":
+        return b'"HTTP/1.1"'
+    return b'"HTTP/%s"' % version.encode() if version else b"null"
 
 
 def _escaped(match: re.Match[bytes]) -> bytes:
     return b"\\x%02x" % match.group()[0]
 
 
-def _text(value: bytes) -> str:
+def _text(value: bytes) -> bytes:
+    """`value` as a text field: as it is when nothing in it needs escaping (most values)."""
     if _kept_as_is(value, 0x21):
-        return value.decode("ascii")
-    return _TEXT_UNSAFE.sub(_escaped, value).decode("ascii")
+        return value
+    return _TEXT_UNSAFE.sub(_escaped, value)
 
 
-def _json(value: bytes) -> str:
+def _json_slot(value: bytes | None) -> tuple[bytes, bytes]:
+    """A client's bytes as a JSON value, in two parts: the quote to write around the second part
+    (none for `null`, or for a string json.dumps quoted itself), and the part."""
+    if value is None:
+        return b"", b"null"
     if _kept_as_is(value, 0x20):
-        return f'"{value.decode("ascii")}"'  # one string built (compiled), where + makes two
+        return b'"', value
     # bytes that are not UTF-8 stay visible as \xNN; json.dumps writes the rest as ASCII escapes
-    return json.dumps(value.decode("utf-8", "backslashreplace"))
+    return b"", json.dumps(value.decode("utf-8", "backslashreplace")).encode()
 
 
-def _json_str(value: str) -> str:
+def _json_str(value: str) -> bytes:
     if _JSON_UNSAFE_STR.search(value) is None:
-        return '"' + value + '"'
-    return json.dumps(value)
+        return b'"%s"' % value.encode()
+    return json.dumps(value).encode()

@@ -171,7 +171,7 @@ class _Writer:
             return
         wall_offset = time.time() - time.perf_counter()
         cache = self.cache
-        lines: list[str] = []
+        lines: list[bytes] = []
         size = 0
         for entry in batch:
             line = json_line(entry, wall_offset, cache) if self.json else text_line(entry, wall_offset, cache)
@@ -185,10 +185,10 @@ class _Writer:
             self.flush(lines)
         self.processed += len(batch)
 
-    def flush(self, lines: list[str]) -> None:
-        """One write() of whole lines (ASCII, so a str's length is its size in bytes)."""
+    def flush(self, lines: list[bytes]) -> None:
+        """One write() of whole lines."""
         lead = b"\n" if self.partial else b""
-        data = lead + "".join(lines).encode("ascii")
+        data = lead + b"".join(lines)
         view = memoryview(data)
         written = 0
         try:
