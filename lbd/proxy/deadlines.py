@@ -62,8 +62,8 @@ class DeadlineWheel:
     def _run(self) -> None:
         now_tick = int(monotonic() / TICK_S)
         first, self._next_tick = self._next_tick, now_tick + 1  # items re-armed below land after now
-        if self._last_tick <= now_tick:
-            self._last_tick = 0  # its bucket is popped below
+        if self._last_tick <= now_tick:  # its bucket is popped below: let it go with what it holds
+            self._last_tick, self._last_bucket = 0, {}
         buckets = self._buckets
         for tick in range(first, now_tick + 1):
             bucket = buckets.pop(tick, None)
