@@ -71,6 +71,10 @@ class UpstreamConnection(FlowControlled):
         self.idle_since = 0.0
         self.framing = HEAD  # what the next bytes are: a head, or a body framed so
         self.head_start = b""  # the beginning of a head that an earlier read left incomplete
+        # a small read's copy, made to parse its head (`_head`), and where in the read it starts: a
+        # body in it is sliced from the copy (bytes, compiled) instead of from a view of the buffer
+        self.read_copy = b""
+        self.read_copy_at = 0
         self.length_left = 0  # of a Content-Length body
         self.chunks: ChunkedBody | None = None  # of a chunked body
         self.dechunk = False  # forward a chunked body's data only (to an HTTP/1.0 client), not its framing
@@ -132,6 +136,7 @@ class UpstreamConnection(FlowControlled):
                 exchange.upstream_failed_bad_response(str(bad), unsent)
                 return
         finally:
+            self.read_copy = b""  # not kept past its read (an idle connection would hold it)
             if gathered:
                 exchange.send_gathered()
             pending = exchange.client_lagging()
@@ -161,7 +166,11 @@ class UpstreamConnection(FlowControlled):
                     return
             elif framing == LENGTH:
                 taken = min(self.length_left, end - pos)
-                _forward(exchange, view, pos, pos + taken, copy)
+                start = pos - self.read_copy_at  # where the body starts in the read's copy, if it has one
+                if self.read_copy and start >= 0 and start + taken <= len(self.read_copy):
+                    exchange.response_body(self.read_copy[start : start + taken])
+                else:
+                    _forward(exchange, view, pos, pos + taken, copy)
                 pos += taken
                 self.length_left -= taken
                 if self.length_left == 0:
@@ -183,6 +192,7 @@ class UpstreamConnection(FlowControlled):
             if head is None:
                 self.head_start = data  # the copy just parsed: the rest of the head comes in the next read
                 return -1
+            self.read_copy, self.read_copy_at = data, pos
         else:
             found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
             if found < 0 and end - pos <= MAX_HEAD_BYTES:
