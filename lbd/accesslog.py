@@ -209,7 +209,7 @@ def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
     return b'%s%s %s%d "%s %s %s" %d %d %d %s %s %s %s %s %d %s %s %s %s\n' % (
         day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
         _text(entry.method) if entry.method else b"-", _text(entry.path) if entry.path else b"-",
-        _text_protocol(entry.version), entry.status, entry.bytes_in, entry.bytes_out,
+        _protocol(entry.version) if entry.version else b"-", entry.status, entry.bytes_in, entry.bytes_out,
         _text(client_id) if client_id else b"-", _text(region) if region else b"-",
         cache.text_name(server) if server else b"-", cache.text_name(server_region) if server_region else b"-",
         cache.text_name(route) if route else b"-", entry.retries,
@@ -227,15 +227,16 @@ def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
     region_quote, region = _json_slot(entry.client_region)
     method_quote, method = _json_slot(entry.method or None)
     path_quote, path = _json_slot(entry.path or None)
+    protocol_quote, protocol = (b'"', _protocol(entry.version)) if entry.version else (b"", b"null")
     return (
         b'{"time":"%s%s","client":"%s%d","client_id":%s%s%s,"client_region":%s%s%s,"method":%s%s%s'
-        b',"path":%s%s%s,"protocol":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"server":%s'
+        b',"path":%s%s%s,"protocol":%s%s%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"server":%s'
         b',"server_region":%s,"route":%s,"retries":%d,"connect_ms":%s,"ttfb_ms":%s,"duration_ms":%s'
         b',"termination":%s}\n'
     ) % (
         day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
         id_quote, client_id, id_quote, region_quote, region, region_quote, method_quote, method, method_quote,
-        path_quote, path, path_quote, _json_protocol(entry.version), entry.status, entry.bytes_in,
+        path_quote, path, path_quote, protocol_quote, protocol, protocol_quote, entry.status, entry.bytes_in,
         entry.bytes_out, b"null" if server is None else cache.json_name(server),
         b"null" if server_region is None else cache.json_name(server_region),
         b"null" if route is None else cache.json_name(route), entry.retries,
@@ -260,16 +261,9 @@ def _ms(seconds: float, absent: bytes) -> bytes:
     return b"%d%s" % (micros // 1000, _THOUSANDTHS[micros % 1000])
 
 
-def _text_protocol(version: str) -> bytes:
-    if version == "1.1":
-        return b"HTTP/1.1"
-    return b"HTTP/%s" % version.encode() if version else b"-"
-
-
-def _json_protocol(version: str) -> bytes:
-    if version == "1.1":
-        return b'"HTTP/1.1"'
-    return b'"HTTP/%s"' % version.encode() if version else b"null"
+def _protocol(version: str) -> bytes:
+    """`HTTP/1.1` and the like, for a version that is known (not empty)."""
+    return b"HTTP/1.1" if version == "1.1" else b"HTTP/%s" % version.encode()
 
 
 def _escaped(match: re.Match[bytes]) -> bytes:

@@ -140,7 +140,6 @@ class Balancer:
     ) -> None:
         self.registry = registry
         self.mode: Mode = mode
-        self.regions = regions
         self._proximity = dict(regions.proximity)  # read per request: a dict held here, not the config's Mapping
         self.sessions = sessions
         self.shared: SharedSessions | None = None  # set when lbd is part of a cluster
@@ -186,7 +185,6 @@ class Balancer:
 
     def configure(self, regions: Regions, default_client_region: str | None) -> None:
         """Reloaded regions (proximity orders) and default client region, used from the next choice on."""
-        self.regions = regions
         self._proximity = dict(regions.proximity)  # read per request: a dict held here, not the config's Mapping
         self.default_client_region = default_client_region
 
