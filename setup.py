@@ -20,6 +20,7 @@ COMPILED = [
     "lbd/proxy/flow.py",
     "lbd/proxy/headers.py",
     "lbd/proxy/request.py",
+    "lbd/proxy/request_scan.py",
     "lbd/proxy/response.py",
     "lbd/proxy/framing.py",
     "lbd/proxy/retry.py",

@@ -197,6 +197,36 @@ PROBES |= {
         (("GET", "/ws"),),
     ),
     "http10-without-host": Probe(b"GET /old HTTP/1.0\r\nclient-id: c\r\n\r\n", 200, (("GET", "/old"),)),
+    # the compiled scan reads plain heads, llhttp the rest (request_scan.py): the hand-over mid-read
+    # keeps every boundary, and what llhttp refuses after a scanned request is never forwarded
+    "scanned-then-llhttp-then-get": Probe(
+        b"GET /first HTTP/1.1\r\n"
+        + H
+        + b"\r\n"
+        + post(b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED)
+        + b"GET /third HTTP/1.1\r\n"
+        + H
+        + b"\r\n",
+        200,
+        (("GET", "/first"), ("POST", "/p"), ("GET", "/third")),
+        (b"", SMUGGLED, b""),
+    ),
+    "scanned-then-cl-te": Probe(
+        b"GET /first HTTP/1.1\r\n" + H + b"\r\n" + REFUSED_400["cl-te"], 200, (("GET", "/first"),)
+    ),
+    "scanned-then-bare-lf": Probe(
+        b"GET /first HTTP/1.1\r\n" + H + b"\r\n" + REFUSED_400["bare-lf-line"], 200, (("GET", "/first"),)
+    ),
+    "get-with-length-zero-then-get": Probe(
+        b"GET /first HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\nGET /second HTTP/1.1\r\n" + H + b"\r\n",
+        200,
+        (("GET", "/first"), ("GET", "/second")),
+    ),
+    "value-with-trailing-space-then-get": Probe(
+        b"GET /first HTTP/1.1\r\n" + H + b"X-A: a \r\n\r\nGET /second HTTP/1.1\r\n" + H + b"\r\n",
+        200,
+        (("GET", "/first"), ("GET", "/second")),
+    ),
 }
 
 

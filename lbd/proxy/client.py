@@ -1,8 +1,10 @@
 """The client side of the proxy: one protocol per downstream TCP connection.
 
-Requests are parsed with httptools as bytes arrive. Pipelined requests queue behind the one being
-served, so responses leave in request order; their bodies wait in bounded buffers (reading pauses
-beyond the bound). After a `101 Switching Protocols` the connection becomes a raw tunnel.
+Requests are parsed with httptools as bytes arrive, except the commonest heads, which a compiled
+scan reads when they arrive whole (`request_scan`; it leaves anything else to llhttp). Pipelined
+requests queue behind the one being served, so responses leave in request order; their bodies wait
+in bounded buffers (reading pauses beyond the bound). After a `101 Switching Protocols` the
+connection becomes a raw tunnel.
 
 What a client may send is bounded (`[limits]`): the request line (414), the head's size and field
 count (431), the body (413), and the time to send a head (408, the slowloris defence); a breach is
@@ -24,6 +26,7 @@ from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
 from lbd.proxy.headers import CRLF, FORWARD, simple_response
 from lbd.proxy.request import X_FORWARDED_PROTO_LINE, Refused, RequestHead, body_too_large
+from lbd.proxy.request_scan import scan_head
 
 if TYPE_CHECKING:
     from lbd.proxy.context import ProxyContext
@@ -112,6 +115,12 @@ class ClientConnection(FlowControlled):
         self.feeding = True
         body_before = self.body_bytes
         try:
+            if self.parsing is None and not self.closing:  # between requests: llhttp has nothing buffered
+                taken = self._scanned_requests(data)
+                if taken:
+                    if taken == len(data) or self.lingering:
+                        return
+                    data = data[taken:]
             self.parser.feed_data(data)
             if self.in_head:
                 self._head_incomplete(len(data))
@@ -180,8 +189,8 @@ class ClientConnection(FlowControlled):
     # --- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        exchange = self.parsing = Exchange(self)
-        self.head = exchange.request
+        self.head = RequestHead()
+        self.parsing = Exchange(self, self.head)
         self.in_head = True
         self.head_bytes = self.head_received = self.header_count = self.body_bytes = self.framing_bytes = 0
 
@@ -211,14 +220,49 @@ class ClientConnection(FlowControlled):
         exchange = self.parsing
         assert exchange is not None
         self.in_head = False
-        if self.deadline:
-            self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         breach = self._head_limit_breach(self.head_bytes)
         if breach is not None:
             raise breach
         head = exchange.request
         upgrading = head.upgrade is not None and self.parser.should_upgrade()  # llhttp's view, not a guess
-        refused = head.complete(self.parser.get_method(), self._http_version(head.conn_tokens), upgrading)
+        self._head_complete(exchange, self.parser.get_method(), self._http_version(head.conn_tokens), upgrading)
+
+    def _scanned_requests(self, data: bytes) -> int:
+        """Serve the plain requests at the start of `data` without llhttp (`request_scan`); how many
+        bytes they took. The first head the scan declines, and all after it, are llhttp's."""
+        taken = 0
+        limits = self.limits
+        while taken < len(data) and self.parsing is None and not self.closing:
+            head = RequestHead()
+            end = scan_head(
+                data,
+                taken,
+                head,
+                self.kinds,
+                limits.max_request_line_bytes,
+                limits.max_headers,
+                limits.max_header_bytes,
+            )
+            if end < 0:
+                break
+            taken = end
+            self.head = head
+            exchange = self.parsing = Exchange(self, head)
+            try:
+                self._head_complete(exchange, head.method, "1.1", False)
+            except Refused as refused:
+                self._refuse(refused)
+                return len(data)  # the connection closes: what follows is not read
+            self.on_message_complete()  # a scanned request has no body
+        return taken
+
+    def _head_complete(self, exchange: Exchange, method: bytes, version: str, upgrading: bool) -> None:
+        """A request head is whole and its syntax valid: apply a proxy's rules to it (a breach
+        raises `Refused`), then serve it, or queue it behind the one being served."""
+        if self.deadline:
+            self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        head = exchange.request
+        refused = head.complete(method, version, upgrading)
         if refused is not None:
             raise refused
         max_body = self.limits.max_body_bytes
@@ -449,7 +493,7 @@ class ClientConnection(FlowControlled):
         log = self.ctx.access_log
         if log is None or not log.on:
             return
-        exchange = broken if broken is not None else Exchange(self)
+        exchange = broken if broken is not None else Exchange(self, RequestHead())
         request = exchange.request
         if request.url and not request.method:  # the request line was parsed, the head not completed
             request.method = self.parser.get_method()

@@ -94,10 +94,10 @@ class Exchange:
         "upstream_write_full",
     )
 
-    def __init__(self, client: ClientConnection) -> None:
+    def __init__(self, client: ClientConnection, request: RequestHead) -> None:
         self.client = client
         self.ctx = ctx = client.ctx
-        self.request = RequestHead()  # filled by the client connection's parser
+        self.request = request  # filled by the client connection's parser
         self.request_complete = False
         self.deferred_reply: tuple[int, str, str] | None = None  # status, text, termination
         self.set_cookie = b""  # the Set-Cookie line issuing a new client id (client_id_fallback = "cookie")

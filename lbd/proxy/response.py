@@ -43,7 +43,7 @@ UNTIL_CLOSE: Final = 3  # neither: the body ends when the server closes the conn
 _TCHARS: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Tables indexed by a byte (the head is scanned one byte at a time: compiled, that is faster than
 # any bytes method, whose every call goes through Python's method lookup)
-_IS_TCHAR: Final = bytes(1 if c in _TCHARS else 0 for c in range(256))  # field-name characters
+IS_TCHAR: Final = bytes(1 if c in _TCHARS else 0 for c in range(256))  # field-name characters
 _IS_VALUE: Final = bytes(0 if (c < 0x20 and c != 0x09) or c == 0x7F else 1 for c in range(256))  # field-value
 _IS_HEX: Final = bytes(1 if c in b"0123456789abcdefABCDEF" else 0 for c in range(256))
 # lengths of the names in RESPONSE_HEADERS: only a name of such a length is looked up at all
@@ -150,7 +150,7 @@ def _name_end(data: bytes, start: i64) -> i64:
     """The position after the field name (token characters) that starts at `start`."""
     pos: i64 = start  # a native integer when compiled: no tagged-int checks per byte
     size: i64 = len(data)
-    while pos < size and _IS_TCHAR[data[pos]]:
+    while pos < size and IS_TCHAR[data[pos]]:
         pos += 1
     return pos
 
