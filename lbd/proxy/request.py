@@ -128,6 +128,13 @@ class RequestHead:
     def field(self, kind: int, name: bytes, value: bytes) -> None:
         """A field lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`). Host and the framing
         fields are written by lbd itself (`upstream_head`), never forwarded as they came."""
+        if self.read(kind, name, value):
+            self.header_pieces.append(b"%s: %s\r\n" % (name, value))
+
+    def read(self, kind: int, name: bytes, value: bytes) -> bool:
+        """Take what lbd needs of a field of `kind` (not FORWARD); True when the field is forwarded
+        too, as `name: value`, which the caller appends (the request scan appends the line it read,
+        where it already has that form)."""
         # llhttp strips the whitespace before a value but keeps the whitespace after it, which is not
         # part of the value either (RFC 9110 §5.5)
         if kind == CLIENT_ID:
@@ -143,34 +150,34 @@ class RequestHead:
         elif kind == HOST:
             self.hosts += 1
             self.host = _trimmed(value)
-            return
+            return False
         elif kind == CONNECTION:
             tokens = connection_tokens(value)
             self.conn_tokens = tokens if not self.conn_tokens else self.conn_tokens | tokens
-            return
+            return False
         elif kind == TRANSFER_ENCODING:
             prior = self.transfer_encoding
             self.transfer_encoding = value if prior is None else prior + b", " + value
             self.chunked = is_chunked(self.transfer_encoding)
             self.has_body = True
-            return
+            return False
         elif kind == CONTENT_LENGTH:
             digits = value.strip()  # llhttp allows digits only, but keeps trailing whitespace
             self.content_length = int(digits) if digits.isdigit() else 0
             self.has_body = self.content_length > 0
-            return
+            return False
         elif kind == UPGRADE:
             self.upgrade = value
-            return
+            return False
         elif kind == X_FORWARDED_FOR:
             self.forwarded_for = value if self.forwarded_for is None else self.forwarded_for + b", " + value
-            return
+            return False
         elif kind == VIA:
             self.via = value if self.via is None else self.via + b", " + value
-            return
+            return False
         else:
-            return  # dropped
-        self.header_pieces.append(b"%s: %s\r\n" % (name, value))
+            return False  # dropped
+        return True
 
     def complete(self, method: bytes, version: str, upgrading: bool) -> Refused | None:
         """The head is whole: check what llhttp does not, and settle what is forwarded. `upgrading`:
@@ -240,10 +247,14 @@ class RequestHead:
             if self.forwarded_for is None
             else merged_line(b"X-Forwarded-For", self.forwarded_for, client_ip)
         )
-        forwarded_host = b"" if host is None else b"X-Forwarded-Host: %s\r\n" % host
         via = VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE)
         upgrade = b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: %s\r\n" % self.upgrade
-        parts.append(b"%s%s%s%s%s%s\r\n" % (forwarded_for, proto_lines, forwarded_host, via, framing, upgrade))
+        if host is None:
+            parts.append(b"%s%s%s%s%s\r\n" % (forwarded_for, proto_lines, via, framing, upgrade))
+        else:  # X-Forwarded-Host formatted in the same step
+            parts.append(
+                b"%s%sX-Forwarded-Host: %s\r\n%s%s%s\r\n" % (forwarded_for, proto_lines, host, via, framing, upgrade)
+            )
         return b"".join(parts)
 
 

@@ -108,10 +108,7 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
     name = data[start:colon]
     kind = kinds.of(name)
     if kind == FORWARD:
-        if value_start == colon + 2 and data[colon + 1] == 0x20:
-            head.header_pieces.append(data[start : pos + 2])  # already `name: value` CRLF, as llhttp's is forwarded
-        else:
-            head.header_pieces.append(b"%s: %s\r\n" % (name, data[value_start:value_end]))
+        head.header_pieces.append(_line(data, start, colon, value_start, value_end))
         return pos + 2
     if kind == DROP and len(name) == len(_PROXY_CONNECTION) and name.lower() == _PROXY_CONNECTION:
         return DECLINED
@@ -120,5 +117,14 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
         return DECLINED
     if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
         return DECLINED
-    head.field(kind, name, value)
+    if head.read(kind, name, value):
+        head.header_pieces.append(_line(data, start, colon, value_start, value_end))
     return pos + 2
+
+
+def _line(data: bytes, start: i64, colon: i64, value_start: i64, value_end: i64) -> bytes:
+    """The field line forwarded, `name: value` CRLF, as llhttp's reading of it is: sliced when it
+    came in that form (one space after the colon), else built."""
+    if value_start == colon + 2 and data[colon + 1] == 0x20:
+        return data[start : value_end + 2]
+    return b"%s: %s\r\n" % (data[start:colon], data[value_start:value_end])
