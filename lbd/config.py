@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lbd.errors import ConfigError, ValidationError
 from lbd.models import ServerSpec, parse_server
+from lbd.proxy.headers import REQUEST_HEADERS
 
 T = TypeVar("T")
 Mode = Literal["static", "dynamic"]
@@ -488,6 +489,12 @@ def _tls(raw: object, where: str, base_dir: Path) -> TlsSettings:
         name = raw["client_subject_header"]
         if not isinstance(name, str) or not FIELD_NAME.match(name):
             raise ConfigError(f"{where}.client_subject_header: must be a header name (a token); got {name!r}")
+        if name.lower().encode() in REQUEST_HEADERS:
+            # its kind would become "dropped": a framing or routing field of every request with it
+            raise ConfigError(
+                f"{where}.client_subject_header: {name!r} is a field lbd reads or writes itself (framing, "
+                "hop-by-hop, routing, Host, Via, X-Forwarded-*); choose another name, e.g. X-Client-Cert-Subject"
+            )
         settings = replace(settings, client_subject_header=name)
     if "session_tickets" in raw:
         settings = replace(settings, session_tickets=_boolean(raw["session_tickets"], f"{where}.session_tickets"))

@@ -41,11 +41,16 @@ class LlhttpReading:
         self.complete = 0
         self.body = b""
         self.keep_alive = False
+        self.fields = 0
+        self.head_bytes = 0  # as the client connection counts a head llhttp reads against max_header_bytes
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields += 1
+        self.head_bytes += len(name) + len(value) + 4
         kind = REQUEST_KINDS.of(name)
         if kind == FORWARD:
             self.head.header_pieces.append(b"%s: %s\r\n" % (name, value))
@@ -161,6 +166,30 @@ def test_a_head_the_scan_takes_is_read_the_same_by_llhttp(data: bytes) -> None:
     if end != DECLINED:
         assert 0 < end <= len(data)
         assert_llhttp_reads_it_so(data, end, head)
+
+
+@settings(max_examples=500, deadline=None)
+@given(request_heads(), st.integers(0, 300), st.integers(0, 8))
+def test_a_head_the_scan_takes_is_within_the_limits_as_llhttp_s_path_counts_them(
+    data: bytes, max_bytes: int, max_fields: int
+) -> None:
+    end, _ = scanned(data, max_fields=max_fields, max_bytes=max_bytes)
+    if end != DECLINED:
+        reading = LlhttpReading()
+        reading.parser.feed_data(data[:end])
+        assert reading.head_bytes <= max_bytes and reading.fields <= max_fields
+
+
+def test_fields_without_a_space_are_counted_as_llhttp_s_path_counts_them() -> None:
+    # each counts a byte more than it takes (name + value + 4), so the head is over a limit of its
+    # own length by that measure: the scan leaves it to llhttp's path, which refuses it (431)
+    data = b"GET /big HTTP/1.1\r\nHost:h\r\n" + b"".join(b"a%d:v\r\n" % n for n in range(40)) + b"\r\n"
+    reading = LlhttpReading()
+    reading.parser.feed_data(data)
+    assert reading.head_bytes > len(data)
+    assert scanned(data, max_bytes=len(data))[0] == DECLINED
+    assert scanned(data, max_bytes=reading.head_bytes - 1)[0] == DECLINED
+    assert scanned(data, max_bytes=reading.head_bytes)[0] == len(data)
 
 
 @settings(max_examples=500, deadline=None)

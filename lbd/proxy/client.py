@@ -78,6 +78,9 @@ class ClientConnection(FlowControlled):
         self.lingering = False  # answered and half-closed; dropping what the client still sends
         self.linger_on_close = False  # the request being answered was refused before it was all read
         self.requests = 0  # request heads received on this connection
+        # llhttp read a message after which it takes no other (`Connection: close`, `Proxy-Connection:
+        # close`, HTTP/1.0): every later byte is llhttp's to refuse, never the scan's to serve
+        self.llhttp_ended = False
         self.stopping = False  # a graceful stop came before the first request: serve that one, then close
         self.fd = -1  # the socket's descriptor, looked up the first time a body is spliced to it
         self.tunnel_bytes = 0  # sent by the client through its tunnel (the access log's bytes_in)
@@ -115,7 +118,7 @@ class ClientConnection(FlowControlled):
         self.feeding = True
         body_before = self.body_bytes
         try:
-            if self.parsing is None and not self.closing:  # between requests: llhttp has nothing buffered
+            if self.parsing is None and not self.closing and not self.llhttp_ended:  # llhttp has nothing buffered
                 taken = self._scanned_requests(data)
                 if taken:
                     if taken == len(data) or self.lingering:
@@ -253,7 +256,7 @@ class ClientConnection(FlowControlled):
             except Refused as refused:
                 self._refuse(refused)
                 return len(data)  # the connection closes: what follows is not read
-            self.on_message_complete()  # a scanned request has no body
+            self._request_read()  # a scanned request has no body
         return taken
 
     def _head_complete(self, exchange: Exchange, method: bytes, version: str, upgrading: bool) -> None:
@@ -306,6 +309,12 @@ class ClientConnection(FlowControlled):
         exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        if not self.parser.should_keep_alive():
+            self.llhttp_ended = True
+        self._request_read()
+
+    def _request_read(self) -> None:
+        """The request being parsed is whole, body included."""
         exchange = self.parsing
         if exchange is None:
             return  # answered before it was all read
