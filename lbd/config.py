@@ -403,7 +403,7 @@ def _cluster(raw: object, where: str) -> ClusterSettings:
     settings = ClusterSettings()
     if "name" in raw:
         name = raw["name"]
-        if not isinstance(name, str) or not CLUSTER_NAME.match(name):
+        if not isinstance(name, str) or not CLUSTER_NAME.fullmatch(name):
             raise ConfigError(f"{where}.name: must be 1-64 letters, digits, '.', '_' or '-'; got {name!r}")
         settings = replace(settings, name=name)
     if "instance" in raw:
@@ -487,7 +487,7 @@ def _tls(raw: object, where: str, base_dir: Path) -> TlsSettings:
         settings = replace(settings, certificates=certificates)
     if "client_subject_header" in raw:
         name = raw["client_subject_header"]
-        if not isinstance(name, str) or not FIELD_NAME.match(name):
+        if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
             raise ConfigError(f"{where}.client_subject_header: must be a header name (a token); got {name!r}")
         if name.lower().encode() in REQUEST_HEADERS:
             # its kind would become "dropped": a framing or routing field of every request with it
@@ -533,7 +533,7 @@ def _client_id_fallback(value: object, where: str) -> str:
 
 
 def _cookie_name(value: object, where: str) -> str:
-    if not isinstance(value, str) or not COOKIE_NAME.match(value):
+    if not isinstance(value, str) or not COOKIE_NAME.fullmatch(value):
         raise ConfigError(f"{where}: must be a cookie name (1-64 letters, digits or !#$%&'*+.^_`|~-); got {value!r}")
     return value
 

@@ -254,7 +254,7 @@ def _server_id(entry: dict[str, Any], where: str) -> str:
     if "id" not in entry:
         raise ValidationError(f"{where}: missing field 'id'", "id")
     value = entry["id"]
-    if not isinstance(value, str) or not SERVER_ID_PATTERN.match(value):
+    if not isinstance(value, str) or not SERVER_ID_PATTERN.fullmatch(value):
         raise ValidationError(
             f"{where}: field 'id' must be 1-64 characters of letters, digits, '.', '_', ':' or '-' "
             f"starting with a letter or digit; got {value!r}",

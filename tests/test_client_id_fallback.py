@@ -99,6 +99,7 @@ def test_a_client_id_header_wins_over_the_fallback(three: list[Backend]) -> None
     [
         ('client_id_fallback = "header"', "client_id_fallback: must be one of reject, client-ip, cookie; got 'header'"),
         ('client_id_cookie = "a b"', "client_id_cookie: must be a cookie name"),
+        ('client_id_cookie = "lbd_client\\n"', "client_id_cookie: must be a cookie name"),  # a line break in Set-Cookie
     ],
 )
 def test_a_bad_fallback_setting_is_one_line(tmp_path: Path, line: str, message: str) -> None:

@@ -18,7 +18,8 @@ from lbd.config import (
     load_config,
     load_servers_file,
 )
-from lbd.errors import ConfigError
+from lbd.errors import ConfigError, ValidationError
+from lbd.models import parse_server
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -75,4 +76,19 @@ def test_bad_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "lbd.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(path, {})
+
+
+@pytest.mark.parametrize("server_id", ["s1\n", "s 1", "", "-s1"])
+def test_a_server_id_is_its_characters_and_nothing_after(server_id: str) -> None:
+    # `$` alone would let a trailing line break through, into logs, metrics labels and heads
+    entry = {"id": server_id, "url": "http://127.0.0.1:9000", "region": "us-east", "capacity": 10}
+    with pytest.raises(ValidationError, match="field 'id' must be 1-64 characters"):
+        parse_server(entry, frozenset({"us-east"}))
+
+
+def test_a_cluster_name_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lbd.toml"
+    path.write_text('[cluster]\nname = "prod\\n"\n')
+    with pytest.raises(ConfigError, match=r"cluster\.name: must be 1-64 letters"):
         load_config(path, {})

@@ -91,6 +91,18 @@ def test_ambiguous_framing_is_400_and_closed(limited: tuple[Lbd, Backend], reque
     assert serves(daemon)
 
 
+def test_a_head_begun_after_a_body_in_one_read_is_bounded_by_its_own_bytes(limited: tuple[Lbd, Backend]) -> None:
+    """A read with a request's body (larger than max_header_bytes) and the start of the next request:
+    only the start counts against the next head's limit, so it is served when the rest comes."""
+    daemon, _ = limited
+    body = b"x" * 9000
+    with RawConnection(daemon.port) as connection:
+        connection.send(build_request("POST", "/echo", HEAD, body) + b"GET /echo HTTP/1.1\r\nHo")
+        assert connection.read_response().status == 200
+        connection.send(b"st: h\r\nclient-id: c\r\n\r\n")
+        assert connection.read_response().status == 200
+
+
 @pytest.mark.parametrize("version", ["HTTP/0.9", "HTTP/2.0"])
 def test_http_versions_other_than_1_0_and_1_1_are_505(limited: tuple[Lbd, Backend], version: str) -> None:
     """llhttp parses these request lines; lbd speaks neither, so it says so instead of guessing."""

@@ -460,6 +460,7 @@ def test_tls_keys_parse_resolve_and_dump(tmp_path: Path) -> None:
         ('[tls]\nlisten = "x"\n', "tls.listen: 'x' is not HOST:PORT"),
         ("[tls]\nbogus = 1\n", "tls: unknown key 'bogus'"),
         ('[tls]\nclient_subject_header = "X Bad"\n', "tls.client_subject_header: must be a header name"),
+        ('[tls]\nclient_subject_header = "X-A\\n"\n', "tls.client_subject_header: must be a header name"),
         ('[tls]\nclient_subject_header = "Content-Length"\n', "'Content-Length' is a field lbd reads or writes"),
         ('[tls]\nclient_subject_header = "client-id"\n', "'client-id' is a field lbd reads or writes"),
         ("listen = false\n", "lbd would have no listener"),

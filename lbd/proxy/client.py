@@ -73,6 +73,7 @@ class ClientConnection(FlowControlled):
         self.head_received = 0  # bytes read while a head was incomplete (bounds what the parser buffers)
         self.header_count = 0
         self.body_bytes = 0
+        self.read_body_bytes = 0  # body bytes, of any request, in the read being parsed
         self.framing_bytes = 0  # bytes of chunk framing and trailer read since the last body data
         self.deadline = 0  # the header timeout's (or linger's) handle on the deadline wheel; 0 when unarmed
         self.lingering = False  # answered and half-closed; dropping what the client still sends
@@ -117,6 +118,8 @@ class ClientConnection(FlowControlled):
             return
         self.feeding = True
         body_before = self.body_bytes
+        head_before = self.in_head
+        self.read_body_bytes = 0
         try:
             if self.parsing is None and not self.closing and not self.llhttp_ended:  # llhttp has nothing buffered
                 taken = self._scanned_requests(data)
@@ -126,7 +129,8 @@ class ClientConnection(FlowControlled):
                     data = data[taken:]
             self.parser.feed_data(data)
             if self.in_head:
-                self._head_incomplete(len(data))
+                # a head begun in this read has at most what the requests before it did not take
+                self._head_incomplete(len(data) if head_before else len(data) - self.read_body_bytes)
             elif self.parsing is not None and self.head.chunked:
                 self._chunk_framing(len(data), self.body_bytes > body_before)
         except httptools.HttpParserUpgrade as upgrade:
@@ -303,6 +307,7 @@ class ClientConnection(FlowControlled):
         if exchange is None:
             return  # the request was answered before its body arrived (refused): the rest is dropped
         self.body_bytes += len(body)
+        self.read_body_bytes += len(body)
         max_body = self.limits.max_body_bytes
         if max_body and self.body_bytes > max_body:
             raise body_too_large(max_body)

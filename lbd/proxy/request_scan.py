@@ -41,7 +41,7 @@ def scan_head(
     a limit, or wrong in any way: llhttp reads it then."""
     size: i64 = len(data)
     if max_bytes < size - start:
-        size = start + max_bytes  # a head beyond the limit is never found whole: llhttp refuses it
+        size = start + max_bytes  # a head longer than the limit is never found whole: llhttp judges it
     if size - start >= 4 and data[start] == 0x47 and data[start + 1] == 0x45 and data[start + 2] == 0x54:  # GET
         method = _GET
         pos: i64 = start + 3

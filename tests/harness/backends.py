@@ -83,6 +83,7 @@ class Backend:
         self.scheme = "http" if tls is None else "https"
         self.port = 0
         self.hits: Counter[str] = Counter()
+        self.peer_ports: set[int] = set()  # client ports of the connections requests other than /health came on
         self.health_status = 200
         self.delay_s = 0.0
         self.last_headers: dict[str, str] = {}
@@ -136,6 +137,9 @@ class Backend:
 
     async def _count(self, request: web.Request) -> None:
         self.hits[request.path] += 1
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        if peer:
+            self.peer_ports.add(int(peer[1]))
         self.last_headers = dict(request.headers)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
