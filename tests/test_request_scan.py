@@ -52,10 +52,8 @@ class LlhttpReading:
         self.fields += 1
         self.head_bytes += len(name) + len(value) + 4
         kind = REQUEST_KINDS.of(name)
-        if kind == FORWARD:
+        if kind == FORWARD or self.head.read(kind, name, value):
             self.head.header_pieces.append(b"%s: %s\r\n" % (name, value))
-        else:
-            self.head.field(kind, name, value)
 
     def on_body(self, body: bytes) -> None:
         self.body += body

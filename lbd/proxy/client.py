@@ -218,10 +218,9 @@ class ClientConnection(FlowControlled):
         self.header_count += 1
         self.head_bytes += len(name) + len(value) + 4
         kind = self.kinds.of(name)
-        if kind == FORWARD:
-            self.head.header_pieces.append(b"%s: %s\r\n" % (name, value))  # end-to-end: forwarded as it came
-        else:
-            self.head.field(kind, name, value)
+        head = self.head
+        if kind == FORWARD or head.read(kind, name, value):
+            head.header_pieces.append(b"%s: %s\r\n" % (name, value))  # forwarded as it came
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing

@@ -125,16 +125,11 @@ class RequestHead:
         self.idempotent = True
         self.keep_alive = True
 
-    def field(self, kind: int, name: bytes, value: bytes) -> None:
-        """A field lbd reads, rewrites or drops (`headers.REQUEST_HEADERS`). Host and the framing
-        fields are written by lbd itself (`upstream_head`), never forwarded as they came."""
-        if self.read(kind, name, value):
-            self.header_pieces.append(b"%s: %s\r\n" % (name, value))
-
     def read(self, kind: int, name: bytes, value: bytes) -> bool:
-        """Take what lbd needs of a field of `kind` (not FORWARD); True when the field is forwarded
-        too, as `name: value`, which the caller appends (the request scan appends the line it read,
-        where it already has that form)."""
+        """Take what lbd needs of a field it reads, rewrites or drops (`headers.REQUEST_HEADERS`);
+        True when the field is also forwarded, as `name: value`, which the caller appends as it
+        appends a FORWARD field. Host and the framing fields are written by lbd itself
+        (`upstream_head`), never forwarded as they came."""
         # llhttp strips the whitespace before a value but keeps the whitespace after it, which is not
         # part of the value either (RFC 9110 §5.5)
         if kind == CLIENT_ID:

@@ -116,18 +116,17 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
         return DECLINED
     name = data[start:colon]
     kind = kinds.of(name)
-    if kind == FORWARD:
-        head.header_pieces.append(_line(data, start, colon, value_start, value_end))
-        return pos + 2
-    if kind == DROP and len(name) == len(_PROXY_CONNECTION) and name.lower() == _PROXY_CONNECTION:
-        return DECLINED
-    value = data[value_start:value_end]
-    if kind in (CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE):
-        return DECLINED
-    if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
-        return DECLINED
-    if head.read(kind, name, value):
-        head.header_pieces.append(_line(data, start, colon, value_start, value_end))
+    if kind != FORWARD:
+        if kind == DROP and len(name) == len(_PROXY_CONNECTION) and name.lower() == _PROXY_CONNECTION:
+            return DECLINED
+        value = data[value_start:value_end]
+        if kind in (CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE):
+            return DECLINED
+        if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
+            return DECLINED
+        if not head.read(kind, name, value):
+            return pos + 2
+    head.header_pieces.append(_line(data, start, colon, value_start, value_end))
     return pos + 2
 
 
