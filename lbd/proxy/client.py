@@ -231,7 +231,11 @@ class ClientConnection(FlowControlled):
             raise breach
         head = exchange.request
         upgrading = head.upgrade is not None and self.parser.should_upgrade()  # llhttp's view, not a guess
-        self._head_complete(exchange, self.parser.get_method(), self._http_version(head.conn_tokens), upgrading)
+        # llhttp's verdict, which also ends the connection on a `Proxy-Connection: close` (a field
+        # lbd drops unread): the client is told so, not invited to send a request llhttp would refuse
+        keeps = self.parser.should_keep_alive()
+        version = self._http_version(head.conn_tokens, keeps)
+        self._head_complete(exchange, self.parser.get_method(), version, upgrading, not keeps)
 
     def _scanned_requests(self, data: bytes) -> int:
         """Serve the plain requests at the start of `data` without llhttp (`request_scan`); how many
@@ -255,22 +259,25 @@ class ClientConnection(FlowControlled):
             self.head = head
             exchange = self.parsing = Exchange(self, head)
             try:
-                self._head_complete(exchange, head.method, "1.1", False)
+                self._head_complete(exchange, head.method, "1.1", False, False)
             except Refused as refused:
                 self._refuse(refused)
                 return len(data)  # the connection closes: what follows is not read
             self._request_read()  # a scanned request has no body
         return taken
 
-    def _head_complete(self, exchange: Exchange, method: bytes, version: str, upgrading: bool) -> None:
+    def _head_complete(self, exchange: Exchange, method: bytes, version: str, upgrading: bool, last: bool) -> None:
         """A request head is whole and its syntax valid: apply a proxy's rules to it (a breach
-        raises `Refused`), then serve it, or queue it behind the one being served."""
+        raises `Refused`), then serve it, or queue it behind the one being served. `last`: the
+        parser takes nothing after this request."""
         if self.deadline:
             self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
         head = exchange.request
         refused = head.complete(method, version, upgrading)
         if refused is not None:
             raise refused
+        if last:
+            head.keep_alive = False
         max_body = self.limits.max_body_bytes
         if max_body and head.content_length > max_body:
             raise body_too_large(max_body)
@@ -287,13 +294,13 @@ class ClientConnection(FlowControlled):
             if len(self.queue) >= MAX_PIPELINED:
                 self.hold(PIPELINE_FULL)
 
-    def _http_version(self, conn_tokens: frozenset[bytes]) -> str:
+    def _http_version(self, conn_tokens: frozenset[bytes], keeps: bool) -> str:
         """The request's HTTP version, 1.1 or 1.0; the others llhttp parses (0.9, 2.0) get 505.
 
         httptools formats the version as a new string on every call; its keep-alive verdict answers
-        at once for an HTTP/1.1 request that names neither close nor keep-alive (most of them).
+        at once (`keeps`) for an HTTP/1.1 request that names neither close nor keep-alive.
         """
-        if b"close" not in conn_tokens and b"keep-alive" not in conn_tokens and self.parser.should_keep_alive():
+        if keeps and b"close" not in conn_tokens and b"keep-alive" not in conn_tokens:
             return "1.1"
         version: str = self.parser.get_http_version()
         if version not in ("1.0", "1.1"):
