@@ -18,6 +18,7 @@ from setuptools import setup
 COMPILED = [
     "lbd/clock.py",
     "lbd/proxy/flow.py",
+    "lbd/proxy/byte_runs.py",
     "lbd/proxy/headers.py",
     "lbd/proxy/request.py",
     "lbd/proxy/request_scan.py",

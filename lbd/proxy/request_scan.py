@@ -17,9 +17,10 @@ from typing import Final
 
 from mypy_extensions import i64
 
+from lbd.proxy.byte_runs import visible_run_end
 from lbd.proxy.headers import CONNECTION, CONTENT_LENGTH, DROP, FORWARD, TRANSFER_ENCODING, UPGRADE, FieldKinds
 from lbd.proxy.request import RequestHead
-from lbd.proxy.response import IS_TCHAR
+from lbd.proxy.response import name_end
 
 DECLINED: Final = -1
 _GET: Final = b"GET"
@@ -60,8 +61,12 @@ def scan_head(
         return DECLINED
     pos += 1
     target_start = pos
-    while pos < size and _IS_TARGET[data[pos]]:
-        pos += 1
+    while pos < size:
+        byte = data[pos]  # indexed once; lower-case letters and "/" compared, the rest looked up
+        if 0x61 <= byte <= 0x7A or byte == 0x2F or _IS_TARGET[byte]:
+            pos += 1
+        else:
+            break
     if pos == target_start or data[target_start] != 0x2F or pos - target_start > max_target:
         return DECLINED
     if data[pos : pos + 11] != _VERSION:
@@ -95,20 +100,20 @@ def scan_head(
 
 def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKinds) -> i64:
     """One `name: value` CRLF line at `start` into `head`; the position after it, or DECLINED."""
-    pos: i64 = start
-    while pos < size and IS_TCHAR[data[pos]]:
-        pos += 1
-    colon = pos
+    colon = name_end(data, start, size)
     if colon == start or colon >= size or data[colon] != 0x3A:
         return DECLINED
-    pos += 1
+    pos: i64 = colon + 1
     while pos < size and (data[pos] == 0x20 or data[pos] == 0x09):
         pos += 1
     value_start = pos
-    while pos < size and 0x21 <= data[pos] <= 0x7E:
-        pos += 1
-        while pos < size and (data[pos] == 0x20 or data[pos] == 0x09):  # inside a value, not after it
+    pos = visible_run_end(data, pos, size)
+    while pos < size:
+        byte = data[pos]  # indexed once: each index is a bounds check
+        if 0x20 <= byte <= 0x7E or byte == 0x09:
             pos += 1
+        else:
+            break
     value_end = pos
     if value_end > value_start and (data[value_end - 1] == 0x20 or data[value_end - 1] == 0x09):
         return DECLINED  # whitespace after a value: llhttp keeps it, so its reading is the one to take

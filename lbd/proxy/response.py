@@ -14,6 +14,7 @@ from typing import Final
 
 from mypy_extensions import i64
 
+from lbd.proxy.byte_runs import visible_run_end
 from lbd.proxy.headers import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -43,7 +44,7 @@ UNTIL_CLOSE: Final = 3  # neither: the body ends when the server closes the conn
 _TCHARS: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Tables indexed by a byte (the head is scanned one byte at a time: compiled, that is faster than
 # any bytes method, whose every call goes through Python's method lookup)
-IS_TCHAR: Final = bytes(1 if c in _TCHARS else 0 for c in range(256))  # field-name characters
+_IS_TCHAR: Final = bytes(1 if c in _TCHARS else 0 for c in range(256))  # field-name characters
 _IS_VALUE: Final = bytes(0 if (c < 0x20 and c != 0x09) or c == 0x7F else 1 for c in range(256))  # field-value
 _IS_HEX: Final = bytes(1 if c in b"0123456789abcdefABCDEF" else 0 for c in range(256))
 # lengths of the names in RESPONSE_HEADERS: only a name of such a length is looked up at all
@@ -111,7 +112,7 @@ def parse_head(data: bytes) -> ResponseHead | None:
     kept_from: i64 = pos  # the start of the run of lines forwarded as they came
     size: i64 = len(data)
     while pos + 1 < size and not (data[pos] == 0x0D and data[pos + 1] == 0x0A):
-        colon = _name_end(data, pos)
+        colon = name_end(data, pos, size)
         if colon == size:
             return None
         if colon == pos or data[colon] != 0x3A:
@@ -146,20 +147,24 @@ def parse_head(data: bytes) -> ResponseHead | None:
     return parsed
 
 
-def _name_end(data: bytes, start: i64) -> i64:
-    """The position after the field name (token characters) that starts at `start`."""
+def name_end(data: bytes, start: i64, size: i64) -> i64:
+    """The position after the field name (token characters) that starts at `start`, at most `size`."""
     pos: i64 = start  # a native integer when compiled: no tagged-int checks per byte
-    size: i64 = len(data)
-    while pos < size and IS_TCHAR[data[pos]]:
-        pos += 1
+    while pos < size:
+        byte = data[pos]  # indexed once: each index is a bounds check
+        # the commonest name bytes compared; only the rest looked up (another bounds-checked index)
+        if 0x61 <= byte <= 0x7A or byte == 0x2D or 0x41 <= byte <= 0x5A or _IS_TCHAR[byte]:
+            pos += 1
+        else:
+            break
     return pos
 
 
 def _line_end(data: bytes, start: i64) -> i64:
     """The position after the CRLF ending the line that goes on at `start` (only value bytes before
     it), or -1 when `data` ends first."""
-    pos: i64 = start
     size: i64 = len(data)
+    pos: i64 = visible_run_end(data, start, size)
     while pos < size:
         byte = data[pos]  # a field-value byte: not a control character other than tab (compared, not looked up)
         if (byte < 0x20 and byte != 0x09) or byte == 0x7F:
@@ -320,7 +325,7 @@ class ChunkedBody:
         self.trailer_bytes += len(line) + 2
         if self.trailer_bytes > MAX_TRAILER_BYTES:
             raise BadResponse(f"a trailer section larger than {MAX_TRAILER_BYTES} bytes")
-        colon = _name_end(line, 0)
+        colon = name_end(line, 0, len(line))
         if colon in (0, len(line)) or line[colon] != 0x3A:
             raise BadResponse(f"an invalid trailer field: {_show(line)}")
 
