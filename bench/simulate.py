@@ -394,7 +394,7 @@ class Simulation:
             if machine.probe_due(state, moment):
                 ok = not self.down[k]
                 self._transitioned(
-                    k, machine.after_probe(state, ok, "ok" if ok else "connection refused", moment, self.health)
+                    k, machine.after_probe(state, ok, "ok" if ok else "connection refused", moment, moment, self.health)
                 )
             if self.down[k] or state.health is not Health.HEALTHY:
                 heapq.heappush(probes, (moment + interval * self.rng.uniform(0.9, 1.1), k))

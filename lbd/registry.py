@@ -192,11 +192,11 @@ class Registry:
             region.typical_ms = sample_ms
             region.measured = True
 
-    def record_probe(self, server: Server, ok: bool, detail: str) -> None:
-        """An active health check's result."""
+    def record_probe(self, server: Server, ok: bool, detail: str, started: float) -> None:
+        """An active health check's result; `started` is when it was sent (monotonic)."""
         now = monotonic()
         server.state.last_check_at = now
-        self._announce(server, machine.after_probe(server.state, ok, detail, now, self.health))
+        self._announce(server, machine.after_probe(server.state, ok, detail, started, now, self.health))
 
     def _may_eject(self, server: Server) -> bool:
         """Panic guard: passive signals alone never take a region below `panic_threshold` in rotation."""

@@ -136,20 +136,20 @@ def test_machine_cooldown_doubles_up_to_the_cap() -> None:
     state = ServerState()
     now = 0.0
     for _ in range(3):
-        machine.after_probe(state, False, "x", now, SETTINGS)
+        machine.after_probe(state, False, "x", now, now, SETTINGS)
     assert state.health is Health.COOLDOWN and state.cooldown_until == 1.0
     assert not machine.probe_due(state, 0.5) and machine.probe_due(state, 1.0)
     cooldowns = []
     for step in range(4):
         now = state.cooldown_until
-        machine.after_probe(state, False, "x", now, SETTINGS)
+        machine.after_probe(state, False, "x", now, now, SETTINGS)
         cooldowns.append(state.cooldown_ms)
         assert state.health is Health.DEGRADED, step
     assert cooldowns == [2000, 4000, 4000, 4000]
     now = state.cooldown_until
-    machine.after_probe(state, True, "ok", now, SETTINGS)
+    machine.after_probe(state, True, "ok", now, now, SETTINGS)
     assert state.health is Health.DEGRADED  # rise = 2
-    machine.after_probe(state, True, "ok", now + 0.1, SETTINGS)
+    machine.after_probe(state, True, "ok", now + 0.1, now + 0.1, SETTINGS)
     assert state.health is Health.HEALTHY and state.cooldown_ms == 0
 
 
@@ -168,13 +168,30 @@ def test_machine_passive_failures_reset_on_success() -> None:
 def test_machine_cooldown_straight_back_to_healthy_after_rise_passes() -> None:
     state = ServerState()
     for _ in range(3):
-        machine.after_probe(state, False, "x", 0.0, SETTINGS)
+        machine.after_probe(state, False, "x", 0.0, 0.0, SETTINGS)
     assert state.health is Health.COOLDOWN
-    machine.after_probe(state, True, "ok", 1.0, SETTINGS)
+    machine.after_probe(state, True, "ok", 1.0, 1.0, SETTINGS)
     assert state.health is Health.COOLDOWN and not state.health.serving  # rise = 2: not yet
-    transition = machine.after_probe(state, True, "ok", 1.1, SETTINGS)
+    transition = machine.after_probe(state, True, "ok", 1.1, 1.1, SETTINGS)
     assert transition is not None and (transition.old, transition.new) == (Health.COOLDOWN, Health.HEALTHY)
     assert state.ejections == 1 and state.last_transition_reason == "2 checks passed"
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_machine_a_check_in_flight_at_an_ejection_moves_nothing(passed: bool) -> None:
+    """A check sent while the server served, answered after a request's failure ejected it, is not
+    the check after the cooldown: it neither degrades the server (doubling the cooldown) nor counts
+    towards `rise`. It is still shown and counted."""
+    state = ServerState()
+    transition = machine.after_outcome(state, Outcome.CONNECT_FAILED, 5.0, SETTINGS, may_eject=lambda: True)
+    assert transition is not None and transition.new is Health.COOLDOWN and state.cooldown_until == 6.0
+    assert machine.after_probe(state, passed, "late", 4.99, 5.01, SETTINGS) is None
+    assert (state.health, state.cooldown_ms, state.cooldown_until) == (Health.COOLDOWN, 1000, 6.0)
+    assert state.consecutive_passes == 0 and state.last_check_detail == "late"
+    assert (state.checks_passed, state.checks_failed) == ((1, 0) if passed else (0, 1))
+    # the check sent when the cooldown ends counts as before
+    transition = machine.after_probe(state, False, "refused", 6.0, 6.01, SETTINGS)
+    assert transition is not None and transition.new is Health.DEGRADED and state.cooldown_ms == 2000
 
 
 def test_machine_consults_the_panic_guard_only_when_it_would_eject() -> None:

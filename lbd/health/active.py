@@ -113,19 +113,21 @@ class HealthChecker:
         interval = self.settings.interval_ms / 1000.0
         await asyncio.sleep(random.uniform(0, interval))  # spread the first round over one interval
         while True:
-            if probe_due(server.state, time.monotonic()):
+            started = time.monotonic()
+            if probe_due(server.state, started):
                 ok, detail = await self.probe(server)
                 if self.registry.get(server.id) is server:  # not removed meanwhile
-                    self.registry.record_probe(server, ok, detail)
+                    self.registry.record_probe(server, ok, detail, started)
             await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
 
     async def check_now(self, server: Server) -> tuple[bool, str, bool]:
         """An operator's check (`lbctl check`): end a cooldown's wait, probe at once, and apply the
         result like any scheduled check's. Returns (passed, what happened, whether a cooldown ended)."""
         ended = self.registry.end_cooldown(server)
+        started = time.monotonic()
         ok, detail = await self.probe(server)
         if self.registry.get(server.id) is server:
-            self.registry.record_probe(server, ok, detail)
+            self.registry.record_probe(server, ok, detail, started)
         return ok, detail, ended
 
     async def probe(self, server: Server) -> tuple[bool, str]:

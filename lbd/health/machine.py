@@ -44,12 +44,24 @@ def end_cooldown(state: ServerState, now: float) -> bool:
     return True
 
 
-def after_probe(state: ServerState, ok: bool, detail: str, now: float, settings: HealthSettings) -> Transition | None:
-    """Count one active check and return the transition it causes, if any."""
+def after_probe(
+    state: ServerState, ok: bool, detail: str, started: float, now: float, settings: HealthSettings
+) -> Transition | None:
+    """Count one active check and return the transition it causes, if any.
+
+    A check sent before its server's cooldown began (it was in flight when a request's failure
+    ejected the server) is shown and counted, but moves nothing: it is not the check after the
+    cooldown, so its failure must not make the server `degraded` and double the cooldown, nor its
+    pass count towards `rise`."""
     state.last_check_ok = ok
     state.last_check_detail = detail
     if ok:
         state.checks_passed += 1
+    else:
+        state.checks_failed += 1
+    if state.health_in_cooldown and started < state.cooldown_until:
+        return None
+    if ok:
         state.consecutive_failures = 0
         state.consecutive_passes += 1
         if state.health is Health.FAILING:
@@ -58,7 +70,6 @@ def after_probe(state: ServerState, ok: bool, detail: str, now: float, settings:
             state.cooldown_ms = 0
             return _move(state, Health.HEALTHY, f"{state.consecutive_passes} checks passed", now)
         return None
-    state.checks_failed += 1
     state.consecutive_passes = 0
     state.consecutive_failures += 1
     if state.health_in_cooldown:
