@@ -38,6 +38,11 @@ TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", 0)  # 0 where the platform
 SPLICE_FROM: Final = 16 * 1024  # a Content-Length body with this much still to come is spliced
 HEAD: Final = -1  # UpstreamConnection.framing while a response head is expected
 SMALL_READ_BYTES: Final = 4096
+# UpstreamConnection.views: whether this read's body bytes may go on as views of its buffer
+VIEWS_UNASKED: Final = -1  # not decided yet: the client's transport is asked at the first body piece
+VIEWS_OF_SHARED: Final = 0  # views of the pool's shared buffer (the client has nothing queued)
+COPIES: Final = 1  # copies: the client still has bytes queued, a view it kept would pin the buffer
+VIEWS_OF_OWNED: Final = 2  # views of a buffer made for this read alone, which the client may keep
 
 
 async def open_connection(pool: UpstreamPool, server: Server) -> UpstreamConnection:
@@ -86,6 +91,8 @@ class UpstreamConnection(FlowControlled):
         self.lost = False
         self.tcp_socket: Any = None  # set where TCP_QUICKACK applies (uvloop's socket-like object)
         self.fd = -1  # the socket's descriptor, where bodies could be spliced from it (not TLS)
+        self.views = VIEWS_UNASKED  # how this read forwards body bytes (the constants above)
+        self.shared_views_sent = False  # this read forwarded views of the shared buffer
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------------
 
@@ -115,18 +122,18 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
-        # a client still sending earlier bytes gets copies: a view it kept would pin the buffer
-        lagging = exchange.client_lagging()
         started = exchange.response_started
         gathered = exchange.gather_client_writes()  # the head and body this read carries leave in one write
-        pending = False
+        self.shared_views_sent = False
         try:
             if self.head_start:
                 buf = bytearray(self.head_start) + buf[:nbytes]  # owned: views of it can be kept
                 self.head_start = b""
-                self._consume(exchange, buf, memoryview(buf), len(buf), False)
+                self.views = VIEWS_OF_OWNED
+                self._consume(exchange, buf, memoryview(buf), len(buf))
             else:
-                self._consume(exchange, buf, pool.read_view, nbytes, lagging)
+                self.views = VIEWS_UNASKED  # most reads (a small response, copied to parse) forward none
+                self._consume(exchange, buf, pool.read_view, nbytes)
         except BadResponse as bad:
             self.broken = True
             if not self.done:
@@ -139,10 +146,12 @@ class UpstreamConnection(FlowControlled):
             self.read_copy = b""  # not kept past its read (an idle connection would hold it)
             if gathered:
                 exchange.send_gathered()
-            pending = exchange.client_lagging()
-            if pending and not lagging:
+            if self.shared_views_sent and exchange.client_lagging():
                 pool.renew_read_buffer()  # the client transport holds views of this one until it drains
-        if nbytes == HEAD_READ_BYTES and not pending and self.framing == LENGTH and self.length_left >= SPLICE_FROM:
+        if (
+            nbytes == HEAD_READ_BYTES and self.framing == LENGTH and self.length_left >= SPLICE_FROM
+            and not exchange.client_lagging()
+        ):  # fmt: skip
             self._splice(exchange)  # the read filled the head buffer: more of the body is waiting
         if self.done:
             self.done = False
@@ -152,7 +161,7 @@ class UpstreamConnection(FlowControlled):
         if self.tcp_socket is not None:
             self._acknowledge_now()
 
-    def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int, copy: bool) -> None:
+    def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int) -> None:
         """Handle `buf[:end]`: heads are parsed, body bytes forwarded (views of `buf`, or copies)."""
         pos = 0
         while pos < end:
@@ -170,16 +179,16 @@ class UpstreamConnection(FlowControlled):
                 if self.read_copy and start >= 0 and start + taken <= len(self.read_copy):
                     exchange.response_body(self.read_copy[start : start + taken])
                 else:
-                    _forward(exchange, view, pos, pos + taken, copy)
+                    self._forward(exchange, view, pos, pos + taken)
                 pos += taken
                 self.length_left -= taken
                 if self.length_left == 0:
                     self.done = True
                     self.framing = HEAD
             elif framing == CHUNKED:
-                pos = self._chunked(exchange, buf, view, pos, end, copy)
+                pos = self._chunked(exchange, buf, view, pos, end)
             else:  # UNTIL_CLOSE
-                _forward(exchange, view, pos, end, copy)
+                self._forward(exchange, view, pos, end)
                 pos = end
 
     def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int) -> int:
@@ -229,7 +238,7 @@ class UpstreamConnection(FlowControlled):
         self.framing = HEAD if self.done else framing
         return pos
 
-    def _chunked(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int, copy: bool) -> int:
+    def _chunked(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int) -> int:
         """Forward chunked framing as it came (or only its data, to dechunk); the position after."""
         chunks = self.chunks
         assert chunks is not None
@@ -238,17 +247,31 @@ class UpstreamConnection(FlowControlled):
             if chunks.in_data:
                 taken = chunks.take_data(end - pos)
                 if self.dechunk:
-                    _forward(exchange, view, pos, pos + taken, copy)
+                    self._forward(exchange, view, pos, pos + taken)
                 pos += taken
             else:
                 pos = chunks.advance(buf, pos, end)
         if not self.dechunk and pos > start:
-            _forward(exchange, view, start, pos, copy)
+            self._forward(exchange, view, start, pos)
         if chunks.done:
             self.chunks = None
             self.framing = HEAD
             self.done = True
         return pos
+
+    def _forward(self, exchange: Exchange, view: memoryview, start: int, stop: int) -> None:
+        """Body bytes on to the client: a view of the read's buffer, or a copy while the client still
+        has bytes queued (a view it kept would pin the shared buffer). The client's transport is asked
+        once per read, at its first body piece: until this read's writes are sent (they are gathered)
+        the answer cannot change, and a read whose body comes from its parse copy never asks."""
+        piece = view[start:stop]
+        if self.views == VIEWS_UNASKED:
+            self.views = COPIES if exchange.client_lagging() else VIEWS_OF_SHARED
+        if self.views == COPIES:
+            exchange.response_body(bytes(piece))
+            return
+        self.shared_views_sent = self.shared_views_sent or self.views == VIEWS_OF_SHARED
+        exchange.response_body(piece)
 
     def _splice(self, exchange: Exchange) -> None:
         """Move what the server has sent of a large body on to the client in the kernel. Only with
@@ -310,9 +333,3 @@ class UpstreamConnection(FlowControlled):
     def tunnel_to(self, peer: asyncio.Transport | None) -> None:
         """The server switched protocols: what it sends from now on goes to `peer` unparsed."""
         self.tunnel = peer
-
-
-def _forward(exchange: Exchange, view: memoryview, start: int, stop: int, copy: bool) -> None:
-    """Body bytes on to the client: a view of the read buffer, or a copy (`copy`, see buffer_updated)."""
-    piece = view[start:stop]
-    exchange.response_body(bytes(piece) if copy else piece)
