@@ -44,6 +44,7 @@ FIRST_REQUEST_GRACE_S: Final = 1.0
 
 class ClientConnection(FlowControlled):
     def __init__(self, ctx: ProxyContext, tls_lines: Callable[[asyncio.BaseTransport], bytes] | None = None) -> None:
+        super().__init__()
         self.ctx = ctx
         # on the TLS listener: what its requests carry to servers (X-Forwarded-Proto: https, the
         # client certificate's subject), computed once the handshake is done

@@ -30,43 +30,57 @@ class FlowControlled:
 
     transport: asyncio.Transport | None = None
     held_by = 0  # the reasons reading is paused for (hot paths test it before calling `release`)
-    _corked: list[bytes | memoryview] | None = None
+    _corked = False  # writes are being gathered
+
+    def __init__(self) -> None:
+        # the writes gathered while corked: one list per connection, emptied by each flush (a list made
+        # per cork was two allocations per small request)
+        self._gathered: list[bytes | memoryview] = []
 
     def eof_received(self) -> bool | None:
         """The peer's FIN: let the transport close (a half-closed proxy connection is not kept)."""
         return None
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._corked is not None:
-            self._corked.append(data)
+        if self._corked:
+            self._gathered.append(data)
         elif self.transport is not None:
             self.transport.write(data)
 
     def cork(self) -> bool:
         """Start gathering writes; False if already corked (the outer caller will flush)."""
-        if self._corked is not None:
+        if self._corked:
             return False
-        self._corked = []
+        self._corked = True
         return True
 
     def flush(self) -> None:
-        corked = self._corked
-        self._corked = None
-        if corked and self.transport is not None and not self.transport.is_closing():
-            size = 0
-            for piece in corked:
-                size += len(piece)
-            if size >= JOIN_BELOW:
-                self.transport.writelines(corked)  # one writev: a large body is not copied into a join
-            elif len(corked) == 1 and type(corked[0]) is bytes:
-                self.transport.write(corked[0])
-            else:
-                self.transport.write(b"".join(corked))  # written at once (uvloop queues writelines)
+        """Send what was gathered since `cork` and stop gathering. The list is emptied before the
+        transport is called, so a write made from a callback of that call is neither lost nor sent
+        twice."""
+        self._corked = False
+        gathered = self._gathered
+        if not gathered:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            gathered.clear()
+            return
+        size = 0
+        for piece in gathered:
+            size += len(piece)
+        if size >= JOIN_BELOW:
+            pieces = gathered.copy()
+            gathered.clear()
+            transport.writelines(pieces)  # one writev: a large body is not copied into a join
+            return
+        data = gathered[0] if len(gathered) == 1 and type(gathered[0]) is bytes else b"".join(gathered)
+        gathered.clear()
+        transport.write(data)  # written at once (uvloop queues writelines)
 
     def drop_corked(self) -> None:
         """Forget the writes gathered since `cork` (they must not leave); the outer flush sends nothing."""
-        if self._corked is not None:
-            self._corked = []
+        self._gathered.clear()
 
     def close(self) -> None:
         """Send what is gathered, then close once the transport has written everything."""
@@ -76,7 +90,8 @@ class FlowControlled:
 
     def abort(self) -> None:
         """Close at once, dropping whatever is gathered or queued."""
-        self._corked = None
+        self._corked = False
+        self._gathered.clear()
         if self.transport is not None:
             self.transport.abort()
 

@@ -69,6 +69,7 @@ class UpstreamConnection(FlowControlled):
     """
 
     def __init__(self, pool: UpstreamPool, server: Server) -> None:
+        super().__init__()
         self.pool = pool
         self.server = server
         self.exchange: Exchange | None = None
