@@ -67,6 +67,10 @@ REFUSED_400 = {
     "te-not-last": post(b"Transfer-Encoding: chunked, identity\r\n", chunked(SMUGGLED)),
     "te-not-chunked": post(b"Transfer-Encoding: identity\r\n", SMUGGLED),
     "te-in-http10": post(b"Transfer-Encoding: chunked\r\n", chunked(SMUGGLED), version=b"HTTP/1.0"),
+    # llhttp's keep-alive verdict reads Proxy-Connection: it must not make an HTTP/1.0 request 1.1
+    "te-in-http10-proxy-keep-alive": post(
+        b"Transfer-Encoding: chunked\r\nProxy-Connection: keep-alive\r\n", chunked(SMUGGLED), version=b"HTTP/1.0"
+    ),
     # duplicate and malformed Content-Length
     "cl-twice-same": post(b"Content-Length: 3\r\nContent-Length: 3\r\n", b"abc"),
     "cl-twice-differing": post(b"Content-Length: 3\r\nContent-Length: 43\r\n", b"abc" + SMUGGLED),
@@ -197,6 +201,9 @@ PROBES |= {
         (("GET", "/ws"),),
     ),
     "http10-without-host": Probe(b"GET /old HTTP/1.0\r\nclient-id: c\r\n\r\n", 200, (("GET", "/old"),)),
+    "http10-without-host-proxy-keep-alive": Probe(
+        b"GET /old HTTP/1.0\r\nclient-id: c\r\nProxy-Connection: keep-alive\r\n\r\n", 200, (("GET", "/old"),)
+    ),
     # the compiled scan reads plain heads, llhttp the rest (request_scan.py): the hand-over mid-read
     # keeps every boundary, and what llhttp refuses after a scanned request is never forwarded
     "scanned-then-llhttp-then-get": Probe(
@@ -288,6 +295,25 @@ def test_after_proxy_connection_close_the_connection_ends(proxied: tuple[Lbd, Re
         assert response.status == 200 and response.connection_tokens == {"close"}
         assert client.read_to_eof() == b""
     assert [(s.method, s.target) for s in backend.seen[before:]] == [("GET", "/a"), ("GET", "/b")]
+
+
+@pytest.mark.parametrize("ending", [b"Proxy-Connection: close\r\n", b"Connection: close\r\n"])
+def test_a_pipelined_request_that_ends_the_connection_is_served_and_what_follows_dropped(
+    proxied: tuple[Lbd, RecordingBackend], ending: bytes
+) -> None:
+    """Behind the request being served, one that ends the connection is still answered (with
+    Connection: close); the bytes after it are dropped unread, not refused, as HAProxy and nginx do."""
+    daemon, backend = proxied
+    before = len(backend.seen)
+    with RawConnection(daemon.port) as client:
+        client.send(
+            b"POST /d HTTP/1.1\r\n" + H + b"Content-Length: 1\r\n\r\nx"
+            b"GET /e HTTP/1.1\r\n" + H + ending + b"\r\n" + SMUGGLED
+        )
+        first, second = client.read_response(), client.read_response()
+        assert (first.status, second.status) == (200, 200) and second.connection_tokens == {"close"}
+        assert client.read_to_eof() == b""
+    assert [(s.method, s.target) for s in backend.seen[before:]] == [("POST", "/d"), ("GET", "/e")]
 
 
 def test_forwarded_framing_and_host_are_lbd_s_own(proxied: tuple[Lbd, RecordingBackend]) -> None:

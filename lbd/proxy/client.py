@@ -140,6 +140,10 @@ class ClientConnection(FlowControlled):
                 self._keep_early_tunnel_bytes(upgrading, data[upgrade.args[0] :])
         except httptools.HttpParserError as error:
             refused = error.__context__
+            if self.llhttp_ended and not isinstance(refused, Refused):
+                # bytes after a request that ends the connection (`Connection: close`, HTTP/1.0):
+                # dropped, as HAProxy and nginx drop them; the requests before them are still answered
+                return
             if isinstance(refused, Refused):
                 self._refuse(refused)
             else:
@@ -235,8 +239,7 @@ class ClientConnection(FlowControlled):
         # llhttp's verdict, which also ends the connection on a `Proxy-Connection: close` (a field
         # lbd drops unread): the client is told so, not invited to send a request llhttp would refuse
         keeps = self.parser.should_keep_alive()
-        version = self._http_version(head.conn_tokens, keeps)
-        self._head_complete(exchange, self.parser.get_method(), version, upgrading, not keeps)
+        self._head_complete(exchange, self.parser.get_method(), self._http_version(), upgrading, not keeps)
 
     def _scanned_requests(self, data: bytes) -> int:
         """Serve the plain requests at the start of `data` without llhttp (`request_scan`); how many
@@ -295,14 +298,12 @@ class ClientConnection(FlowControlled):
             if len(self.queue) >= MAX_PIPELINED:
                 self.hold(PIPELINE_FULL)
 
-    def _http_version(self, conn_tokens: frozenset[bytes], keeps: bool) -> str:
+    def _http_version(self) -> str:
         """The request's HTTP version, 1.1 or 1.0; the others llhttp parses (0.9, 2.0) get 505.
 
-        httptools formats the version as a new string on every call; its keep-alive verdict answers
-        at once (`keeps`) for an HTTP/1.1 request that names neither close nor keep-alive.
-        """
-        if keeps and b"close" not in conn_tokens and b"keep-alive" not in conn_tokens:
-            return "1.1"
+        Asked of llhttp for every head it reads, never inferred from its keep-alive verdict: that
+        verdict also reads `Proxy-Connection`, which would pass an HTTP/1.0 request as 1.1 (and its
+        Transfer-Encoding with it)."""
         version: str = self.parser.get_http_version()
         if version not in ("1.0", "1.1"):
             self.head.version = version  # for the access log
