@@ -20,6 +20,10 @@ from tests.harness.backends import Backend, backends
 from tests.harness.daemon import Lbd, running_lbd, wait_until
 
 FAST_HEALTH = "[health]\ninterval_ms = 100\ntimeout_ms = 80\ncooldown_ms = 300\nrise = 1\n"
+# A region latency (the latency factor's scale) so large that a loaded machine's millisecond of
+# answer-time jitter moves a server's factor by a thousandth, far below the 1/43 that separates the
+# closest scores where a test counts load alone.
+LATENCY_NEUTRAL = '[regions.latency_ms]\nus-east = 1000\n[regions.proximity]\nus-east = ["us-east"]\n'
 
 
 def register(lbd: Lbd, backend: Backend, capacity: int) -> None:
@@ -47,12 +51,21 @@ def share(counts: Counter[str], backend: Backend) -> float:
     return counts[backend.id] / sum(counts.values())
 
 
-@pytest.fixture
-def lbd(tmp_path: Path) -> Iterator[Lbd]:
+def dynamic_lbd(tmp_path: Path, config_text: str) -> Iterator[Lbd]:
     config = tmp_path / "lbd.toml"
-    config.write_text(FAST_HEALTH)
+    config.write_text(config_text)
     with running_lbd(["--mode", "dynamic", "--config", str(config)]) as daemon:
         yield daemon
+
+
+@pytest.fixture
+def lbd(tmp_path: Path) -> Iterator[Lbd]:
+    yield from dynamic_lbd(tmp_path, FAST_HEALTH)
+
+
+@pytest.fixture
+def latency_neutral_lbd(tmp_path: Path) -> Iterator[Lbd]:
+    yield from dynamic_lbd(tmp_path, FAST_HEALTH + LATENCY_NEUTRAL)
 
 
 @pytest.fixture
@@ -82,7 +95,10 @@ def test_new_clients_follow_capacity_and_a_late_server_takes_them_at_once(
     }
 
 
-def test_pinned_sessions_and_requests_in_flight_count_as_load(lbd: Lbd, three: list[Backend]) -> None:
+def test_pinned_sessions_and_requests_in_flight_count_as_load(latency_neutral_lbd: Lbd, three: list[Backend]) -> None:
+    """New clients go where sessions plus requests in flight are fewest, one by one: the last picks
+    are decided by one unit of load in 43, so the latency factor is held neutral."""
+    lbd = latency_neutral_lbd
     e1, e2, _ = three
     register(lbd, e1, 10)
     register(lbd, e2, 10)
