@@ -50,7 +50,7 @@ _JSON_UNSAFE_STR: Final = re.compile(r'[^\x20-\x7e]|["\\]')
 class Entry:
     """One answered request, as the event loop hands it over: raw values, no formatting.
 
-    Times are `time.perf_counter()` readings and durations in seconds (negative: did not happen).
+    Times are `lbd.clock.monotonic()` readings and durations in seconds (negative: did not happen).
     """
 
     __slots__ = (

@@ -169,7 +169,7 @@ class _Writer:
         if self.fd < 0:
             self.processed += len(batch)
             return
-        wall_offset = time.time() - time.perf_counter()
+        wall_offset = time.time() - time.monotonic()
         cache = self.cache
         lines: list[bytes] = []
         size = 0

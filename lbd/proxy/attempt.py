@@ -8,7 +8,6 @@ counting as active after its attempt is settled, until the tunnel closes.
 
 from __future__ import annotations
 
-from lbd.clock import perf_counter
 from lbd.models import Outcome, Server
 from lbd.registry import Registry
 
@@ -16,20 +15,21 @@ from lbd.registry import Registry
 class Attempt:
     __slots__ = ("holds_tunnel", "latency_s", "server", "settled", "started_at", "timeout_s")
 
-    def __init__(self, server: Server, timeout_s: float) -> None:
+    def __init__(self, server: Server, timeout_s: float, now: float) -> None:
         self.server = server
         self.timeout_s = timeout_s  # the server's silence allowed: timeout_base + its region's latency
         state = server.state
         state.active += 1
         state.requests += 1
-        # a fine clock: uvloop's loop time is in whole milliseconds, so a loopback answer would measure 0
-        self.started_at = perf_counter()
+        # `now` is lbd.clock's (nanoseconds): uvloop's loop time is in whole milliseconds, so a loopback
+        # answer would measure 0
+        self.started_at = now
         self.latency_s: float | None = None  # time to the response head
         self.settled = False
         self.holds_tunnel = False
 
-    def responded(self) -> None:
-        self.latency_s = perf_counter() - self.started_at
+    def responded(self, now: float) -> None:
+        self.latency_s = now - self.started_at
 
     def settle(self, registry: Registry, outcome: Outcome | None) -> None:
         """End the attempt (once; later calls do nothing). `outcome` None: not the server's doing

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from lbd import accesslog
 from lbd.accesslog import Entry
 from lbd.balancer import BadRoute, NoServer
-from lbd.clock import monotonic, perf_counter
+from lbd.clock import monotonic
 from lbd.models import Outcome, Server
 from lbd.proxy import retry
 from lbd.proxy.attempt import Attempt
@@ -119,10 +119,10 @@ class Exchange:
         self.deadline = 0  # the deadline wheel's handle, 0 when none is armed
         self.upstream_write_full = False
         self.status = 0
-        # for the access log, read only while it is on: the request's first byte (perf_counter; 0: not
+        # for the access log, read only while it is on: the request's first byte (lbd.clock; 0: not
         # logged), the final attempt's connection, bytes each way, why its server, attempts made again
         log = ctx.access_log
-        self.began = perf_counter() if log is not None and log.on else 0.0
+        self.began = monotonic() if log is not None and log.on else 0.0
         self.connected_at = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -147,7 +147,8 @@ class Exchange:
         if self.request.chunked:
             self._to_upstream(CHUNK_END)
         if self.attempt is not None and not self.finished:
-            self.last_activity = monotonic()
+            if self.request.has_body:  # a bodiless request was whole when its attempt began
+                self.last_activity = monotonic()
             if not self.deadline:
                 self._arm_timer()  # an armed deadline fires no later than needed and re-arms itself
 
@@ -185,12 +186,13 @@ class Exchange:
         self._route()
 
     def _route(self) -> None:
+        now = monotonic()  # one reading for the route, the attempt's start and its deadline
         try:
-            server, self.route = self.ctx.balancer.route(self._client(), self._region(), monotonic())
+            server, self.route = self.ctx.balancer.route(self._client(), self._region(), now)
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._unroutable(unroutable)
             return
-        self._forward_to(server, fresh_connection=False)
+        self._forward_to(server, False, now)
 
     def _unroutable(self, unroutable: BadRoute | NoServer) -> None:
         if isinstance(unroutable, BadRoute):
@@ -254,16 +256,17 @@ class Exchange:
         else:
             self.deferred_reply = (status, text, termination)
 
-    def _forward_to(self, server: Server, fresh_connection: bool) -> None:
+    def _forward_to(self, server: Server, fresh_connection: bool, now: float) -> None:
         ctx = self.ctx
-        self.attempt = Attempt(server, ctx.timeout_s(server))
+        self.attempt = Attempt(server, ctx.timeout_s(server), now)
         self.connected_at = 0.0
-        self.last_activity = monotonic()
+        self.last_activity = now
         self._arm_timer()
         if fresh_connection:
             connection = None
         else:
-            connection = ctx.pool.acquire(server, ANY_IDLE if self.request.idempotent else ctx.non_idempotent_reuse_s)
+            reuse_below_s = ANY_IDLE if self.request.idempotent else ctx.non_idempotent_reuse_s
+            connection = ctx.pool.acquire(server, reuse_below_s, now)
         if connection is not None:
             self._attach(connection)
         else:
@@ -296,7 +299,7 @@ class Exchange:
         self.upstream = connection
         connection.exchange = self
         if self.began:
-            self.connected_at = perf_counter()
+            self.connected_at = monotonic()
         client = self.client
         if self.request.has_body:
             client.gather_for(connection)  # the head and the body parsed in the same read: one write
@@ -316,7 +319,7 @@ class Exchange:
         """Send the response head on to the client, framed for it (framing.py); returns those flags."""
         attempt = self.attempt
         assert attempt is not None
-        attempt.responded()
+        attempt.responded(monotonic())
         self.response_started = True
         self.status = status = head.status
         framing_lines = b""  # how the client is told where the body ends, and whether the connection stays
@@ -506,7 +509,7 @@ class Exchange:
         if sent and self.replay is not None:
             self.pending = list(self.replay.pieces)
             self.pending_size = self.replay.size
-        self._forward_to(server, fresh_connection=True)
+        self._forward_to(server, True, monotonic())
 
     def _abort(self, outcome: Outcome, termination: str) -> None:
         """Mid-response failure: the client can only learn of it from a cut connection."""
@@ -645,7 +648,7 @@ class Exchange:
         status = self.status
         if log.sampling and accesslog.successful(status, termination) and not log.sampled(request.client_id):
             return
-        ended = perf_counter()
+        ended = monotonic()
         attempt = self.attempt
         server = region = None
         ttfb_s = -1.0

@@ -50,9 +50,9 @@ class UpstreamPool:
         self.read_view = memoryview(self.read_buffer)
         self.head_view = self.read_view[:HEAD_READ_BYTES]
 
-    def acquire(self, server: Server, idle_below_s: float) -> UpstreamConnection | None:
+    def acquire(self, server: Server, idle_below_s: float, now: float) -> UpstreamConnection | None:
         """The most recently used idle connection to `server`, if it has been idle less than
-        `idle_below_s` (an older one stays for requests that accept it)."""
+        `idle_below_s` at `now` (an older one stays for requests that accept it)."""
         idle = self._idle.get(server.id)
         while idle:
             connection = idle[-1]
@@ -60,7 +60,7 @@ class UpstreamPool:
                 idle.pop().close()
             elif not connection.usable:
                 idle.pop()
-            elif monotonic() - connection.idle_since >= idle_below_s:
+            elif now - connection.idle_since >= idle_below_s:
                 return None
             else:
                 idle.pop()
