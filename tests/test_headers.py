@@ -30,6 +30,8 @@ def test_connection_names_hop_by_hop_fields_but_never_framing_or_host(tokens: fr
 def test_named_lines_are_dropped_whatever_their_case() -> None:
     lines = [b"X-Secret: 1\r\n", b"x-kept: 2\r\n", b"X-SECRET: 3\r\n", b"Te: trailers\r\n"]
     assert without_named(lines, frozenset({b"x-secret", b"te"})) == [b"x-kept: 2\r\n"]
+    runs = [b"X-Secret: 1\r\nx-kept: 2\r\n", b"X-SECRET: 3\r\nTe: trailers\r\nx-also: 4\r\n"]
+    assert without_named(runs, frozenset({b"x-secret", b"te"})) == [b"x-kept: 2\r\n", b"x-also: 4\r\n"]
 
 
 @given(

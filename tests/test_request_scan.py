@@ -64,10 +64,14 @@ class LlhttpReading:
 
 
 def slots(head: RequestHead) -> dict[str, object]:
-    """Every attribute of a head (compiled, the class keeps no `__slots__` to list them)."""
+    """Every attribute of a head (compiled, the class keeps no `__slots__` to list them). The
+    forwarded lines are compared as the bytes they make: llhttp's path keeps one piece per line,
+    the scan one per run of lines."""
     names = [name for name in dir(head) if not name.startswith("_") and not callable(getattr(head, name))]
     assert len(names) >= 20
-    return {name: getattr(head, name) for name in names}
+    values = {name: getattr(head, name) for name in names}
+    values["header_pieces"] = b"".join(head.header_pieces)
+    return values
 
 
 def assert_llhttp_reads_it_so(data: bytes, end: int, head: RequestHead) -> None:
@@ -242,6 +246,22 @@ def test_what_real_clients_send_is_scanned(data: bytes) -> None:
 @pytest.mark.parametrize("data", DECLINED_HEADS.values(), ids=DECLINED_HEADS.keys())
 def test_the_uncommon_and_the_wrong_are_left_to_llhttp(data: bytes) -> None:
     assert scanned(data)[0] == DECLINED
+
+
+def test_lines_forwarded_as_they_came_are_one_piece_until_a_line_lbd_takes_or_rebuilds() -> None:
+    data = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nclient-id: a\r\nX-Odd:value\r\n"
+        b"User-Agent: u\r\nVia: 1.1 p\r\nX-Last: z\r\n\r\n"
+    )
+    end, head = scanned(data)
+    assert end == len(data)
+    assert head.header_pieces == [
+        b"Accept: */*\r\nclient-id: a\r\n",  # Host is lbd's to write: the run starts after it
+        b"X-Odd: value\r\n",  # llhttp's reading, with the space
+        b"User-Agent: u\r\n",  # Via is merged with lbd's own
+        b"X-Last: z\r\n",
+    ]
+    assert_llhttp_reads_it_so(data, end, head)
 
 
 def test_pipelined_heads_are_scanned_one_after_another() -> None:

@@ -39,6 +39,7 @@ from lbd.proxy.headers import (
     named_hop_by_hop,
     simple_response,
     status_line,
+    without_named,
 )
 from lbd.proxy.request import Replay, RequestHead, cookie_value
 from lbd.proxy.response import UNTIL_CLOSE, ResponseHead
@@ -673,7 +674,7 @@ def _response_head_bytes(head: ResponseHead, lbd_lines: bytes) -> bytes:
     (compiled bytes formatting) from the runs of forwarded lines, usually one or two."""
     pieces = head.header_pieces
     if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
-        pieces = head.forwarded_without(named)
+        pieces = without_named(pieces, named)
     fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     via = VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)
     return b"%s%s%s%s\r\n" % (status_line(head.status, head.reason), fields, via, lbd_lines)

@@ -130,8 +130,10 @@ def wants_keep_alive(version: str, tokens: frozenset[bytes]) -> bool:
 
 
 def without_named(pieces: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """The header lines minus those `Connection` names as hop-by-hop (rare: a slow path)."""
-    return [line for line in pieces if line.partition(b":")[0].lower() not in names]
+    """The header lines minus those `Connection` names as hop-by-hop (rare: a slow path). The
+    pieces are runs of whole lines: cut into lines first."""
+    lines = b"".join(pieces).split(CRLF)[:-1]
+    return [line + CRLF for line in lines if line.partition(b":")[0].lower() not in names]
 
 
 def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:

@@ -76,7 +76,8 @@ MAX_COOKIE_ID: Final = 128
 
 class RequestHead:
     """The request line and the fields lbd acts on, gathered as llhttp reports them; every other
-    field is kept as it came in `header_pieces` (one line each, `name: value` CRLF), to be forwarded."""
+    field is kept as it came in `header_pieces` (runs of whole `name: value` CRLF lines: one line
+    each from llhttp, consecutive lines as one slice from the scan), to be forwarded."""
 
     __slots__ = (
         "chunked",

@@ -75,6 +75,7 @@ def scan_head(
     head.url = data[target_start:pos]
     pos += 11
     fields: i64 = 0
+    run_from: i64 = pos  # the start of the run of lines forwarded as they came: one slice for them all
     while True:
         if pos + 1 >= size:
             return DECLINED
@@ -88,8 +89,9 @@ def scan_head(
             # limit is llhttp's to judge
             if pos + 2 - start + fields - 17 > max_bytes:
                 return DECLINED
+            _end_run(data, run_from, pos, head)
             return pos + 2
-        end = _field(data, pos, size, head, kinds)
+        end, run_from = _field(data, pos, size, head, kinds, run_from)
         if end < 0:
             return DECLINED
         fields += 1
@@ -98,11 +100,14 @@ def scan_head(
         pos = end
 
 
-def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKinds) -> i64:
-    """One `name: value` CRLF line at `start` into `head`; the position after it, or DECLINED."""
+def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKinds, run_from: i64) -> tuple[i64, i64]:
+    """One `name: value` CRLF line at `start` into `head`: the position after it (or DECLINED) and
+    where the run of lines forwarded as they came now starts (`run_from` while the line extends it;
+    a line not forwarded, or rebuilt, ends the run in `head.header_pieces`). A tuple of native
+    integers, returned unboxed."""
     colon = name_end(data, start, size)
     if colon == start or colon >= size or data[colon] != 0x3A:
-        return DECLINED
+        return DECLINED, run_from
     pos: i64 = colon + 1
     while pos < size and (data[pos] == 0x20 or data[pos] == 0x09):
         pos += 1
@@ -116,28 +121,31 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
             break
     value_end = pos
     if value_end > value_start and (data[value_end - 1] == 0x20 or data[value_end - 1] == 0x09):
-        return DECLINED  # whitespace after a value: llhttp keeps it, so its reading is the one to take
+        return DECLINED, run_from  # whitespace after a value: llhttp keeps it, so its reading is the one to take
     if pos + 1 >= size or data[pos] != 0x0D or data[pos + 1] != 0x0A:
-        return DECLINED
+        return DECLINED, run_from
+    end = pos + 2
     name = data[start:colon]
     kind = kinds.of(name)
     if kind != FORWARD:
         if kind == DROP and len(name) == len(_PROXY_CONNECTION) and name.lower() == _PROXY_CONNECTION:
-            return DECLINED
+            return DECLINED, run_from
         value = data[value_start:value_end]
         if kind in (CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE):
-            return DECLINED
+            return DECLINED, run_from
         if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
-            return DECLINED
+            return DECLINED, run_from
         if not head.read(kind, name, value):
-            return pos + 2
-    head.header_pieces.append(_line(data, start, colon, value_start, value_end))
-    return pos + 2
-
-
-def _line(data: bytes, start: i64, colon: i64, value_start: i64, value_end: i64) -> bytes:
-    """The field line forwarded, `name: value` CRLF, as llhttp's reading of it is: sliced when it
-    came in that form (one space after the colon), else built."""
+            _end_run(data, run_from, start, head)
+            return end, end
     if value_start == colon + 2 and data[colon + 1] == 0x20:
-        return data[start : value_end + 2]
-    return b"%s: %s\r\n" % (data[start:colon], data[value_start:value_end])
+        return end, run_from  # as llhttp reads it: the run goes on
+    _end_run(data, run_from, start, head)  # llhttp's reading has one space after the colon: rebuilt
+    head.header_pieces.append(b"%s: %s\r\n" % (name, data[value_start:value_end]))
+    return end, end
+
+
+def _end_run(data: bytes, run_from: i64, stop: i64, head: RequestHead) -> None:
+    """The lines forwarded as they came, from `run_from` up to `stop`, as one piece (if any)."""
+    if run_from < stop:
+        head.header_pieces.append(data[run_from:stop])

@@ -28,7 +28,6 @@ from lbd.proxy.headers import (
     connection_tokens,
     is_chunked,
     wants_keep_alive,
-    without_named,
 )
 
 MAX_HEAD_BYTES: Final = 64 * 1024  # a server's response head, status line and fields (nginx allows 4-8 KiB)
@@ -93,12 +92,6 @@ class ResponseHead:
     def keep_alive(self, framing: int) -> bool:
         """Whether the connection can carry another request once this response has ended."""
         return framing != UNTIL_CLOSE and wants_keep_alive("1.0" if self.http10 else "1.1", self.conn_tokens)
-
-    def forwarded_without(self, names: frozenset[bytes]) -> list[bytes]:
-        """The forwarded lines minus those `Connection` names as hop-by-hop (rare: a slow path). The
-        pieces are runs of lines: cut into lines first."""
-        lines = [line + CRLF for line in b"".join(self.header_pieces).split(CRLF)[:-1]]
-        return without_named(lines, names)
 
 
 def parse_head(data: bytes) -> ResponseHead | None:
