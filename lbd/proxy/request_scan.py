@@ -20,7 +20,7 @@ from mypy_extensions import i64
 from lbd.proxy.byte_runs import visible_run_end
 from lbd.proxy.headers import CONNECTION, CONTENT_LENGTH, DROP, FORWARD, TRANSFER_ENCODING, UPGRADE, FieldKinds
 from lbd.proxy.request import RequestHead
-from lbd.proxy.response import name_end
+from lbd.proxy.response import append_run, name_end
 
 DECLINED: Final = -1
 _GET: Final = b"GET"
@@ -89,7 +89,7 @@ def scan_head(
             # limit is llhttp's to judge
             if pos + 2 - start + fields - 17 > max_bytes:
                 return DECLINED
-            _end_run(data, run_from, pos, head)
+            append_run(head.header_pieces, data, run_from, pos)
             return pos + 2
         end, run_from = _field(data, pos, size, head, kinds, run_from)
         if end < 0:
@@ -136,16 +136,10 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
         if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
             return DECLINED, run_from
         if not head.read(kind, name, value):
-            _end_run(data, run_from, start, head)
+            append_run(head.header_pieces, data, run_from, start)
             return end, end
     if value_start == colon + 2 and data[colon + 1] == 0x20:
         return end, run_from  # as llhttp reads it: the run goes on
-    _end_run(data, run_from, start, head)  # llhttp's reading has one space after the colon: rebuilt
+    append_run(head.header_pieces, data, run_from, start)  # llhttp's reading has one space after the colon: rebuilt
     head.header_pieces.append(b"%s: %s\r\n" % (name, data[value_start:value_end]))
     return end, end
-
-
-def _end_run(data: bytes, run_from: i64, stop: i64, head: RequestHead) -> None:
-    """The lines forwarded as they came, from `run_from` up to `stop`, as one piece (if any)."""
-    if run_from < stop:
-        head.header_pieces.append(data[run_from:stop])

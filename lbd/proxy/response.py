@@ -94,6 +94,13 @@ class ResponseHead:
         return framing != UNTIL_CLOSE and wants_keep_alive("1.0" if self.http10 else "1.1", self.conn_tokens)
 
 
+def append_run(pieces: list[bytes], data: bytes, start: i64, stop: i64) -> None:
+    """The header lines forwarded as they came, `data[start:stop]`, as one piece (if any): both head
+    readers keep runs of lines, not a piece per line."""
+    if start < stop:
+        pieces.append(data[start:stop])
+
+
 def parse_head(data: bytes) -> ResponseHead | None:
     """The response head at the start of `data` (the body may follow it), or None while the empty
     line ending it has not arrived. `ResponseHead.size` is its length with that line."""
@@ -123,14 +130,12 @@ def parse_head(data: bytes) -> ResponseHead | None:
             while stop > start and data[stop - 1] in (0x20, 0x09):
                 stop -= 1
             if not _take_special(parsed, kind, data, start, stop):  # the line is not forwarded
-                if kept_from < pos:
-                    pieces.append(data[kept_from:pos])
+                append_run(pieces, data, kept_from, pos)
                 kept_from = end
         pos = end
     if pos + 1 >= size:
         return None
-    if kept_from < pos:
-        pieces.append(data[kept_from:pos])
+    append_run(pieces, data, kept_from, pos)
     parsed.size = pos + 2
     if parsed.transfer_encoding is not None:
         if parsed.http10:
