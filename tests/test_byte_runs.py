@@ -1,6 +1,7 @@
-"""The word-at-a-time run scanner (lbd.proxy.byte_runs), pure: it stops exactly at the first word of
-four that holds a byte outside 0x20-0x7E, never past such a byte and never short of a whole word of
-plain text, and the compiled module agrees with its interpreted source (what LB_PURE_PYTHON=1 runs)."""
+"""The word-at-a-time scans (lbd.proxy.byte_runs), pure: the run scanner stops exactly at the first
+word of four that holds a byte outside 0x20-0x7E, never past such a byte and never short of a whole
+word of plain text; the in-place comparison agrees with comparing a slice; and the compiled module
+agrees with its interpreted source (what LB_PURE_PYTHON=1 runs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lbd.proxy.byte_runs as compiled
-from lbd.proxy.byte_runs import visible_run_end
+from lbd.proxy.byte_runs import same_at, visible_run_end
 
 SOURCE = Path(__file__).parent.parent / "lbd" / "proxy" / "byte_runs.py"
 
@@ -58,6 +59,14 @@ def test_a_run_is_bounded_by_size_not_by_the_data() -> None:
     assert visible_run_end(b"abcdefgh", 0, 7) == 4 and visible_run_end(b"abcdefgh", 2, 6) == 6
 
 
+@settings(max_examples=3000)
+@given(st.binary(max_size=20), st.binary(max_size=24), st.integers(0, 24))
+def test_comparing_in_place_is_comparing_the_slice(expected: bytes, data: bytes, start: int) -> None:
+    if start + len(expected) <= len(data):  # the caller's promise: that many bytes lie there
+        assert same_at(expected, data, start) == (data[start : start + len(expected)] == expected)
+        assert same_at(data[start : start + len(expected)], data, start)  # every length, every offset
+
+
 def test_compiled_and_interpreted_agree() -> None:
     spec = importlib.util.spec_from_file_location("pure_byte_runs", SOURCE)
     assert spec is not None and spec.loader is not None
@@ -69,3 +78,7 @@ def test_compiled_and_interpreted_agree() -> None:
         data = bytes(rng.choice(edges) if rng.random() < 0.3 else rng.randrange(0x41, 0x5B) for _ in range(12))
         pos = rng.randrange(4)
         assert pure.visible_run_end(data, pos, 12) == compiled.visible_run_end(data, pos, 12), (data, pos)
+        expected = data[pos : pos + rng.randrange(9)]
+        if rng.random() < 0.5:
+            expected = bytes(rng.choice(edges) for _ in expected)
+        assert pure.same_at(expected, data, pos) == compiled.same_at(expected, data, pos), (expected, data, pos)

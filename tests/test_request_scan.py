@@ -51,8 +51,8 @@ class LlhttpReading:
     def on_header(self, name: bytes, value: bytes) -> None:
         self.fields += 1
         self.head_bytes += len(name) + len(value) + 4
-        kind = REQUEST_KINDS.of(name)
-        if kind == FORWARD or self.head.read(kind, name, value):
+        kind = REQUEST_KINDS.of(name, 0, len(name))
+        if kind == FORWARD or self.head.read(kind, value):
             self.head.header_pieces.append(b"%s: %s\r\n" % (name, value))
 
     def on_body(self, body: bytes) -> None:

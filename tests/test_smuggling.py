@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.harness.backends import server_entry
-from tests.harness.clients import RawConnection, RawResponse, build_request, curl
+from tests.harness.clients import RawConnection, RawResponse, build_request, curl, raw_exchange
 from tests.harness.daemon import Lbd, running_lbd, wait_until
 from tests.harness.raw_backend import raw_backend
 from tests.harness.recording_backend import RecordingBackend, SeenRequest, recording_backend
@@ -108,6 +108,9 @@ REFUSED_400 = {
     "asterisk-not-options": b"GET * HTTP/1.1\r\n" + H + b"\r\n",
     "host-with-comma": b"GET /x HTTP/1.1\r\nHost: evil.example,good.example\r\nclient-id: c\r\n\r\n",
     "two-client-ids": b"GET /x HTTP/1.1\r\nHost: h\r\nclient-id: a\r\nclient-id: b\r\n\r\n",
+    "two-client-ids-spelled-apart": b"GET /x HTTP/1.1\r\nHost: h\r\nclient-id: a\r\nClient-ID: b\r\n\r\n",
+    "two-client-ids-in-a-post": post(b"CLIENT-ID: b\r\nContent-Length: 3\r\n", b"abc"),  # llhttp's path
+    "two-client-regions": b"GET /x HTTP/1.1\r\n" + H + b"client-region: a\r\nClient-Region: b\r\n\r\n",
     # llhttp parses nothing after the head of an upgrade request: a body it declares would never be
     # forwarded, and the server would read lbd's next request on that connection as that body
     "upgrade-with-length": b"GET /ws HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -276,6 +279,21 @@ def test_the_backend_sees_only_requests_the_client_sent(proxied: tuple[Lbd, Reco
     for request, body in zip(seen, probe.bodies, strict=False):
         assert request.body == body
     assert backend.protocol_errors[errors:] == []  # what lbd forwarded always parsed cleanly
+
+
+@pytest.mark.parametrize(
+    ("probe", "field"),
+    [("two-client-ids-spelled-apart", "client-id"), ("two-client-ids-in-a-post", "client-id"),
+     ("two-client-regions", "client-region")],
+)  # fmt: skip
+def test_a_routing_field_sent_twice_is_named_in_the_refusal(
+    proxied: tuple[Lbd, RecordingBackend], probe: str, field: str
+) -> None:
+    """lbd and the server could each route by a different one: refused, naming the field however it was spelled."""
+    daemon, _ = proxied
+    answer = raw_exchange(daemon.port, PROBES[probe].raw)
+    refusal = f"400 Bad Request: more than one {field} header; lbd routes by one\n"
+    assert (answer.status, answer.body.decode()) == (400, refusal)
 
 
 def test_after_proxy_connection_close_the_connection_ends(proxied: tuple[Lbd, RecordingBackend]) -> None:

@@ -1,4 +1,4 @@
-"""Runs of plain text in a head's field values, found four bytes at a time.
+"""Runs of plain text in a head's field values found, and field names compared, four bytes at a time.
 
 Compiled, every byte read from a `bytes` is a bounds-checked index, which makes a byte-at-a-time scan
 cost 10-15 instructions a byte. Field values are the longest part of a head and mostly plain text,
@@ -8,7 +8,7 @@ holds something else. (Field names are too short for this to pay: most end withi
 words are widened to 64 bits before any arithmetic, so nothing overflows and the tests mean the
 same compiled and interpreted.
 
-Pure: bytes and positions in, a position out.
+Pure: bytes and positions in, a position or a verdict out.
 """
 
 from __future__ import annotations
@@ -37,3 +37,19 @@ def visible_run_end(data: bytes, pos: i64, size: i64) -> i64:
             break
         pos += 4
     return pos
+
+
+def same_at(expected: bytes, data: bytes, start: i64) -> bool:
+    """Whether `data` holds `expected` at `start` (the caller knows it has that many bytes there):
+    compared in place, where a slice to compare would be a new bytes object."""
+    size: i64 = len(expected)
+    pos: i64 = 0
+    while pos + 4 <= size:
+        if read_i32_le(expected, pos) != read_i32_le(data, start + pos):
+            return False
+        pos += 4
+    while pos < size:
+        if expected[pos] != data[start + pos]:
+            return False
+        pos += 1
+    return True

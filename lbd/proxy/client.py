@@ -222,9 +222,9 @@ class ClientConnection(FlowControlled):
         # single read can hold bounds what is parsed before the check
         self.header_count += 1
         self.head_bytes += len(name) + len(value) + 4
-        kind = self.kinds.of(name)
+        kind = self.kinds.of(name, 0, len(name))
         head = self.head
-        if kind == FORWARD or head.read(kind, name, value):
+        if kind == FORWARD or head.read(kind, value):
             head.header_pieces.append(b"%s: %s\r\n" % (name, value))  # forwarded as it came
 
     def on_headers_complete(self) -> None:

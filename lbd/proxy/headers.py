@@ -8,6 +8,10 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Final
 
+from mypy_extensions import i64
+
+from lbd.proxy.byte_runs import same_at
+
 # What lbd does with a header, by its lower-cased name; a name not listed is forwarded as it came.
 # Headers are gathered as they are parsed into flat lists of pieces (name, ": ", value, CRLF), so a
 # message's head is built with one join and no header is looked at twice.
@@ -55,23 +59,26 @@ class FieldKinds:
     """What lbd does with a field, by its name as the peer spells it.
 
     Peers repeat their spellings, so each is lower-cased and looked up once, then remembered by its
-    length: a name is compared with the few spellings of its length seen before (no hashing, which
-    a dict lookup does on every new bytes object). Bounded per length, so a peer inventing names
-    costs only the slower lookup, never memory nor a longer scan.
+    length: a name is compared in place, where it lies in the head, with the few spellings of its
+    length seen before (no slice of it, and no hashing, which a dict lookup does on every new bytes
+    object). Bounded per length, so a peer inventing names costs only the slower lookup, never
+    memory nor a longer scan.
     """
 
     def __init__(self, kinds: dict[bytes, int]) -> None:
         self.kinds = kinds
         self.by_length: list[list[tuple[bytes, int]]] = [[] for _ in range(REMEMBERED_LENGTHS)]
 
-    def of(self, name: bytes) -> int:
-        length = len(name)
+    def of(self, data: bytes, start: i64, stop: i64) -> int:
+        """The kind of the field named `data[start:stop]`."""
+        length = stop - start
         if length >= REMEMBERED_LENGTHS:
-            return self.kinds.get(name.lower(), FORWARD)
+            return self.kinds.get(data[start:stop].lower(), FORWARD)
         seen = self.by_length[length]
         for spelling, kind in seen:
-            if spelling == name:
+            if same_at(spelling, data, start):
                 return kind
+        name = data[start:stop]
         kind = self.kinds.get(name.lower(), FORWARD)
         if len(seen) < SPELLINGS_PER_LENGTH:
             seen.append((name, kind))

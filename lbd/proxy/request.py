@@ -40,6 +40,8 @@ from lbd.proxy.headers import (
 # time it is processed, so it is never sent twice (retry.py)
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 X_FORWARDED_PROTO_LINE: Final = b"X-Forwarded-Proto: http\r\n"  # the plain listener's; TLS: lbd/tls.py
+CLIENT_ID_NAME: Final = b"client-id"  # as a refusal of a routing field sent twice names it
+CLIENT_REGION_NAME: Final = b"client-region"
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
@@ -126,20 +128,20 @@ class RequestHead:
         self.idempotent = True
         self.keep_alive = True
 
-    def read(self, kind: int, name: bytes, value: bytes) -> bool:
+    def read(self, kind: int, value: bytes) -> bool:
         """Take what lbd needs of a field it reads, rewrites or drops (`headers.REQUEST_HEADERS`);
         True when the field is also forwarded, as `name: value`, which the caller appends as it
         appends a FORWARD field. Host and the framing fields are written by lbd itself
-        (`upstream_head`), never forwarded as they came."""
+        (`upstream_head`), never forwarded as they came. (The name is not needed: its kind says it.)"""
         # llhttp strips the whitespace before a value but keeps the whitespace after it, which is not
         # part of the value either (RFC 9110 §5.5)
         if kind == CLIENT_ID:
             if self.client_id is not None:
-                self.duplicated = name
+                self.duplicated = CLIENT_ID_NAME
             self.client_id = _trimmed(value)
         elif kind == CLIENT_REGION:
             if self.client_region is not None:
-                self.duplicated = name
+                self.duplicated = CLIENT_REGION_NAME
             self.client_region = _trimmed(value)
         elif kind == COOKIE:
             self.cookie = value if self.cookie is None else self.cookie + b"; " + value

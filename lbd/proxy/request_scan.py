@@ -125,21 +125,20 @@ def _field(data: bytes, start: i64, size: i64, head: RequestHead, kinds: FieldKi
     if pos + 1 >= size or data[pos] != 0x0D or data[pos + 1] != 0x0A:
         return DECLINED, run_from
     end = pos + 2
-    name = data[start:colon]
-    kind = kinds.of(name)
+    kind = kinds.of(data, start, colon)
     if kind != FORWARD:
-        if kind == DROP and len(name) == len(_PROXY_CONNECTION) and name.lower() == _PROXY_CONNECTION:
+        if kind == DROP and colon - start == len(_PROXY_CONNECTION) and data[start:colon].lower() == _PROXY_CONNECTION:
             return DECLINED, run_from
         value = data[value_start:value_end]
         if kind in (CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE):
             return DECLINED, run_from
         if kind == CONNECTION and value not in _KEEP_ALIVE_VALUES:
             return DECLINED, run_from
-        if not head.read(kind, name, value):
+        if not head.read(kind, value):
             append_run(head.header_pieces, data, run_from, start)
             return end, end
     if value_start == colon + 2 and data[colon + 1] == 0x20:
         return end, run_from  # as llhttp reads it: the run goes on
     append_run(head.header_pieces, data, run_from, start)  # llhttp's reading has one space after the colon: rebuilt
-    head.header_pieces.append(b"%s: %s\r\n" % (name, data[value_start:value_end]))
+    head.header_pieces.append(b"%s: %s\r\n" % (data[start:colon], data[value_start:value_end]))
     return end, end

@@ -121,7 +121,7 @@ def parse_head(data: bytes) -> ResponseHead | None:
         if end < 0:
             return None
         length = colon - pos
-        kind = RESPONSE_KINDS.of(data[pos:colon]) if length < 32 and _SPECIAL_LENGTH[length] else FORWARD
+        kind = RESPONSE_KINDS.of(data, pos, colon) if length < 32 and _SPECIAL_LENGTH[length] else FORWARD
         if kind != FORWARD:
             start: i64 = colon + 1  # the value, without the whitespace around it
             stop: i64 = end - 2
