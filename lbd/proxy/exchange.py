@@ -389,8 +389,7 @@ class Exchange:
 
     def client_lagging(self) -> bool:
         """The client still has bytes queued (a view of the shared read buffer would pin it)."""
-        transport = self.client.transport
-        return transport is not None and transport.get_write_buffer_size() > 0
+        return self.client.queued() > 0
 
     def gather_client_writes(self) -> bool:
         """What one upstream read makes lbd write to the client leaves in one write; False when an
@@ -407,8 +406,7 @@ class Exchange:
     def splice_target(self) -> int:
         """The client socket's descriptor, for moving a body to it in the kernel; negative when it
         cannot take one now (closing, or an encrypting transport)."""
-        transport = self.client.transport
-        if transport is None or transport.is_closing():
+        if not self.client.writable():
             return -1
         return self.client.socket_fd()
 

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 
 PEER_WRITE_FULL: Final = 1  # the other side's socket buffer is above its high-water mark
 BUFFER_FULL: Final = 2  # request bytes are queued in memory, waiting for an upstream connection
@@ -31,11 +32,33 @@ class FlowControlled:
     transport: asyncio.Transport | None = None
     held_by = 0  # the reasons reading is paused for (hot paths test it before calling `release`)
     _corked = False  # writes are being gathered
+    # the transport's methods every request calls, bound once (set with `transport`): a method called
+    # by name is looked up on the transport's type at every call
+    _send: Callable[[bytes | memoryview], None]
+    _closing: Callable[[], bool]
+    _queued: Callable[[], int]
 
     def __init__(self) -> None:
         # the writes gathered while corked: one list per connection, emptied by each flush (a list made
         # per cork was two allocations per small request)
         self._gathered: list[bytes | memoryview] = []
+
+    def attach(self, transport: asyncio.BaseTransport) -> asyncio.Transport:
+        """Take the connection's transport (at `connection_made`)."""
+        attached = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self._send = attached.write
+        self._closing = attached.is_closing
+        self._queued = attached.get_write_buffer_size
+        self.transport = attached
+        return attached
+
+    def writable(self) -> bool:
+        """Open and not closing: what is written will be sent."""
+        return self.transport is not None and not self._closing()
+
+    def queued(self) -> int:
+        """The bytes written and not yet sent (held by the transport)."""
+        return 0 if self.transport is None else self._queued()
 
     def eof_received(self) -> bool | None:
         """The peer's FIN: let the transport close (a half-closed proxy connection is not kept)."""
@@ -45,7 +68,7 @@ class FlowControlled:
         if self._corked:
             self._gathered.append(data)
         elif self.transport is not None:
-            self.transport.write(data)
+            self._send(data)
 
     def cork(self) -> bool:
         """Start gathering writes; False if already corked (the outer caller will flush)."""
@@ -62,8 +85,7 @@ class FlowControlled:
         gathered = self._gathered
         if not gathered:
             return
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if not self.writable():
             gathered.clear()
             return
         size = 0
@@ -72,11 +94,11 @@ class FlowControlled:
         if size >= JOIN_BELOW:
             pieces = gathered.copy()
             gathered.clear()
-            transport.writelines(pieces)  # one writev: a large body is not copied into a join
+            cast(asyncio.Transport, self.transport).writelines(pieces)  # one writev: a large body is not joined
             return
         data = gathered[0] if len(gathered) == 1 and type(gathered[0]) is bytes else b"".join(gathered)
         gathered.clear()
-        transport.write(data)  # written at once (uvloop queues writelines)
+        self._send(data)  # written at once (uvloop queues writelines)
 
     def drop_corked(self) -> None:
         """Forget the writes gathered since `cork` (they must not leave); the outer flush sends nothing."""
@@ -96,16 +118,16 @@ class FlowControlled:
             self.transport.abort()
 
     def hold(self, reason: int) -> None:
-        if not self.held_by and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+        if not self.held_by and self.writable():
+            cast(asyncio.Transport, self.transport).pause_reading()
         self.held_by |= reason
 
     def release(self, reason: int) -> None:
         if not self.held_by & reason:
             return
         self.held_by &= ~reason
-        if not self.held_by and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if not self.held_by and self.writable():
+            cast(asyncio.Transport, self.transport).resume_reading()
 
     @property
     def held(self) -> bool:

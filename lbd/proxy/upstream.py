@@ -98,7 +98,7 @@ class UpstreamConnection(FlowControlled):
     # --- asyncio.BufferedProtocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.attach(transport)
         sock = transport.get_extra_info("socket")
         if TCP_QUICKACK and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             self.tcp_socket = sock
@@ -328,8 +328,7 @@ class UpstreamConnection(FlowControlled):
     @property
     def usable(self) -> bool:
         """Open, as far as lbd knows: no close seen from either side."""
-        transport = self.transport
-        return transport is not None and not transport.is_closing() and not self.lost
+        return self.writable() and not self.lost
 
     def tunnel_to(self, peer: asyncio.Transport | None) -> None:
         """The server switched protocols: what it sends from now on goes to `peer` unparsed."""
