@@ -154,17 +154,23 @@ class Registry:
             server.state.draining = draining
         return server
 
-    def record_outcome(self, server: Server, outcome: Outcome, latency_s: float | None) -> None:
-        """The proxy's report on one forwarded request; `latency_s` is time to response headers."""
+    def record_outcome(self, server: Server, outcome: Outcome, latency_s: float | None, answered_at: float) -> None:
+        """The proxy's report on one forwarded request; `latency_s` is time to response headers, which
+        came at `answered_at` (monotonic; the proxy's own reading, so a request costs no clock read here)."""
         state = server.state
         if latency_s is not None:
             latency: float = latency_s  # unboxed once: a float | None is a Python object
-            self._observe_latency(server, latency * 1000.0, monotonic())
+            self._observe_latency(server, latency * 1000.0, answered_at)
             state.latency_buckets[latency_bucket(latency)] += 1
             state.latency_sum_s += latency
         if outcome is Outcome.OK:
             state.passive_failures = 0
             return
+        self._record_failure(server, outcome)
+
+    def _record_failure(self, server: Server, outcome: Outcome) -> None:
+        """Apart from `record_outcome`: its closure costs an allocation, which a success never pays."""
+        state = server.state
         if outcome.is_error:
             state.errors += 1
         transition = machine.after_outcome(state, outcome, monotonic(), self.health, lambda: self._may_eject(server))

@@ -8,6 +8,7 @@ import http.client
 from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
+from time import monotonic
 
 import pytest
 from hypothesis import given
@@ -192,8 +193,8 @@ def test_histogram_buckets_follow_le_and_registry_is_private() -> None:
         server = registry.get("a")
         assert server is not None
         for latency in (0.001, 0.0011, 0.25, 20.0):
-            registry.record_outcome(server, Outcome.OK, latency)
-        registry.record_outcome(server, Outcome.CONNECT_FAILED, None)  # no response: no observation
+            registry.record_outcome(server, Outcome.OK, latency, monotonic())
+        registry.record_outcome(server, Outcome.CONNECT_FAILED, None, monotonic())  # no response: no observation
         proxy.count_response(200, server)
         proxy.count_response(502, server)
         proxy.count_response(400, None)

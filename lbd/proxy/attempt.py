@@ -31,6 +31,10 @@ class Attempt:
     def responded(self, now: float) -> None:
         self.latency_s = now - self.started_at
 
+    def answered_at(self) -> float:
+        """When the response head came (meaningless before it did)."""
+        return self.started_at if self.latency_s is None else self.started_at + self.latency_s
+
     def settle(self, registry: Registry, outcome: Outcome | None) -> None:
         """End the attempt (once; later calls do nothing). `outcome` None: not the server's doing
         (a pooled connection it had closed), so its health learns nothing."""
@@ -39,13 +43,13 @@ class Attempt:
         self.settled = True
         self.server.state.active -= 1
         if outcome is not None:
-            registry.record_outcome(self.server, outcome, self.latency_s)
+            registry.record_outcome(self.server, outcome, self.latency_s, self.answered_at())
 
     def settle_into_tunnel(self, registry: Registry) -> None:
         """The server switched protocols: the request succeeded, and the connection stays active."""
         if not self.settled:
             self.settled = self.holds_tunnel = True
-            registry.record_outcome(self.server, Outcome.OK, self.latency_s)
+            registry.record_outcome(self.server, Outcome.OK, self.latency_s, self.answered_at())
 
     def tunnel_closed(self) -> None:
         if self.holds_tunnel:

@@ -353,8 +353,8 @@ class ClientConnection(FlowControlled):
         if self.feeding and upstream.cork():
             self.gathering.append(upstream)
 
-    def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
-        """The response is complete: serve the next pipelined request, or close."""
+    def exchange_finished(self, exchange: Exchange, keep_alive: bool, now: float) -> None:
+        """The response is complete (at `now`): serve the next pipelined request, or close."""
         if exchange is not self.active:
             return
         self.active = None
@@ -366,7 +366,7 @@ class ClientConnection(FlowControlled):
         if not keep_alive or self.closing or self.upgrading is exchange or (self.half_closed and not self.queue):
             self.close()
             return
-        self.idle_since = monotonic()
+        self.idle_since = now
         if self.queue:
             following = self.queue.popleft()
             if len(self.queue) < MAX_PIPELINED:

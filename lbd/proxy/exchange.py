@@ -316,11 +316,12 @@ class Exchange:
 
     # --- response side, fed by the upstream connection ---------------------------------------
 
-    def response_head(self, head: ResponseHead, framing: int) -> int:
-        """Send the response head on to the client, framed for it (framing.py); returns those flags."""
+    def response_head(self, head: ResponseHead, framing: int, now: float) -> int:
+        """Send the response head, which came at `now`, on to the client, framed for it (framing.py);
+        returns those flags."""
         attempt = self.attempt
         assert attempt is not None
-        attempt.responded(monotonic())
+        attempt.responded(now)
         self.response_started = True
         self.status = status = head.status
         framing_lines = b""  # how the client is told where the body ends, and whether the connection stays
@@ -366,7 +367,7 @@ class Exchange:
         if self.request.version == "1.1":
             self._to_client(_response_head_bytes(head, b""))
 
-    def response_complete(self, upstream_keep_alive: bool) -> None:
+    def response_complete(self, upstream_keep_alive: bool, now: float) -> None:
         if self.finished:
             return
         if self.flags & CHUNK_FOR_CLIENT:
@@ -375,15 +376,15 @@ class Exchange:
         self.upstream = None
         if connection is not None:
             if upstream_keep_alive and self.request_complete:
-                self.ctx.pool.release(connection)
+                self.ctx.pool.release(connection, now)
             else:
                 connection.exchange = None
                 connection.close()
-        self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK, accesslog.COMPLETE)
+        self._finish(Outcome.STATUS_5XX if self.status >= 500 else Outcome.OK, accesslog.COMPLETE, now)
 
-    def server_sent(self) -> None:
-        """The server is not silent: its deadline restarts."""
-        self.last_activity = monotonic()
+    def server_sent(self, now: float) -> None:
+        """The server is not silent (it sent something at `now`): its deadline restarts."""
+        self.last_activity = now
 
     # --- what the upstream connection may ask of the client side ------------------------------
 
@@ -417,7 +418,7 @@ class Exchange:
         if self.finished:
             return
         if self.response_started and self.framing == UNTIL_CLOSE:
-            self.response_complete(False)  # the body's end was the connection's end
+            self.response_complete(False, monotonic())  # the body's end was the connection's end
         elif self.response_started:
             self._abort(Outcome.RESET, accesslog.SERVER_CLOSED)
         else:
@@ -522,7 +523,7 @@ class Exchange:
         self.close_after = self.close_after or close
         self.status = status
         self._to_client(simple_response(status, text, close))
-        self._finish(outcome, termination)
+        self._finish(outcome, termination, monotonic())
 
     # --- timing -----------------------------------------------------------------------------------
 
@@ -632,9 +633,10 @@ class Exchange:
         self.ctx.count_response(self.status, None if attempt is None else attempt.server)
         self.log(termination)
 
-    def _finish(self, outcome: Outcome, termination: str) -> None:
+    def _finish(self, outcome: Outcome, termination: str, now: float) -> None:
+        """Settle the books, then hand the client connection back (idle from `now`)."""
         self._account(outcome, termination)
-        self.client.exchange_finished(self, self.request.keep_alive and not self.close_after)
+        self.client.exchange_finished(self, self.request.keep_alive and not self.close_after, now)
 
     def log(self, termination: str) -> None:
         """Hand this request's access-log entry over, when the log is on and sampling keeps it: plain

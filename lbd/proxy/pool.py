@@ -68,8 +68,8 @@ class UpstreamPool:
                 return connection
         return None
 
-    def release(self, connection: UpstreamConnection) -> None:
-        """Keep a connection whose exchange ended cleanly; close it if the pool is full."""
+    def release(self, connection: UpstreamConnection, now: float) -> None:
+        """Keep a connection whose exchange ended cleanly (at `now`); close it if the pool is full."""
         connection.exchange = None
         connection.release(PEER_WRITE_FULL)
         idle = self._idle.get(connection.server.id)
@@ -78,7 +78,7 @@ class UpstreamPool:
         if len(idle) >= MAX_IDLE_PER_SERVER or connection.lost:
             connection.close()
             return
-        connection.idle_since = monotonic()
+        connection.idle_since = now
         idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:

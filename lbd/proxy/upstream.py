@@ -11,6 +11,7 @@ import contextlib
 import socket
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from lbd.clock import monotonic
 from lbd.models import Server
 from lbd.proxy.flow import FlowControlled, hold_peer
 from lbd.proxy.framing import DECHUNK
@@ -123,6 +124,7 @@ class UpstreamConnection(FlowControlled):
             # A server may not speak unasked; whatever this is, the connection cannot be trusted.
             self.close()
             return
+        now = monotonic()  # one reading serves the read: the answer's time, the server's silence, the idle clocks
         started = exchange.response_started
         gathered = exchange.gather_client_writes()  # the head and body this read carries leave in one write
         self.shared_views_sent = False
@@ -131,10 +133,10 @@ class UpstreamConnection(FlowControlled):
                 buf = bytearray(self.head_start) + buf[:nbytes]  # owned: views of it can be kept
                 self.head_start = b""
                 self.views = VIEWS_OF_OWNED
-                self._consume(exchange, buf, memoryview(buf), len(buf))
+                self._consume(exchange, buf, memoryview(buf), len(buf), now)
             else:
                 self.views = VIEWS_UNASKED  # most reads (a small response, copied to parse) forward none
-                self._consume(exchange, buf, pool.read_view, nbytes)
+                self._consume(exchange, buf, pool.read_view, nbytes, now)
         except BadResponse as bad:
             self.broken = True
             if not self.done:
@@ -156,14 +158,14 @@ class UpstreamConnection(FlowControlled):
             self._splice(exchange)  # the read filled the head buffer: more of the body is waiting
         if self.done:
             self.done = False
-            exchange.response_complete(self.keep_alive and not self.broken)
+            exchange.response_complete(self.keep_alive and not self.broken, now)
             return
-        exchange.server_sent()
+        exchange.server_sent(now)
         if self.tcp_socket is not None:
             self._acknowledge_now()
 
-    def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int) -> None:
-        """Handle `buf[:end]`: heads are parsed, body bytes forwarded (views of `buf`, or copies)."""
+    def _consume(self, exchange: Exchange, buf: bytearray, view: memoryview, end: int, now: float) -> None:
+        """Handle `buf[:end]`, read at `now`: heads are parsed, body bytes forwarded (views of `buf`, or copies)."""
         pos = 0
         while pos < end:
             framing = self.framing
@@ -171,7 +173,7 @@ class UpstreamConnection(FlowControlled):
                 self.broken = True  # bytes after the response: the server is out of step
                 return
             if framing == HEAD:
-                pos = self._head(exchange, buf, view, pos, end)
+                pos = self._head(exchange, buf, view, pos, end, now)
                 if pos < 0:
                     return
             elif framing == LENGTH:
@@ -192,7 +194,7 @@ class UpstreamConnection(FlowControlled):
                 self._forward(exchange, view, pos, end)
                 pos = end
 
-    def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int) -> int:
+    def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int, now: float) -> int:
         """Parse a head at `pos`; the position after it, or -1 when the read is used up (or tunnelled)."""
         if end - pos <= SMALL_READ_BYTES and buf is self.pool.read_buffer:
             # a small read, likely a whole response: parsed from one copy, with no search first (a head
@@ -222,12 +224,12 @@ class UpstreamConnection(FlowControlled):
                 raise BadResponse("101 Switching Protocols to a request that did not ask to upgrade")
             if not upgrade_offered(offered, head.upgrade):
                 raise BadResponse("101 Switching Protocols to a protocol the request did not offer")
-            exchange.response_head(head, NO_BODY)
+            exchange.response_head(head, NO_BODY, now)
             exchange.start_tunnel(bytes(view[pos:end]))
             return -1
         framing = head.framing(exchange.request.is_head)
         self.keep_alive = head.keep_alive(framing)
-        flags = exchange.response_head(head, framing)
+        flags = exchange.response_head(head, framing, now)
         if framing == NO_BODY:
             self.done = True
         elif framing == LENGTH:
