@@ -35,13 +35,30 @@ NGINX_HEAD = (
 def test_a_typical_head() -> None:
     head = parse_head(NGINX_HEAD + b"body bytes")
     assert head is not None
-    assert (head.status, head.reason, head.http10, head.size) == (200, b"OK", False, len(NGINX_HEAD))
+    assert (head.status, head.line, head.http10, head.size) == (200, b"HTTP/1.1 200 OK\r\n", False, len(NGINX_HEAD))
     assert head.content_length == 65536 and head.framing(answers_head=False) == LENGTH
     assert head.conn_tokens == {b"keep-alive"} and head.keep_alive(LENGTH)
     # forwarded as the server wrote them, minus the hop-by-hop Connection line
     assert b"".join(head.header_pieces) == NGINX_HEAD.split(b"\r\n", 1)[1].replace(
         b"Connection: keep-alive\r\n", b""
     ).removesuffix(b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "forwarded"),
+    [
+        (b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"),  # as it came
+        (b"HTTP/1.1 404 Gone Fishing", b"HTTP/1.1 404 Gone Fishing"),
+        (b"HTTP/1.0 200 OK", b"HTTP/1.1 200 OK"),  # lbd speaks HTTP/1.1 to its clients
+        (b"HTTP/1.1 200", b"HTTP/1.1 200 OK"),  # no reason: the standard one
+        (b"HTTP/1.1 503 ", b"HTTP/1.1 503 Service Unavailable"),
+        (b"HTTP/1.1 599", b"HTTP/1.1 599 Unknown"),
+        (b"HTTP/1.0 204 Empty", b"HTTP/1.1 204 Empty"),
+    ],
+)
+def test_the_status_line_forwarded_is_http11_with_a_reason(line: bytes, forwarded: bytes) -> None:
+    head = parse_head(line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert head is not None and head.line == forwarded + b"\r\n"
 
 
 def test_every_prefix_of_a_head_is_incomplete_not_an_error() -> None:

@@ -38,7 +38,6 @@ from lbd.proxy.headers import (
     merged_line,
     named_hop_by_hop,
     simple_response,
-    status_line,
     without_named,
 )
 from lbd.proxy.request import Replay, RequestHead, cookie_value
@@ -677,7 +676,7 @@ def _response_head_bytes(head: ResponseHead, lbd_lines: bytes) -> bytes:
         pieces = without_named(pieces, named)
     fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     via = VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)
-    return b"%s%s%s%s\r\n" % (status_line(head.status, head.reason), fields, via, lbd_lines)
+    return b"%s%s%s%s\r\n" % (head.line, fields, via, lbd_lines)
 
 
 def _upstream_termination(outcome: Outcome) -> str:

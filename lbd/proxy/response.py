@@ -27,6 +27,7 @@ from lbd.proxy.headers import (
     VIA,
     connection_tokens,
     is_chunked,
+    status_line,
     wants_keep_alive,
 )
 
@@ -63,9 +64,9 @@ class BadResponse(Exception):
 class ResponseHead:
     """A parsed status line and header section: what lbd forwards, and what decides the framing."""
 
-    def __init__(self, status: int, reason: bytes, http10: bool) -> None:
+    def __init__(self, status: int, line: bytes, http10: bool) -> None:
         self.status = status
-        self.reason = reason
+        self.line = line  # the status line lbd forwards, with its CRLF (always HTTP/1.1, never without a reason)
         self.http10 = http10
         self.size = 0  # bytes of the head, with the empty line that ends it
         # the forwarded fields as runs of whole lines, as the server wrote them (hop-by-hop ones cut out)
@@ -180,7 +181,8 @@ def _line_end(data: bytes, start: i64) -> i64:
 
 def _status_line(data: bytes, end: i64) -> ResponseHead:
     """`HTTP/1.x SSS reason` in `data[:end]`; the reason may be empty, and so may the space before
-    it. Read in place, byte by byte: only the reason is copied out."""
+    it. Read in place, byte by byte. The commonest line, HTTP/1.1 with a reason, is forwarded as it
+    came (one slice); any other is rebuilt as lbd's HTTP/1.1 line for that status and reason."""
     if (
         end < 12
         or data[0] != 0x48  # H
@@ -199,8 +201,10 @@ def _status_line(data: bytes, end: i64) -> ResponseHead:
     status = (data[9] - 0x30) * 100 + (data[10] - 0x30) * 10 + data[11] - 0x30
     if status < 100 or status > 599:
         raise BadResponse(f"status {status} is outside 100-599")
+    if end > 13 and data[7] == 0x31:
+        return ResponseHead(status, data[: end + 2], False)
     reason = data[13:end] if end > 13 else b""  # (compiled, a slice that ends before it starts is an error)
-    return ResponseHead(status, reason, data[7] == 0x30)
+    return ResponseHead(status, status_line(status, reason), data[7] == 0x30)
 
 
 def _take_special(parsed: ResponseHead, kind: int, head: bytes, start: i64, stop: i64) -> bool:
