@@ -235,11 +235,9 @@ class RequestHead:
             framing = b"Content-Length: %d\r\n" % self.content_length
         else:
             framing = b""
-        # the fixed parts are each built in one step (compiled, bytes formatting sums the sizes, then
-        # copies), so the join over the forwarded lines, which costs per item, has few items
-        authority = b"%s:%d" % (server.spec.host.encode(), server.spec.port) if host is None else host
-        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (self.method, self.url, authority)]
-        parts.extend(pieces)
+        # the head is built in one step (compiled, bytes formatting sums the sizes, then copies);
+        # the forwarded lines are one run or few
+        fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         forwarded_for = (
             forwarded_for_line
             if self.forwarded_for is None
@@ -247,13 +245,14 @@ class RequestHead:
         )
         via = VIA_LINE if self.via is None else merged_line(b"Via", self.via, VIA_VALUE)
         upgrade = b"" if self.upgrade is None else b"Connection: upgrade\r\nUpgrade: %s\r\n" % self.upgrade
-        if host is None:
-            parts.append(b"%s%s%s%s%s\r\n" % (forwarded_for, proto_lines, via, framing, upgrade))
-        else:  # X-Forwarded-Host formatted in the same step
-            parts.append(
-                b"%s%sX-Forwarded-Host: %s\r\n%s%s%s\r\n" % (forwarded_for, proto_lines, host, via, framing, upgrade)
-            )
-        return b"".join(parts)
+        if host is None:  # Host: the server's address
+            return b"%s %s HTTP/1.1\r\nHost: %s:%d\r\n%s%s%s%s%s%s\r\n" % (
+                self.method, self.url, server.spec.host.encode(), server.spec.port,
+                fields, forwarded_for, proto_lines, via, framing, upgrade,
+            )  # fmt: skip
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s%sX-Forwarded-Host: %s\r\n%s%s%s\r\n" % (
+            self.method, self.url, host, fields, forwarded_for, proto_lines, host, via, framing, upgrade
+        )  # fmt: skip
 
 
 class Replay:
