@@ -1,4 +1,4 @@
-"""The pure header helpers the proxy forwards and checks with (lbd.proxy.headers, valid_host)."""
+"""The pure header helpers the proxy forwards and checks with (lbd.proxy.headers, valid_host, region_name)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lbd.proxy.headers import (
     named_hop_by_hop,
     without_named,
 )
+from lbd.proxy.exchange import MAX_REMEMBERED_REGIONS, region_name
 from lbd.proxy.request import valid_host
 
 NAMES = st.sampled_from([b"close", b"keep-alive", b"upgrade", b"x-secret", b"te", b"content-length", b"host"])
@@ -41,6 +42,12 @@ def test_remembered_hosts_never_change_the_verdict(hosts: list[bytes]) -> None:
     allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%:[]"
     for host in hosts:  # in any order: the memo of the last valid host and the set of them
         assert valid_host(host) == (not host.translate(None, allowed)), host
+
+
+@given(st.lists(st.sampled_from([b"us-east", b"eu-west", b"US-EAST"]) | st.binary(max_size=12), max_size=40))
+def test_a_region_is_its_value_decoded_whatever_was_remembered(values: list[bytes]) -> None:
+    for value in [*values, *(b"r%d" % n for n in range(MAX_REMEMBERED_REGIONS + 2)), *values]:  # past the bound too
+        assert region_name(value) == value.decode("latin-1"), value
 
 
 def test_connection_values_are_read_whatever_their_case() -> None:

@@ -57,6 +57,8 @@ CHUNK_END: Final = b"0\r\n\r\n"
 # the client gets a 502. An older connection might be one the server is closing just now; a new one
 # is opened instead.
 ANY_IDLE: Final = float("inf")
+MAX_REMEMBERED_REGIONS: Final = 256
+_REGION_NAMES: Final[dict[bytes, str]] = {}  # client-region values as decoded (region_name)
 
 
 class Exchange:
@@ -245,7 +247,7 @@ class Exchange:
 
     def _region(self) -> str | None:
         region = self.request.client_region
-        return None if region is None else region.decode("latin-1")
+        return None if region is None else region_name(region)
 
     def _refuse(self, status: int, text: str, termination: str) -> None:
         """Answer without a server. A bodiless request is answered once fully read, keeping the
@@ -665,6 +667,17 @@ class Exchange:
                 self.connected_at - began if self.connected_at else -1.0, ttfb_s, ended - began, termination,
             )
         )  # fmt: skip
+
+
+def region_name(value: bytes) -> str:
+    """A `client-region` value as the balancer names regions. Clients send few regions, again and
+    again: each is decoded once and remembered (up to a bound), its hash then computed once too."""
+    name = _REGION_NAMES.get(value)
+    if name is None:
+        name = value.decode("latin-1")
+        if len(_REGION_NAMES) < MAX_REMEMBERED_REGIONS:
+            _REGION_NAMES[value] = name
+    return name
 
 
 def _response_head_bytes(head: ResponseHead, lbd_lines: bytes) -> bytes:
