@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lbd.proxy.exchange import MAX_REMEMBERED_REGIONS, region_name
 from lbd.proxy.headers import (
     CONNECTION_OPTIONS,
     FORWARD,
@@ -15,7 +16,6 @@ from lbd.proxy.headers import (
     named_hop_by_hop,
     without_named,
 )
-from lbd.proxy.exchange import MAX_REMEMBERED_REGIONS, region_name
 from lbd.proxy.request import valid_host
 
 NAMES = st.sampled_from([b"close", b"keep-alive", b"upgrade", b"x-secret", b"te", b"content-length", b"host"])

@@ -669,14 +669,30 @@ class Exchange:
         )  # fmt: skip
 
 
+class _LastRegion:
+    __slots__ = ("name", "value")
+
+    def __init__(self) -> None:
+        self.value = b""
+        self.name = ""
+
+
+_LAST_REGION: Final = _LastRegion()
+
+
 def region_name(value: bytes) -> str:
     """A `client-region` value as the balancer names regions. Clients send few regions, again and
-    again: each is decoded once and remembered (up to a bound), its hash then computed once too."""
+    again: each is decoded once and remembered (up to a bound), its hash then computed once too; the
+    last one is compared before any lookup (which hashes the new bytes)."""
+    last = _LAST_REGION
+    if value == last.value:
+        return last.name
     name = _REGION_NAMES.get(value)
     if name is None:
         name = value.decode("latin-1")
         if len(_REGION_NAMES) < MAX_REMEMBERED_REGIONS:
             _REGION_NAMES[value] = name
+    last.value, last.name = value, name
     return name
 
 
