@@ -55,8 +55,11 @@ class DeadlineWheel:
         returns the new handle, 0 when none."""
         if handle:
             bucket = self._last_bucket if handle == self._last_tick else self._buckets.get(handle)
-            if bucket is not None and item in bucket:
-                del bucket[item]
+            if bucket is not None:
+                try:  # noqa: SIM105 (compiled, a try costs nothing; contextlib.suppress is a call and a context)
+                    del bucket[item]  # one look-up: `in` first would hash and search twice
+                except KeyError:
+                    pass  # already fired, its bucket made anew since
         return 0 if when is None else self.arm(item, when)
 
     def _run(self) -> None:
