@@ -133,6 +133,27 @@ def test_a_head_and_body_arriving_a_few_bytes_at_a_time() -> None:
         assert backend.connection_of(b"GET /a HTTP/1.1") == backend.connection_of(b"GET /b HTTP/1.1")
 
 
+SMALL_WHOLE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"
+
+
+@pytest.mark.parametrize(
+    ("version", "lbd_lines"), [("HTTP/1.1", b""), ("HTTP/1.0", b"Connection: close\r\n")]
+)  # fmt: skip
+def test_a_small_response_read_whole_reaches_the_client_byte_for_byte(version: str, lbd_lines: bytes) -> None:
+    """Its body leaves with its head in one piece: the client gets exactly the server's status line
+    and fields, lbd's Via and framing lines, then the body and nothing more, and both connections
+    stay in step for the next request."""
+    expected = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nVia: 1.1 lbd\r\n" + lbd_lines + b"\r\nhello"
+    with behind_lbd(answering(repeat([SMALL_WHOLE]))) as (backend, client):
+        if version == "HTTP/1.0":
+            assert client.get("/a", version).read_to_eof() == expected
+            return
+        for path in ("/a", "/b"):
+            assert client.get(path).read_exact(len(expected)) == expected
+        assert client.connection.still_open() and client.connection.buffer == b""
+        assert backend.connection_of(b"GET /a HTTP/1.1") == backend.connection_of(b"GET /b HTTP/1.1")
+
+
 CHUNKED_WITH_TRAILERS = [
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n",
     b"5;name=value\r\nhel",

@@ -317,9 +317,10 @@ class Exchange:
 
     # --- response side, fed by the upstream connection ---------------------------------------
 
-    def response_head(self, head: ResponseHead, framing: int, now: float) -> int:
-        """Send the response head, which came at `now`, on to the client, framed for it (framing.py);
-        returns those flags."""
+    def response_head(self, head: ResponseHead, framing: int, now: float, body: bytes) -> int:
+        """Send the response head, which came at `now`, on to the client, framed for it (framing.py),
+        with `body` (a whole Content-Length body that came in the same read; empty otherwise) in the
+        same piece; returns those flags."""
         attempt = self.attempt
         assert attempt is not None
         attempt.responded(now)
@@ -345,7 +346,7 @@ class Exchange:
                 framing_lines += b"Connection: keep-alive\r\n"
         self.framing = framing
         self.flags = flags
-        self._to_client(_response_head_bytes(head, framing_lines + self.set_cookie))
+        self._to_client(_response_head_bytes(head, framing_lines + self.set_cookie, body))
         return flags
 
     def response_body(self, body: bytes | memoryview) -> None:
@@ -366,7 +367,7 @@ class Exchange:
     def interim_response(self, head: ResponseHead) -> None:
         """Relay 100 Continue / 103 Early Hints (HTTP/1.0 clients do not understand them)."""
         if self.request.version == "1.1":
-            self._to_client(_response_head_bytes(head, b""))
+            self._to_client(_response_head_bytes(head, b"", b""))
 
     def response_complete(self, upstream_keep_alive: bool, now: float) -> None:
         if self.finished:
@@ -696,16 +697,17 @@ def region_name(value: bytes) -> str:
     return name
 
 
-def _response_head_bytes(head: ResponseHead, lbd_lines: bytes) -> bytes:
+def _response_head_bytes(head: ResponseHead, lbd_lines: bytes, body: bytes) -> bytes:
     """The response head as the client gets it: the status line, the end-to-end fields as the server
-    wrote them, our Via, then `lbd_lines` (framing, Connection, Set-Cookie). Built in one step
-    (compiled bytes formatting) from the runs of forwarded lines, usually one or two."""
+    wrote them, our Via, then `lbd_lines` (framing, Connection, Set-Cookie), then `body` (the whole
+    body of a small response, or nothing). Built in one step (compiled bytes formatting) from the runs
+    of forwarded lines, usually one or two."""
     pieces = head.header_pieces
     if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
         pieces = without_named(pieces, named)
     fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     via = VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)
-    return b"%s%s%s%s\r\n" % (head.line, fields, via, lbd_lines)
+    return b"%s%s%s%s\r\n%s" % (head.line, fields, via, lbd_lines, body)
 
 
 def _upstream_termination(outcome: Outcome) -> str:

@@ -196,6 +196,7 @@ class UpstreamConnection(FlowControlled):
 
     def _head(self, exchange: Exchange, buf: bytearray, view: memoryview, pos: int, end: int, now: float) -> int:
         """Parse a head at `pos`; the position after it, or -1 when the read is used up (or tunnelled)."""
+        copy = b""  # the head parsed from a copy of the read: the body bytes in it are at hand
         if end - pos <= SMALL_READ_BYTES and buf is self.pool.read_buffer:
             # a small read, likely a whole response: parsed from one copy, with no search first (a head
             # that arrives in pieces is searched for: each piece would parse it again from its start)
@@ -204,7 +205,8 @@ class UpstreamConnection(FlowControlled):
             if head is None:
                 self.head_start = data  # the copy just parsed: the rest of the head comes in the next read
                 return -1
-            self.read_copy, self.read_copy_at = data, pos
+            copy = self.read_copy = data
+            self.read_copy_at = pos
         else:
             found = buf.find(b"\r\n\r\n", pos, end)  # where the head ends: only the head is copied out
             if found < 0 and end - pos <= MAX_HEAD_BYTES:
@@ -224,16 +226,21 @@ class UpstreamConnection(FlowControlled):
                 raise BadResponse("101 Switching Protocols to a request that did not ask to upgrade")
             if not upgrade_offered(offered, head.upgrade):
                 raise BadResponse("101 Switching Protocols to a protocol the request did not offer")
-            exchange.response_head(head, NO_BODY, now)
+            exchange.response_head(head, NO_BODY, now, b"")
             exchange.start_tunnel(bytes(view[pos:end]))
             return -1
         framing = head.framing(exchange.request.is_head)
         self.keep_alive = head.keep_alive(framing)
-        flags = exchange.response_head(head, framing, now)
+        body = b""
+        if framing == LENGTH and copy and 0 < head.content_length <= end - pos:
+            # a small response read whole: its body leaves in one piece with its head, not joined to it
+            body = copy[head.size : head.size + head.content_length]
+        flags = exchange.response_head(head, framing, now, body)
         if framing == NO_BODY:
             self.done = True
         elif framing == LENGTH:
-            self.length_left = head.content_length
+            pos += len(body)
+            self.length_left = head.content_length - len(body)
             self.done = self.length_left == 0
         elif framing == CHUNKED:
             self.chunks = ChunkedBody()
