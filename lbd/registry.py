@@ -191,7 +191,9 @@ class Registry:
         else:
             base = state.latency_estimate_ms(region.typical_ms, now)
             state.latency_ewma_ms = base + LATENCY_EWMA_WEIGHT * (sample_ms - base)
-        state.latency_at = now
+        # a long response is settled after answers that came since its head: the estimate's clock
+        # never goes back (its decay would then count time the server was being measured)
+        state.latency_at = max(state.latency_at, now)
         if region.measured:
             region.typical_ms += REGION_LATENCY_WEIGHT * (sample_ms - region.typical_ms)
         else:

@@ -12,7 +12,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbd.models import LATENCY_DECAY_S, RegionLatency, Server, ServerSpec, ServerState
+from lbd.models import LATENCY_DECAY_S, Outcome, RegionLatency, Server, ServerSpec, ServerState
 from lbd.registry import Registry
 from lbd.routing import dynamic
 from lbd.routing.static import digest64
@@ -215,3 +215,17 @@ def test_first_answer_sets_the_estimate_and_later_ones_blend_in_from_where_it_de
     # its next answer blends in from there
     registry._observe_latency(a, 1.0, now=160.0)
     assert a.state.latency_ewma_ms < typical + 1.0
+
+
+def test_an_answer_settled_late_never_winds_the_estimate_s_clock_back() -> None:
+    """A long response is settled after answers that came since its head: its sample blends in, and
+    the estimate's clock stays at the latest answer, so the server's slow history does not decay
+    as though it had been idle since that head."""
+    registry = Registry({"us-east": 10})
+    registry.register(ServerSpec("a", "http", "127.0.0.1", 1, "us-east", 10))
+    a = registry.get("a")
+    assert a is not None
+    registry.record_outcome(a, Outcome.OK, 0.2, 130.0)  # answers up to t=130
+    registry.record_outcome(a, Outcome.OK, 0.2, 100.0)  # a download whose head came at t=100, settled now
+    assert a.state.latency_at == 130.0
+    assert a.state.latency_estimate_ms(a.region_latency.typical_ms, 130.0) == a.state.latency_ewma_ms

@@ -13,7 +13,7 @@ from lbd.registry import Registry
 
 
 class Attempt:
-    __slots__ = ("holds_tunnel", "latency_s", "server", "settled", "started_at", "timeout_s")
+    __slots__ = ("answered_at", "holds_tunnel", "latency_s", "server", "settled", "started_at", "timeout_s")
 
     def __init__(self, server: Server, timeout_s: float, now: float) -> None:
         self.server = server
@@ -25,15 +25,13 @@ class Attempt:
         # answer would measure 0
         self.started_at = now
         self.latency_s: float | None = None  # time to the response head
+        self.answered_at = 0.0  # when the response head came (its latency is None until then)
         self.settled = False
         self.holds_tunnel = False
 
     def responded(self, now: float) -> None:
+        self.answered_at = now
         self.latency_s = now - self.started_at
-
-    def answered_at(self) -> float:
-        """When the response head came (meaningless before it did)."""
-        return self.started_at if self.latency_s is None else self.started_at + self.latency_s
 
     def settle(self, registry: Registry, outcome: Outcome | None) -> None:
         """End the attempt (once; later calls do nothing). `outcome` None: not the server's doing
@@ -43,13 +41,13 @@ class Attempt:
         self.settled = True
         self.server.state.active -= 1
         if outcome is not None:
-            registry.record_outcome(self.server, outcome, self.latency_s, self.answered_at())
+            registry.record_outcome(self.server, outcome, self.latency_s, self.answered_at)
 
     def settle_into_tunnel(self, registry: Registry) -> None:
         """The server switched protocols: the request succeeded, and the connection stays active."""
         if not self.settled:
             self.settled = self.holds_tunnel = True
-            registry.record_outcome(self.server, Outcome.OK, self.latency_s, self.answered_at())
+            registry.record_outcome(self.server, Outcome.OK, self.latency_s, self.answered_at)
 
     def tunnel_closed(self) -> None:
         if self.holds_tunnel:

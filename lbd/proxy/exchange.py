@@ -658,7 +658,7 @@ class Exchange:
         if attempt is not None:
             server, region = attempt.server.id, attempt.server.spec.region
             if attempt.latency_s is not None:
-                ttfb_s = attempt.started_at + attempt.latency_s - began
+                ttfb_s = attempt.answered_at - began
         client = self.client
         log.add(
             Entry(
