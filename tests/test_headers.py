@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbd.proxy.exchange import MAX_REMEMBERED_REGIONS, region_name
+from lbd.proxy import exchange
+from lbd.proxy.exchange import MAX_REMEMBERED_REGION_BYTES, MAX_REMEMBERED_REGIONS, region_name
 from lbd.proxy.headers import (
     CONNECTION_OPTIONS,
     FORWARD,
@@ -46,8 +47,10 @@ def test_remembered_hosts_never_change_the_verdict(hosts: list[bytes]) -> None:
 
 @given(st.lists(st.sampled_from([b"us-east", b"eu-west", b"US-EAST"]) | st.binary(max_size=12), max_size=40))
 def test_a_region_is_its_value_decoded_whatever_was_remembered(values: list[bytes]) -> None:
-    for value in [*values, *(b"r%d" % n for n in range(MAX_REMEMBERED_REGIONS + 2)), *values]:  # past the bound too
+    long = b"r" * (MAX_REMEMBERED_REGION_BYTES + 1)
+    for value in [*values, long, *(b"r%d" % n for n in range(MAX_REMEMBERED_REGIONS + 2)), *values]:  # past the bounds
         assert region_name(value) == value.decode("latin-1"), value
+    assert len(exchange._REGION_NAMES) <= MAX_REMEMBERED_REGIONS and long not in exchange._REGION_NAMES
 
 
 def test_connection_values_are_read_whatever_their_case() -> None:

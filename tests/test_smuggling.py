@@ -289,7 +289,8 @@ def test_the_backend_sees_only_requests_the_client_sent(proxied: tuple[Lbd, Reco
 def test_a_routing_field_sent_twice_is_named_in_the_refusal(
     proxied: tuple[Lbd, RecordingBackend], probe: str, field: str
 ) -> None:
-    """lbd and the server could each route by a different one: refused, naming the field however it was spelled."""
+    """lbd and the server could each route by a different one: refused, naming the field as lbd
+    spells it whatever the client's spelling (no client bytes echoed)."""
     daemon, _ = proxied
     answer = raw_exchange(daemon.port, PROBES[probe].raw)
     refusal = f"400 Bad Request: more than one {field} header; lbd routes by one\n"

@@ -154,6 +154,17 @@ def test_a_small_response_read_whole_reaches_the_client_byte_for_byte(version: s
         assert backend.connection_of(b"GET /a HTTP/1.1") == backend.connection_of(b"GET /b HTTP/1.1")
 
 
+def test_an_interim_response_and_a_small_one_in_the_same_read_reach_the_client_in_order() -> None:
+    """The final response's head is parsed from a second copy within the read: its body is the
+    one after that head, sent once."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    with behind_lbd(answering(repeat([interim + SMALL_WHOLE]))) as (_, client):
+        expected = b"HTTP/1.1 100 Continue\r\nVia: 1.1 lbd\r\n\r\n"
+        expected += b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nVia: 1.1 lbd\r\n\r\nhello"
+        assert client.get("/a").read_exact(len(expected)) == expected
+        assert client.connection.still_open() and client.connection.buffer == b""
+
+
 CHUNKED_WITH_TRAILERS = [
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n",
     b"5;name=value\r\nhel",

@@ -58,6 +58,7 @@ CHUNK_END: Final = b"0\r\n\r\n"
 # is opened instead.
 ANY_IDLE: Final = float("inf")
 MAX_REMEMBERED_REGIONS: Final = 256
+MAX_REMEMBERED_REGION_BYTES: Final = 64  # a longer value is no region's name: decoded, never kept
 _REGION_NAMES: Final[dict[bytes, str]] = {}  # client-region values as decoded (region_name)
 
 
@@ -683,15 +684,15 @@ _LAST_REGION: Final = _LastRegion()
 
 def region_name(value: bytes) -> str:
     """A `client-region` value as the balancer names regions. Clients send few regions, again and
-    again: each is decoded once and remembered (up to a bound), its hash then computed once too; the
-    last one is compared before any lookup (which hashes the new bytes)."""
+    again: each is decoded once and remembered (up to a bound in count and length), its hash then
+    computed once too; the last one is compared before any lookup (which hashes the new bytes)."""
     last = _LAST_REGION
     if value == last.value:
         return last.name
     name = _REGION_NAMES.get(value)
     if name is None:
         name = value.decode("latin-1")
-        if len(_REGION_NAMES) < MAX_REMEMBERED_REGIONS:
+        if len(_REGION_NAMES) < MAX_REMEMBERED_REGIONS and len(value) <= MAX_REMEMBERED_REGION_BYTES:
             _REGION_NAMES[value] = name
     last.value, last.name = value, name
     return name

@@ -43,14 +43,13 @@ class FlowControlled:
         # per cork was two allocations per small request)
         self._gathered: list[bytes | memoryview] = []
 
-    def attach(self, transport: asyncio.BaseTransport) -> asyncio.Transport:
-        """Take the connection's transport (at `connection_made`)."""
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Take the connection's transport (at `connection_made`; it is never replaced)."""
         attached = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         self._send = attached.write
         self._closing = attached.is_closing
         self._queued = attached.get_write_buffer_size
         self.transport = attached
-        return attached
 
     def writable(self) -> bool:
         """Open and not closing: what is written will be sent."""
