@@ -35,10 +35,9 @@ from lbd.proxy.headers import (
     CRLF,
     VIA_LINE,
     VIA_VALUE,
+    forwarded_fields,
     merged_line,
-    named_hop_by_hop,
     simple_response,
-    without_named,
 )
 from lbd.proxy.request import Replay, RequestHead, cookie_value
 from lbd.proxy.response import UNTIL_CLOSE, ResponseHead
@@ -703,10 +702,7 @@ def _response_head_bytes(head: ResponseHead, lbd_lines: bytes, body: bytes) -> b
     wrote them, our Via, then `lbd_lines` (framing, Connection, Set-Cookie), then `body` (the whole
     body of a small response, or nothing). Built in one step (compiled bytes formatting) from the runs
     of forwarded lines, usually one or two."""
-    pieces = head.header_pieces
-    if head.conn_tokens and (named := named_hop_by_hop(head.conn_tokens)):
-        pieces = without_named(pieces, named)
-    fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    fields = forwarded_fields(head.header_pieces, head.conn_tokens)
     via = VIA_LINE if head.via is None else merged_line(b"Via", head.via, VIA_VALUE)
     return b"%s%s%s%s\r\n%s" % (head.line, fields, via, lbd_lines, body)
 

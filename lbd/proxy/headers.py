@@ -143,6 +143,14 @@ def without_named(pieces: list[bytes], names: frozenset[bytes]) -> list[bytes]:
     return [line + CRLF for line in lines if line.partition(b":")[0].lower() not in names]
 
 
+def forwarded_fields(pieces: list[bytes], conn_tokens: frozenset[bytes]) -> bytes:
+    """A message's end-to-end lines as they came, in one bytes: its runs of lines (usually one, taken
+    as it is), less those its `Connection` options name hop-by-hop."""
+    if conn_tokens and (named := named_hop_by_hop(conn_tokens)):
+        pieces = without_named(pieces, named)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
 def merged_line(name: bytes, prior: bytes | None, ours: bytes) -> bytes:
     """`Via` / `X-Forwarded-For`: what earlier hops said, then this hop."""
     return name + SEP + (ours if prior is None else prior + b", " + ours) + CRLF

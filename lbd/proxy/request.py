@@ -29,11 +29,10 @@ from lbd.proxy.headers import (
     VIA_VALUE,
     X_FORWARDED_FOR,
     connection_tokens,
+    forwarded_fields,
     is_chunked,
     merged_line,
-    named_hop_by_hop,
     wants_keep_alive,
-    without_named,
 )
 
 # RFC 9110 §9.2.2; any other method (POST, PATCH, LOCK, an unknown one) may change something each
@@ -225,9 +224,6 @@ class RequestHead:
         """The head `server` is sent: the Host asked for, end-to-end fields as they came, then
         X-Forwarded-*, Via and the framing lbd chose (never a peer's framing fields as they came).
         `proto_lines` is the connection's X-Forwarded-Proto (and, over mutual TLS, the client's subject)."""
-        pieces = self.header_pieces
-        if self.conn_tokens and (named := named_hop_by_hop(self.conn_tokens)):
-            pieces = without_named(pieces, named)
         host = self.host
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
@@ -235,9 +231,8 @@ class RequestHead:
             framing = b"Content-Length: %d\r\n" % self.content_length
         else:
             framing = b""
-        # the head is built in one step (compiled, bytes formatting sums the sizes, then copies);
-        # the forwarded lines are one run or few
-        fields = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        # the head is built in one step (compiled, bytes formatting sums the sizes, then copies)
+        fields = forwarded_fields(self.header_pieces, self.conn_tokens)
         forwarded_for = (
             forwarded_for_line
             if self.forwarded_for is None
