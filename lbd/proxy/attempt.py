@@ -13,7 +13,7 @@ from lbd.registry import Registry
 
 
 class Attempt:
-    __slots__ = ("answered_at", "holds_tunnel", "latency_s", "server", "settled", "started_at", "timeout_s")
+    __slots__ = ("answered_at", "holds_tunnel", "server", "settled", "started_at", "timeout_s")
 
     def __init__(self, server: Server, timeout_s: float, now: float) -> None:
         self.server = server
@@ -24,14 +24,17 @@ class Attempt:
         # `now` is lbd.clock's (nanoseconds): uvloop's loop time is in whole milliseconds, so a loopback
         # answer would measure 0
         self.started_at = now
-        self.latency_s: float | None = None  # time to the response head
-        self.answered_at = 0.0  # when the response head came (its latency is None until then)
+        self.answered_at = -1.0  # when the response head came; negative: not yet
         self.settled = False
         self.holds_tunnel = False
 
     def responded(self, now: float) -> None:
         self.answered_at = now
-        self.latency_s = now - self.started_at
+
+    @property
+    def latency_s(self) -> float | None:
+        """Time to the response head; None before it came."""
+        return None if self.answered_at < 0.0 else self.answered_at - self.started_at
 
     def settle(self, registry: Registry, outcome: Outcome | None) -> None:
         """End the attempt (once; later calls do nothing). `outcome` None: not the server's doing

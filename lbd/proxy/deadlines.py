@@ -59,7 +59,7 @@ class DeadlineWheel:
                 try:  # noqa: SIM105 (compiled, a try costs nothing; contextlib.suppress is a call and a context)
                     del bucket[item]  # one look-up: `in` first would hash and search twice
                 except KeyError:
-                    pass  # already fired, its bucket made anew since
+                    pass  # not expected (an item is in its handle's bucket until that fires and goes)
         return 0 if when is None else self.arm(item, when)
 
     def _run(self) -> None:

@@ -194,7 +194,7 @@ class Exchange:
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._unroutable(unroutable)
             return
-        self._forward_to(server, False, now)
+        self._forward_to(server, fresh_connection=False, now=now)
 
     def _unroutable(self, unroutable: BadRoute | NoServer) -> None:
         if isinstance(unroutable, BadRoute):
@@ -511,7 +511,7 @@ class Exchange:
         if sent and self.replay is not None:
             self.pending = list(self.replay.pieces)
             self.pending_size = self.replay.size
-        self._forward_to(server, True, monotonic())
+        self._forward_to(server, fresh_connection=True, now=monotonic())
 
     def _abort(self, outcome: Outcome, termination: str) -> None:
         """Mid-response failure: the client can only learn of it from a cut connection."""
@@ -657,7 +657,7 @@ class Exchange:
         ttfb_s = -1.0
         if attempt is not None:
             server, region = attempt.server.id, attempt.server.spec.region
-            if attempt.latency_s is not None:
+            if attempt.answered_at >= 0.0:
                 ttfb_s = attempt.answered_at - began
         client = self.client
         log.add(
