@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 
 from mypy_extensions import i64
 
-T = TypeVar("T", bytes, str)
+V = TypeVar("V")
 
 # How a request ended (`termination`), HAProxy's termination states and Envoy's response flags in
 # words; a refusal by lbd itself ends with its rejection reason (lbd_client_rejections_total's label:
@@ -57,9 +57,8 @@ class Entry:
         "began",
         "bytes_in",
         "bytes_out",
+        "client",
         "client_id",
-        "client_ip",
-        "client_port",
         "client_region",
         "connect_s",
         "duration_s",
@@ -78,8 +77,7 @@ class Entry:
     def __init__(
         self,
         began: float,
-        client_ip: bytes,
-        client_port: int,
+        client: bytes,
         client_id: bytes | None,
         client_region: bytes | None,
         method: bytes,
@@ -98,8 +96,7 @@ class Entry:
         termination: str,
     ) -> None:
         self.began = began
-        self.client_ip = client_ip
-        self.client_port = client_port
+        self.client = client  # `ip:port` (`client_address`): the same for every request of a connection
         self.client_id = client_id
         self.client_region = client_region
         self.method = method  # b"": not known (the request line never arrived whole)
@@ -116,6 +113,11 @@ class Entry:
         self.ttfb_s = ttfb_s
         self.duration_s = duration_s
         self.termination = termination
+
+
+def client_address(ip: bytes, port: int) -> bytes:
+    """`ip:port`, `[ip]:port` for IPv6: the client as both formats write it (made once per connection)."""
+    return b"[%s]:%d" % (ip, port) if b":" in ip else b"%s:%d" % (ip, port)
 
 
 def successful(status: int, termination: str) -> bool:
@@ -137,18 +139,20 @@ def sampled_in(client_id: bytes | None, threshold: int) -> bool:
 
 
 class LineCache:
-    """What formatting remembers, for one writer thread: the timestamp up to the second, client
-    addresses, and the names lbd itself writes (servers, regions, routes, terminations) as they are
-    written. Each memo starts over once it is full. Bytes a client sent (ids, paths) are checked
-    afresh instead: compiled, a scan of their few bytes costs less than hashing a new bytes object
-    for a look-up, and bytes that need no escaping go into the line as they are."""
+    """What formatting remembers, for one writer thread: the timestamp up to the second, and the
+    names lbd itself writes (servers, regions, routes, terminations) as they are written. Each memo
+    starts over once it is full. Bytes a client sent (ids, paths) are checked afresh instead:
+    compiled, a scan of their few bytes costs less than hashing a new bytes object for a look-up,
+    and bytes that need no escaping go into the line as they are."""
 
     def __init__(self) -> None:
         self.second = -1  # the second `prefix` is stamped with
         self.prefix = b""
-        self.addresses: dict[bytes, bytes] = {}  # a client's IP address as written before its port
         self.text_names: dict[str, bytes] = {}
         self.json_names: dict[str, bytes] = {}
+        # per server, where its requests went as JSON ("server" to "route") with the region and route
+        # it was made for: a server's requests mostly share both, and one look-up costs less than three
+        self.json_routes: dict[str, tuple[str, str, bytes]] = {}
 
     def stamp(self, wall: float) -> tuple[bytes, bytes]:
         """RFC 3339, UTC, milliseconds (truncated), in two parts: the line is built from parts, so
@@ -159,13 +163,6 @@ class LineCache:
             self.second = second
         return self.prefix, _MILLIS[int((wall - second) * 1000)]
 
-    def address(self, ip: bytes) -> bytes:
-        """`ip:`, `[ip]:` for IPv6: what goes before the client's port."""
-        address = self.addresses.get(ip)
-        if address is None:
-            address = _remembered(self.addresses, ip, b"[%s]:" % ip if b":" in ip else b"%s:" % ip)
-        return address
-
     def text_name(self, value: str) -> bytes:
         """A name lbd writes (server, region, route) as text: the same few come again and again."""
         token = self.text_names.get(value)
@@ -175,15 +172,24 @@ class LineCache:
         token = self.json_names.get(value)
         return token if token is not None else _remembered(self.json_names, value, _json_str(value))
 
+    def json_route(self, server: str, region: str, route: str) -> bytes:
+        """`"server":...,"server_region":...,"route":...`, as `general_json_line` writes them."""
+        known = self.json_routes.get(server)
+        if known is not None and known[0] == region and known[1] == route:
+            return known[2]
+        token = b'"server":%s,"server_region":%s,"route":%s' % (_json_str(server), _json_str(region), _json_str(route))
+        _remembered(self.json_routes, server, (region, route, token))
+        return token
+
 
 MEMO_SIZE: Final = 65_536
 
 
-def _remembered(memo: dict[T, bytes], value: T, token: bytes) -> bytes:
+def _remembered(memo: dict[str, V], key: str, value: V) -> V:
     if len(memo) >= MEMO_SIZE:
         memo.clear()
-    memo[value] = token
-    return token
+    memo[key] = value
+    return value
 
 
 def _kept_as_is(value: bytes, lowest: int) -> bool:
@@ -206,49 +212,89 @@ def text_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
         entry.client_id, entry.client_region, entry.server, entry.server_region, entry.route,
     )  # fmt: skip
     day_and_time, millis = cache.stamp(entry.began + wall_offset)
-    return b'%s%s %s%d "%s %s %s" %d %d %d %s %s %s %s %s %d %s %s %s %s\n' % (
-        day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
+    return b'%s%s %s "%s %s %s" %s %s %s %s %s %s %s %s %s %s %s %s %s\n' % (
+        day_and_time, millis, entry.client,
         _text(entry.method) if entry.method else b"-", _text(entry.path) if entry.path else b"-",
-        _protocol(entry.version) if entry.version else b"-", entry.status, entry.bytes_in, entry.bytes_out,
-        _text(client_id) if client_id else b"-", _text(region) if region else b"-",
+        _protocol(entry.version) if entry.version else b"-", _decimal(entry.status), _decimal(entry.bytes_in),
+        _decimal(entry.bytes_out), _text(client_id) if client_id else b"-", _text(region) if region else b"-",
         cache.text_name(server) if server else b"-", cache.text_name(server_region) if server_region else b"-",
-        cache.text_name(route) if route else b"-", entry.retries,
+        cache.text_name(route) if route else b"-", _decimal(entry.retries),
         _ms(entry.connect_s, b"-"), _ms(entry.ttfb_s, b"-"), _ms(entry.duration_s, b"-"),
         cache.text_name(entry.termination),
     )  # fmt: skip
 
 
+JSON_KEYS: Final = (
+    b"time", b"client", b"client_id", b"client_region", b"method", b"path", b"protocol", b"status", b"bytes_in",
+    b"bytes_out", b"server", b"server_region", b"route", b"retries", b"connect_ms", b"ttfb_ms", b"duration_ms",
+    b"termination",
+)  # fmt: skip
+
+
 def json_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
-    """One JSON object, keys in the documented order, `null` for what is absent. A string a client
-    sent is put between quotes in the line itself (`_json_slot`): no quoted copy of it is made."""
+    """One JSON object, keys in the documented order (JSON_KEYS), `null` for what is absent. The
+    common line, an HTTP/1.1 request routed to a server whose client-sent strings need no escaping,
+    is one formatting with its quotes in place; any other is `general_json_line`'s, which this line
+    equals (a test holds the two to it)."""
+    client_id, region, method, path = entry.client_id, entry.client_region, entry.method, entry.path
     server, server_region, route = entry.server, entry.server_region, entry.route
+    if (
+        client_id is None or region is None or server is None or server_region is None or route is None
+        or entry.version != "1.1" or not method or not path or not _kept_as_is(client_id, 0x20)
+        or not _kept_as_is(region, 0x20) or not _kept_as_is(method, 0x20) or not _kept_as_is(path, 0x20)
+    ):  # fmt: skip
+        return general_json_line(entry, wall_offset, cache)
     day_and_time, millis = cache.stamp(entry.began + wall_offset)
-    id_quote, client_id = _json_slot(entry.client_id)
-    region_quote, region = _json_slot(entry.client_region)
-    method_quote, method = _json_slot(entry.method or None)
-    path_quote, path = _json_slot(entry.path or None)
-    protocol_quote, protocol = (b'"', _protocol(entry.version)) if entry.version else (b"", b"null")
     return (
-        b'{"time":"%s%s","client":"%s%d","client_id":%s%s%s,"client_region":%s%s%s,"method":%s%s%s'
-        b',"path":%s%s%s,"protocol":%s%s%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"server":%s'
-        b',"server_region":%s,"route":%s,"retries":%d,"connect_ms":%s,"ttfb_ms":%s,"duration_ms":%s'
-        b',"termination":%s}\n'
+        b'{"time":"%s%s","client":"%s","client_id":"%s","client_region":"%s","method":"%s","path":"%s"'
+        b',"protocol":"HTTP/1.1","status":%s,"bytes_in":%s,"bytes_out":%s,%s,"retries":%s,"connect_ms":%s'
+        b',"ttfb_ms":%s,"duration_ms":%s,"termination":%s}\n'
     ) % (
-        day_and_time, millis, cache.address(entry.client_ip), entry.client_port,
-        id_quote, client_id, id_quote, region_quote, region, region_quote, method_quote, method, method_quote,
-        path_quote, path, path_quote, protocol_quote, protocol, protocol_quote, entry.status, entry.bytes_in,
-        entry.bytes_out, b"null" if server is None else cache.json_name(server),
-        b"null" if server_region is None else cache.json_name(server_region),
-        b"null" if route is None else cache.json_name(route), entry.retries,
-        _ms(entry.connect_s, b"null"), _ms(entry.ttfb_s, b"null"), _ms(entry.duration_s, b"null"),
-        cache.json_name(entry.termination),
+        day_and_time, millis, entry.client, client_id, region, method, path, _decimal(entry.status),
+        _decimal(entry.bytes_in), _decimal(entry.bytes_out), cache.json_route(server, server_region, route),
+        _decimal(entry.retries), _ms(entry.connect_s, b"null"), _ms(entry.ttfb_s, b"null"),
+        _ms(entry.duration_s, b"null"), cache.json_name(entry.termination),
     )  # fmt: skip
+
+
+def general_json_line(entry: Entry, wall_offset: float, cache: LineCache) -> bytes:
+    """Any entry's JSON line: each of JSON_KEYS with its value, in that order."""
+    day_and_time, millis = cache.stamp(entry.began + wall_offset)
+    server, server_region, route = entry.server, entry.server_region, entry.route
+    values = (
+        b'"%s%s"' % (day_and_time, millis),
+        b'"%s"' % entry.client,
+        _json_bytes(entry.client_id),
+        _json_bytes(entry.client_region),
+        _json_bytes(entry.method or None),
+        _json_bytes(entry.path or None),
+        b'"%s"' % _protocol(entry.version) if entry.version else b"null",
+        _decimal(entry.status),
+        _decimal(entry.bytes_in),
+        _decimal(entry.bytes_out),
+        b"null" if server is None else cache.json_name(server),
+        b"null" if server_region is None else cache.json_name(server_region),
+        b"null" if route is None else cache.json_name(route),
+        _decimal(entry.retries),
+        _ms(entry.connect_s, b"null"),
+        _ms(entry.ttfb_s, b"null"),
+        _ms(entry.duration_s, b"null"),
+        cache.json_name(entry.termination),
+    )
+    return b"{%s}\n" % b",".join([b'"%s":%s' % (key, value) for key, value in zip(JSON_KEYS, values, strict=True)])
 
 
 # ".000Z" .. ".999Z" and ".000" .. ".999": joining a made string is cheaper than a format spec
 _MILLIS: Final = tuple(b".%03dZ" % n for n in range(1000))
 _THOUSANDTHS: Final = tuple(b".%03d" % n for n in range(1000))
 _SUB_MS: Final = tuple(b"0.%03d" % n for n in range(1000))
+_DECIMALS: Final = tuple(b"%d" % n for n in range(4096))
+
+
+def _decimal(number: int) -> bytes:
+    """`number` in decimal: the counts in most lines are small, written once here (formatting an int
+    makes a str first, then bytes from it)."""
+    return _DECIMALS[number] if 0 <= number < 4096 else b"%d" % number
 
 
 def _ms(seconds: float, absent: bytes) -> bytes:
@@ -277,15 +323,14 @@ def _text(value: bytes) -> bytes:
     return _TEXT_UNSAFE.sub(_escaped, value)
 
 
-def _json_slot(value: bytes | None) -> tuple[bytes, bytes]:
-    """A client's bytes as a JSON value, in two parts: the quote to write around the second part
-    (none for `null`, or for a string json.dumps quoted itself), and the part."""
+def _json_bytes(value: bytes | None) -> bytes:
+    """A client's bytes as a JSON value: quoted as they are when nothing in them needs escaping."""
     if value is None:
-        return b"", b"null"
+        return b"null"
     if _kept_as_is(value, 0x20):
-        return b'"', value
+        return b'"%s"' % value
     # bytes that are not UTF-8 stay visible as \xNN; json.dumps writes the rest as ASCII escapes
-    return b"", json.dumps(value.decode("utf-8", "backslashreplace")).encode()
+    return json.dumps(value.decode("utf-8", "backslashreplace")).encode()
 
 
 def _json_str(value: str) -> bytes:

@@ -188,7 +188,7 @@ class _Writer:
     def flush(self, lines: list[bytes]) -> None:
         """One write() of whole lines."""
         lead = b"\n" if self.partial else b""
-        data = lead + b"".join(lines)
+        data = b"".join([lead, *lines]) if lead else b"".join(lines)  # the batch copied once, not twice
         view = memoryview(data)
         written = 0
         try:

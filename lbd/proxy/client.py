@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from lbd.accesslog import client_address
 from lbd.clock import monotonic  # not loop.time(): a method call through Python
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
@@ -62,6 +63,7 @@ class ClientConnection(FlowControlled):
         self.client_ip = b"unknown"
         self.client_port = 0
         self.forwarded_for_line = b"X-Forwarded-For: unknown\r\n"  # for requests that bring no X-Forwarded-For
+        self.logged_address = b""  # `address`, once the access log has asked for it
         self.closing = False
         self.half_closed = False  # the client sent its FIN after whole requests: close once they are answered
         self.write_paused = False
@@ -420,6 +422,13 @@ class ClientConnection(FlowControlled):
         self.closing = True
         if self.active is None and self.parsing is None and self.tunnel is None:
             self.close()
+
+    @property
+    def address(self) -> bytes:
+        """The client as the access log writes it, `ip:port`: made once, when the log first asks."""
+        if not self.logged_address:
+            self.logged_address = client_address(self.client_ip, self.client_port)
+        return self.logged_address
 
     @property
     def idle(self) -> bool:

@@ -659,13 +659,12 @@ class Exchange:
             server, region = attempt.server.id, attempt.server.spec.region
             if attempt.answered_at >= 0.0:
                 ttfb_s = attempt.answered_at - began
-        client = self.client
         log.add(
             Entry(
-                began, client.client_ip, client.client_port, request.client_id, request.client_region,
-                request.method, request.url, request.version if request.method else "", status,
-                self.bytes_in, self.bytes_out, server, region, self.route, self.retries,
-                self.connected_at - began if self.connected_at else -1.0, ttfb_s, ended - began, termination,
+                began, self.client.address, request.client_id, request.client_region, request.method, request.url,
+                request.version if request.method else "", status, self.bytes_in, self.bytes_out, server, region,
+                self.route, self.retries, self.connected_at - began if self.connected_at else -1.0, ttfb_s,
+                ended - began, termination,
             )
         )  # fmt: skip
 
