@@ -39,6 +39,7 @@ COMPILED = [
     "lbd/registry.py",
     "lbd/balancer.py",
     "lbd/sessions.py",
+    "lbd/store/session_sync.py",
     "lbd/routing/static.py",
     "lbd/routing/dynamic.py",
     "lbd/routing/regions.py",

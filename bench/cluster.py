@@ -27,8 +27,8 @@ from pathlib import Path
 import redis
 
 from bench.stack import Stack, StartError
-from lbd.store.cluster import REFRESH_FRACTION
 from lbd.store.keys import Keys, session_value
+from lbd.store.session_sync import REFRESH_FRACTION
 
 DEFAULT_IDLE_S = 9000
 

@@ -21,7 +21,7 @@ keep the server they already have.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from lbd.config import FailoverSettings, Mode, Regions
 from lbd.models import Server
@@ -30,6 +30,9 @@ from lbd.routing import dynamic
 from lbd.routing import regions as region_rules
 from lbd.routing.static import BucketTable, client_bucket, digest64
 from lbd.sessions import Session, SessionTable
+
+if TYPE_CHECKING:
+    from lbd.store.session_sync import SessionSync
 
 WARM_SLICE: Final = 200_000  # hash evaluations per `warm()`: about a millisecond, compiled
 # Client id -> bucket for clients that come back: a dict lookup instead of a SHA-256 (0.02 against
@@ -120,14 +123,6 @@ class FailbackView:
     room: bool  # home has room for one more client now
 
 
-class SharedSessions(Protocol):
-    """A cluster's sessions (lbd/store/cluster.py): told of pins made here and of sessions used."""
-
-    def pinned(self, client_id: str, server_id: str, region: str | None) -> None: ...
-
-    def touched(self, client_id: str, session: Session, now: float) -> None: ...
-
-
 class Balancer:
     def __init__(
         self,
@@ -142,7 +137,7 @@ class Balancer:
         self.mode: Mode = mode
         self._proximity = dict(regions.proximity)  # read per request: a dict held here, not the config's Mapping
         self.sessions = sessions
-        self.shared: SharedSessions | None = None  # set when lbd is part of a cluster
+        self.shared: SessionSync | None = None  # set when lbd is part of a cluster
         self.default_client_region = default_client_region
         self.failover = failover or FailoverSettings()
         servers = registry.servers()

@@ -137,7 +137,7 @@ class Daemon:
         )  # fmt: skip
         control = self._control(changes, reloader, cluster)
         if cluster is not None:
-            self.balancer.shared = proxy_ctx.shared = cluster
+            self.balancer.shared = proxy_ctx.shared = cluster.sync
             await cluster.start()
             opened.push_async_callback(cluster.stop)
         state = AdminState(

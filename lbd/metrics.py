@@ -40,12 +40,16 @@ from lbd.tls import TlsTerminator
 class ClusterFigures(Protocol):
     """What the metrics read of a cluster membership (lbd/store/cluster.py's Cluster)."""
 
-    connected: bool
     peers: list[dict[str, object]]
     applied: int
     joined: int
-    pins_dropped: int
     claims: dict[str, int]
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def pins_dropped(self) -> int: ...
 
     @property
     def pending_pins(self) -> int: ...

@@ -4,7 +4,7 @@ settings in force, and the counters the metrics read."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from lbd.accesslog_writer import AccessLog
 from lbd.balancer import Balancer
@@ -17,6 +17,7 @@ from lbd.registry import Registry
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
+    from lbd.store.session_sync import SessionSync
 
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Why lbd refused a client (the `reason` label of lbd_client_rejections_total)
@@ -30,15 +31,6 @@ REJECTIONS: Final = (
     "malformed",
     "unsupported",
 )
-
-
-class SessionClaims(Protocol):
-    """A cluster's sessions (lbd/store/cluster.py): a client new to this instance is first claimed in
-    the shared store (another instance may have pinned it), which takes at most one round trip."""
-
-    def wants_claim(self, client_id: str, now: float) -> bool: ...
-
-    async def claim(self, client_id: str, proposal: Server, region: str) -> None: ...
 
 
 class ClientBounds:
@@ -71,7 +63,7 @@ class ProxyContext:
         self.pool = UpstreamPool(loop)
         self.deadlines = DeadlineWheel(loop)
         self.connections: set[ClientConnection] = set()
-        self.shared: SessionClaims | None = None  # set when lbd is part of a cluster
+        self.shared: SessionSync | None = None  # set when lbd is part of a cluster
         self.access_log: AccessLog | None = None  # set by the daemon; entries go to it while it is on
         self.stopping = False  # the proxy is cutting what a graceful stop left (the access log says so)
         self.requests_total = 0

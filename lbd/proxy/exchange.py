@@ -45,8 +45,8 @@ from lbd.proxy.upstream import open_connection
 
 if TYPE_CHECKING:
     from lbd.proxy.client import ClientConnection
-    from lbd.proxy.context import SessionClaims
     from lbd.proxy.upstream import UpstreamConnection
+    from lbd.store.session_sync import SessionSync
 
 PENDING_LIMIT: Final = 256 * 1024  # request bytes buffered while no upstream connection is attached
 CHUNK_END: Final = b"0\r\n\r\n"
@@ -181,16 +181,17 @@ class Exchange:
                 return
         if request.has_body and request.idempotent:
             self.replay = Replay(ctx.retry_body_limit)
+        client_id = self._client()
+        now = monotonic()  # one reading for the claim's question, the route, the attempt's start, its deadline
         shared = ctx.shared
-        if shared is not None and shared.wants_claim(self._client(), monotonic()):
-            self._claim(shared)
+        if shared is not None and shared.wants_claim(client_id, now):
+            self._claim(shared, client_id)
             return
-        self._route()
+        self._route(client_id, now)
 
-    def _route(self) -> None:
-        now = monotonic()  # one reading for the route, the attempt's start and its deadline
+    def _route(self, client_id: str, now: float) -> None:
         try:
-            server, self.route = self.ctx.balancer.route(self._client(), self._region(), now)
+            server, self.route = self.ctx.balancer.route(client_id, self._region(), now)
         except (BadRoute, NoServer) as unroutable:  # one name: mypyc types a handler's variable once
             self._unroutable(unroutable)
             return
@@ -202,11 +203,10 @@ class Exchange:
         else:
             self._refuse(503, str(unroutable), accesslog.NO_SERVER)
 
-    def _claim(self, shared: SessionClaims) -> None:
+    def _claim(self, shared: SessionSync, client_id: str) -> None:
         """A client new to this instance, in a cluster: where the balancer would put it is claimed in
         the store first (another instance may have pinned it already), then the request is routed."""
         balancer = self.ctx.balancer
-        client_id = self._client()
         try:
             region = balancer.resolve_region(self._region())
             proposal = balancer.proposal(client_id, region, monotonic())
@@ -219,8 +219,8 @@ class Exchange:
     def _claimed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved, so never reported: a failed claim leaves no session, routing pins it here
-        if not self.finished:
-            self._route()  # the session is held here now: routed as sticky (or moved, if its server is out)
+        if not self.finished:  # the session is held here now: routed as sticky (or moved, if its server is out)
+            self._route(self._client(), monotonic())
 
     def _fallback_client_id(self) -> bytes | None:
         """A client id for a request without the header (`client_id_fallback`): the client's IP

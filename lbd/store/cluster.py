@@ -39,9 +39,10 @@ from lbd.config import MODES, ClusterSettings, Mode
 from lbd.control import Changes, in_flight_here
 from lbd.errors import LbError, StoreConflict, StoreUnavailable
 from lbd.models import Server, ServerSpec, parse_server
-from lbd.sessions import Session, SessionTable
+from lbd.sessions import SessionTable
 from lbd.store.keys import Event, parse_session, session_moves, session_value
 from lbd.store.redis_store import RedisStore, Snapshot
+from lbd.store.session_sync import REFRESH_FRACTION, SessionSync
 
 log = logging.getLogger("lbd.cluster")
 HEARTBEAT_S: Final = 1.0
@@ -49,10 +50,8 @@ PEER_TTL_S: Final = 5.0  # an instance without a heartbeat this long is no longe
 RETRY_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)  # waits between reconnection attempts
 FLUSH_S: Final = 0.02  # pins and moves are written this often (batched)
 REFRESH_FLUSH_S: Final = 1.0  # sliding-expiry refreshes are written this often (batched)
-REFRESH_FRACTION: Final = 16  # a session is refreshed in Redis once per idle_timeout / 16 of use
 CLAIM_TIMEOUT_S: Final = 0.25  # a new client waits this long at most for the store, then is pinned here
 CATCH_UP_S: Final = 2.0  # an admin change waits this long for its own notice, then reads a snapshot
-MAX_PENDING_PINS: Final = 200_000  # pins made while the store is unreachable, kept to write back
 STARTED_AT: Final = time.time()
 
 
@@ -80,7 +79,6 @@ class Cluster:
         self._server_regions = server_regions
         self.audit = audit
         self.store = RedisStore(settings)
-        self.connected = False
         self.applied = 0  # the version of the last change applied here
         self._applied_changed = asyncio.Condition()
         self.epoch: str | None = None
@@ -90,10 +88,7 @@ class Cluster:
         self.joined = 0  # how many times this instance (re)joined
         self.joined_once = asyncio.Event()
         self.announces = True  # heartbeats and is listed among the peers (a supervisor's worker is not)
-        self._pins: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # client -> (server, region)
-        self._moves: list[tuple[str, str | None]] = []
-        self._refresh: list[str] = []
-        self.pins_dropped = 0
+        self.sync = SessionSync(self.balancer, sessions, self.claim)  # what the request path tells the store
         self.claims = {"won": 0, "adopted": 0, "local": 0}  # how new clients' pins were settled
         self._tasks: list[asyncio.Task[None]] = []
         self._resync = asyncio.Event()
@@ -141,7 +136,7 @@ class Cluster:
                 self.settings.name,
                 why,
             )
-        self.connected = False
+        self.sync.connected = False
         self.last_error = why
 
     async def _joined(self) -> None:
@@ -149,7 +144,7 @@ class Cluster:
         await self.store.ping()
         async with self.store.subscription() as notices:
             await self._sync()
-            self.connected = True
+            self.sync.connected = True
             self.last_error = None
             self.joined += 1
             self.joined_once.set()
@@ -349,10 +344,6 @@ class Cluster:
         idle = self.sessions.idle_timeout_s
         return math.ceil(idle + idle / REFRESH_FRACTION)
 
-    def wants_claim(self, client_id: str, now: float) -> bool:
-        """A request from a client with no session here: ask the store first (dynamic mode only)."""
-        return self.connected and self.balancer.mode == "dynamic" and self.sessions.peek(client_id, now) is None
-
     async def claim(self, client_id: str, proposal: Server, region: str) -> None:
         """Pin `client_id` to `proposal` in the store unless another instance pinned it first, and
         hold here whichever pin won. The store slow or away: the pin is made here, written later."""
@@ -361,7 +352,7 @@ class Cluster:
             existing = await asyncio.wait_for(self.store.claim_session(client_id, value, self._ttl()), CLAIM_TIMEOUT_S)
         except (StoreUnavailable, TimeoutError):
             self.claims["local"] += 1
-            self._pins[client_id] = (proposal.id, region)
+            self.sync.pins[client_id] = (proposal.id, region)
             self.sessions.pin(client_id, proposal.id, region, time.monotonic())
             self.balancer.note_pin(proposal)
             return
@@ -370,23 +361,6 @@ class Cluster:
             self.balancer.note_pin(proposal)
         server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
         self.sessions.pin(client_id, server_id, pinned_region or region, time.monotonic())
-
-    def pinned(self, client_id: str, server_id: str, region: str | None) -> None:
-        """A pin made or moved here (a failover, a server gone or draining): written in the next
-        batch, and other instances told so their cached copies follow."""
-        pins = self._pins
-        pins[client_id] = (server_id, region)
-        pins.move_to_end(client_id)
-        if len(pins) > MAX_PENDING_PINS:
-            pins.popitem(last=False)
-            self.pins_dropped += 1
-        self._moves.append((client_id, server_id))
-
-    def touched(self, client_id: str, session: Session, now: float) -> None:
-        """A request on a live session: its expiry in the store is pushed back, lazily."""
-        if now - session.synced_at >= self.sessions.idle_timeout_s / REFRESH_FRACTION:
-            session.synced_at = now
-            self._refresh.append(client_id)
 
     async def forget(self, client_ids: list[str]) -> None:
         """Sessions cleared by an operator: gone from the store and from every instance's cache."""
@@ -399,29 +373,30 @@ class Cluster:
         while True:
             await asyncio.sleep(FLUSH_S)
             if not self.connected:
-                self._moves.clear()  # a reconnection resyncs; the pins themselves wait in _pins
-                self._refresh.clear()
+                self.sync.moves.clear()  # a reconnection resyncs; the pins themselves wait in sync.pins
+                self.sync.refresh.clear()
                 continue
             try:
                 await self._flush_pins()
                 if time.monotonic() - last_refresh >= REFRESH_FLUSH_S:
                     last_refresh = time.monotonic()
-                    refresh, self._refresh = self._refresh, []
+                    refresh, self.sync.refresh = self.sync.refresh, []
                     for start in range(0, len(refresh), 1000):
                         await self.store.refresh_sessions(refresh[start : start + 1000], self._ttl())
             except StoreUnavailable as exc:
                 self._lost(exc.cause)
 
     async def _flush_pins(self, only_new: bool = False) -> None:
-        if self._pins:
-            pins, self._pins = self._pins, OrderedDict()
+        sync = self.sync
+        if sync.pins:
+            pins, sync.pins = sync.pins, OrderedDict()
             ttl = self._ttl()
             kept = await self.store.write_sessions(
                 ((client, session_value(server, region), ttl) for client, (server, region) in pins.items()), only_new
             )
             self._adopt(kept)
-        if self._moves:
-            moves, self._moves = self._moves, []
+        if sync.moves:
+            moves, sync.moves = sync.moves, []
             await self.store.publish_moves(self.instance, moves)
 
     # --- the reloader's view (lbd/reload.py's StateFollower) -----------------------------------------
@@ -442,9 +417,17 @@ class Cluster:
     # --- what the admin API shows ----------------------------------------------------------------------
 
     @property
+    def connected(self) -> bool:
+        return self.sync.connected
+
+    @property
+    def pins_dropped(self) -> int:
+        return self.sync.pins_dropped
+
+    @property
     def pending_pins(self) -> int:
         """Pins made here not yet written to the store (while it is away, or until the next batch)."""
-        return len(self._pins)
+        return len(self.sync.pins)
 
     def status(self) -> dict[str, Any]:
         return {
