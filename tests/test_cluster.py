@@ -7,17 +7,21 @@ state in the shared Redis; the tests that kill Redis start their own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
+from lbd.config import ClusterSettings
+from lbd.store.redis_store import RedisStore
 from tests.harness.backends import Backend, backends
 from tests.harness.cli import assert_one_line_error
 from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
@@ -144,6 +148,47 @@ def test_a_client_keeps_its_server_through_any_instance(redis: RedisServer, thre
         assert new_server != "c1"
         wait_until(lambda: b.get(f"/v1/route/{moved}?region=us-east")["server"] == new_server, timeout=SPREAD_S)
         assert b.proxy_get(client=moved, region="us-east")[1] == new_server
+
+
+def test_a_burst_of_new_clients_through_two_instances_settles_on_one_pin_each(
+    redis: RedisServer, three: list[Backend]
+) -> None:
+    """New clients arriving together through both instances: the claims of one event-loop turn go to
+    Redis in one pipeline, and each answer must reach its own client (won on one instance, adopted on
+    the other, the same server through both)."""
+    clients = [f"burst{n}" for n in range(48)]
+    with instances(redis, entries=entries_of(three)) as (a, b):
+
+        def route(asked: tuple[int, str]) -> str:
+            instance, client = asked
+            return (a, b)[instance].proxy_get(client=client, region="us-east")[1]
+
+        asked = [(instance, client) for client in clients for instance in (0, 1)]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            servers = list(pool.map(route, asked))
+        through: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        for (instance, client), server in zip(asked, servers, strict=True):
+            through[instance][client] = server
+        assert through[0] == through[1]
+        assert len(set(through[0].values())) > 1  # new clients spread
+        won = sum(value(scrape(d), "lbd_cluster_claims_total", result="won") for d in (a, b))
+        adopted = sum(value(scrape(d), "lbd_cluster_claims_total", result="adopted") for d in (a, b))
+        assert (won, adopted) == (len(clients), len(clients))
+
+
+def test_claims_sent_together_each_get_their_own_answer(redis: RedisServer) -> None:
+    """The store's batched claim against the real Redis: one pipeline, answers in the claims' order
+    (None where ours took, the held pin where another was there first)."""
+    store = RedisStore(ClusterSettings(url=redis.url, name=f"t{uuid.uuid4().hex[:10]}"))
+
+    async def claim() -> tuple[list[str | None], list[str | None]]:
+        try:
+            first = await store.claim_sessions([("held", "s1|us-east")], 30)
+            return first, await store.claim_sessions([("n1", "s2|eu"), ("held", "s3|eu"), ("n2", "s4|eu")], 30)
+        finally:
+            await store.close()
+
+    assert asyncio.run(claim()) == ([None], [None, "s1|us-east", None])
 
 
 def test_killing_an_instance_loses_no_session(redis: RedisServer, three: list[Backend]) -> None:

@@ -213,12 +213,9 @@ class Exchange:
         except (BadRoute, NoServer) as unroutable:
             self._unroutable(unroutable)
             return
-        task = self.ctx.loop.create_task(shared.claim(client_id, proposal, region))
-        task.add_done_callback(self._claimed)
+        shared.claim(client_id, proposal, region).add_done_callback(self._claimed)
 
-    def _claimed(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved, so never reported: a failed claim leaves no session, routing pins it here
+    def _claimed(self, _: asyncio.Future[None]) -> None:
         if not self.finished:  # the session is held here now: routed as sticky (or moved, if its server is out)
             self._route(self._client(), monotonic())
 

@@ -7,10 +7,11 @@ through Redis with every other instance of the same cluster name.
   A gap in versions, a reconnection or a store found emptied makes the instance read a snapshot of
   every control key and apply the difference.
 - **Sessions**: the local session table stays the cache the request path reads; Redis is read only
-  for a client new to this instance (`claim`: one `SET ... NX GET`, ours or the winner's pin),
-  pins made or moved here are written in batches, sliding expiry is refreshed lazily (a session is
-  refreshed in Redis only once its last refresh is older than 1/16 of the idle timeout), and moves
-  are published so other instances' cached copies follow.
+  for a client new to this instance (`claim`: a `SET ... NX GET`, ours or the winner's pin; one
+  event-loop turn's claims in one pipeline), pins made or moved here are written in batches,
+  sliding expiry is refreshed lazily (a session is refreshed in Redis only once its last refresh is
+  older than 1/16 of the idle timeout), and moves are published so other instances' cached copies
+  follow.
 - **Faults**: with Redis unreachable the instance serves from what it holds; admin changes are
   refused (StoreUnavailable: 503) rather than made here only; new pins wait in a bounded queue. On
   reconnection it resyncs by itself, and if Redis came back empty (its epoch token gone) it writes
@@ -91,6 +92,8 @@ class Cluster:
         self.sync = SessionSync(self.balancer, sessions, self.claim)  # what the request path tells the store
         self.claims = {"won": 0, "adopted": 0, "local": 0}  # how new clients' pins were settled
         self._tasks: list[asyncio.Task[None]] = []
+        self._claims: list[tuple[str, Server, str, asyncio.Future[None]]] = []  # asked for, not yet sent
+        self._claiming: set[asyncio.Task[None]] = set()  # claims on their way: held, so never collected
         self._resync = asyncio.Event()
 
     # --- lifetime ----------------------------------------------------------------------------------
@@ -344,23 +347,44 @@ class Cluster:
         idle = self.sessions.idle_timeout_s
         return math.ceil(idle + idle / REFRESH_FRACTION)
 
-    async def claim(self, client_id: str, proposal: Server, region: str) -> None:
-        """Pin `client_id` to `proposal` in the store unless another instance pinned it first, and
-        hold here whichever pin won. The store slow or away: the pin is made here, written later."""
-        value = session_value(proposal.id, region)
+    def claim(self, client_id: str, proposal: Server, region: str) -> asyncio.Future[None]:
+        """Pin `client_id` to `proposal` in the store unless another instance pinned it first; the
+        future is done once whichever pin won is held here (the store slow or away: the pin is made
+        here, written later). Claims asked for in one turn of the event loop go to the store in one
+        round trip: a burst of new clients pays redis-py's work per call once."""
+        done = asyncio.get_running_loop().create_future()
+        self._claims.append((client_id, proposal, region, done))
+        if len(self._claims) == 1:
+            task = asyncio.get_running_loop().create_task(self._send_claims())
+            self._claiming.add(task)
+            task.add_done_callback(self._claiming.discard)
+        return done
+
+    async def _send_claims(self) -> None:
+        batch, self._claims = self._claims, []  # this task runs after the loop's turn that asked for them
+        values = [(client_id, session_value(proposal.id, region)) for client_id, proposal, region, _ in batch]
+        answers: list[str | None] | None = None
         try:
-            existing = await asyncio.wait_for(self.store.claim_session(client_id, value, self._ttl()), CLAIM_TIMEOUT_S)
-        except (StoreUnavailable, TimeoutError):
-            self.claims["local"] += 1
-            self.sync.pins[client_id] = (proposal.id, region)
-            self.sessions.pin(client_id, proposal.id, region, time.monotonic())
-            self.balancer.note_pin(proposal)
-            return
-        self.claims["won" if existing is None else "adopted"] += 1
-        if existing is None:
-            self.balancer.note_pin(proposal)
-        server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
-        self.sessions.pin(client_id, server_id, pinned_region or region, time.monotonic())
+            async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                answers = await self.store.claim_sessions(values, self._ttl())
+        except (StoreUnavailable, TimeoutError):  # pinned here, written back later
+            pass
+        now = time.monotonic()
+        for index, (client_id, proposal, region, done) in enumerate(batch):
+            if answers is None:
+                self.claims["local"] += 1
+                self.sync.pins[client_id] = (proposal.id, region)
+                self.sessions.pin(client_id, proposal.id, region, now)
+                self.balancer.note_pin(proposal)
+            else:
+                existing = answers[index]
+                self.claims["won" if existing is None else "adopted"] += 1
+                if existing is None:
+                    self.balancer.note_pin(proposal)
+                server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
+                self.sessions.pin(client_id, server_id, pinned_region or region, now)
+            if not done.done():
+                done.set_result(None)
 
     async def forget(self, client_ids: list[str]) -> None:
         """Sessions cleared by an operator: gone from the store and from every instance's cache."""

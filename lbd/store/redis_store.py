@@ -135,11 +135,20 @@ class RedisStore:
 
     # --- sessions ----------------------------------------------------------------------------------
 
-    async def claim_session(self, client_id: str, value: str, ttl_s: int) -> str | None:
-        """Pin `client_id` unless it is pinned already: None when ours took, else the existing value."""
-        async with _reaching():
-            existing = await self.client.set(self.keys.session(client_id), value, nx=True, ex=ttl_s, get=True)
-        return None if existing is None else str(existing)
+    async def claim_sessions(self, claims: list[tuple[str, str]], ttl_s: int) -> list[str | None]:
+        """Pin each (client, value) unless the client is pinned already, in one round trip: for each,
+        None when ours took, else the value the store holds."""
+        keys = self.keys
+        async with _reaching(refusal_too=True):
+            if len(claims) == 1:  # one command costs redis-py less than a pipeline of one
+                client_id, value = claims[0]
+                answers = [await self.client.set(keys.session(client_id), value, nx=True, ex=ttl_s, get=True)]
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for client_id, value in claims:
+                        pipe.set(keys.session(client_id), value, nx=True, ex=ttl_s, get=True)
+                    answers = await pipe.execute()
+        return [None if answer is None else str(answer) for answer in answers]
 
     async def write_sessions(self, entries: Iterable[tuple[str, str, int]], only_new: bool) -> list[tuple[str, str]]:
         """(client, value, ttl) in pipelined batches. `only_new`: keep what another instance wrote,
@@ -226,7 +235,7 @@ class RedisStore:
             yield Subscription(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8
 
 
 class Subscription:
@@ -245,12 +254,15 @@ class Subscription:
 
 
 @asynccontextmanager
-async def _reaching() -> AsyncIterator[None]:
-    """Redis's connection errors, timeouts and refusals as one StoreUnavailable naming the cause."""
+async def _reaching(refusal_too: bool = False) -> AsyncIterator[None]:
+    """Redis's connection errors and timeouts as one StoreUnavailable naming the cause; a refusal
+    (ResponseError) too when `refusal_too`, for a caller with no other answer to it."""
     try:
         yield
-    except ResponseError:
-        raise
+    except ResponseError as exc:
+        if not refusal_too:
+            raise
+        raise StoreUnavailable(f"the cluster store refused ({exc})", str(exc)) from None
     except (RedisError, OSError, TimeoutError) as exc:
         cause = f"{type(exc).__name__}: {exc}"
         raise StoreUnavailable(f"the cluster store is unreachable ({cause})", cause) from None

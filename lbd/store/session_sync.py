@@ -9,9 +9,10 @@ methods appending to plain lists here; the cluster (lbd/store/cluster.py: interp
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from lbd.models import Server
 from lbd.sessions import Session, SessionTable
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 REFRESH_FRACTION: Final = 16  # a session is refreshed in the store once per idle_timeout / 16 of use
 MAX_PENDING_PINS: Final = 200_000  # pins made while the store is unreachable, kept to write back
 
-Claim = Callable[[str, Server, str], Coroutine[Any, Any, None]]
+Claim = Callable[[str, Server, str], asyncio.Future[None]]
 
 
 class SessionSync:
@@ -30,7 +31,7 @@ class SessionSync:
         self.balancer = balancer
         self.sessions = sessions
         # `claim(client_id, proposal, region)`: pin the client in the store unless another instance
-        # did first, and hold here whichever pin won (the cluster's; one round trip at most)
+        # did first; done once whichever pin won is held here (the cluster's; one round trip at most)
         self.claim = claim
         self.connected = False  # the cluster's store answers
         self.pins: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # client -> (server, region)
