@@ -9,7 +9,11 @@
 2. **Expiry refreshes**: sticky clients keep sending through a clustered lbd whose idle timeout is
    short; Redis's own command counts give the refreshes per second per active client, scaled to a
    million active clients at the default idle timeout (target: at most 2,000 per second).
-3. **Redis memory per session** and the sessions one Redis holds in a given `maxmemory`, from
+3. **A burst of new clients**: wrk at 64 connections, a client never seen on every request, through
+   lbd in dynamic mode with and without `--cluster` (interleaved in rounds): lbd's user CPU per
+   request and req/s, whose ratio is what claiming each new client in Redis costs under load (the
+   claims of one event-loop turn share one pipelined round trip).
+4. **Redis memory per session** and the sessions one Redis holds in a given `maxmemory`, from
    `INFO memory` before and after writing sessions the way lbd does.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import redis
 
+from bench.loadgen import run_observed
 from bench.stack import Stack, StartError
 from lbd.store.keys import Keys, session_value
 from lbd.store.session_sync import REFRESH_FRACTION
@@ -76,6 +81,28 @@ def new_client_cost(stack: Stack, url: str, rounds: int, per_round: int) -> dict
         stack.stop(plain[0])
         stack.stop(clustered[0])
     return {key: statistics.median(f[key] for f in per_round_figures) for key in per_round_figures[0]}
+
+
+def burst_cost(stack: Stack, url: str, rounds: int, seconds: float) -> dict[str, float]:
+    """Medians over interleaved rounds of each lbd's user CPU per request and of the req/s ratio."""
+    plain = stack.start_lbd("dynamic", name="lbd-burst-plain")
+    clustered = stack.start_lbd("dynamic", name="lbd-burst-clustered", cluster=url)
+    per_round: list[dict[str, float]] = []
+    try:
+        for round_index in range(rounds):
+            figures: dict[str, float] = {}
+            order = [("plain", plain), ("cluster", clustered)]
+            for label, (child, port, _) in order if round_index % 2 == 0 else order[::-1]:
+                load = run_observed(f"http://127.0.0.1:{port}", "/tiny", 64, seconds, None, child.pid, new_clients=True)
+                if load.errors or load.user_us is None:
+                    raise StartError(f"lbd-burst-{label}: {load.errors} errors in {load.requests} requests")
+                figures[f"{label}_rps"], figures[f"{label}_user_us"] = load.rps, load.user_us
+            figures["rps_ratio"] = figures["cluster_rps"] / figures["plain_rps"]
+            per_round.append(figures)
+    finally:
+        stack.stop(plain[0])
+        stack.stop(clustered[0])
+    return {key: statistics.median(f[key] for f in per_round) for key in per_round[0]}
 
 
 def refresh_rate(stack: Stack, url: str, clients: int, seconds: float) -> dict[str, float]:
@@ -148,6 +175,7 @@ def main() -> int:
             stack.start_nginx(big_bytes=1, count=3)
             _, url = stack.start_redis()
             pick = new_client_cost(stack, url, rounds, per_round)
+            burst = burst_cost(stack, url, 3 if args.quick else 5, 2.0 if args.quick else 4.0)
             refresh = refresh_rate(stack, url, 500 if args.quick else 2000, 3.0 if args.quick else 8.0)
             memory = memory_per_session(url, 20_000 if args.quick else 200_000)
         except StartError as error:
@@ -160,6 +188,10 @@ def main() -> int:
     print(f"  with --cluster:    p50 {pick['cluster_p50_ms']:.3f}  p99 {pick['cluster_p99_ms']:.3f}")
     verdict = "PASS" if pick["added_p99_ms"] <= 1.0 else "FAIL"
     print(f"  {verdict}  added at p99 <= 1 ms: {pick['added_p99_ms']:.3f} ms (p50 {pick['added_p50_ms']:.3f})")
+    print("a burst of new clients, 64 connections (lbd user CPU per request)")
+    print(f"  without --cluster: {burst['plain_rps']:,.0f} req/s  {burst['plain_user_us']:.1f} us")
+    print(f"  with --cluster:    {burst['cluster_rps']:,.0f} req/s  {burst['cluster_user_us']:.1f} us")
+    print(f"  req/s with --cluster / without: {burst['rps_ratio']:.2f}")
     print("expiry refreshes")
     rate, bound = refresh["refreshes_per_client_per_s"], refresh["bound_per_client_per_s"]
     print(
@@ -174,7 +206,7 @@ def main() -> int:
         f"  {memory['bytes_per_session']:.0f} bytes per session ({memory['client_id_bytes']}-byte client ids): "
         f"{memory['sessions_per_gib'] / 1e6:.1f} million sessions per GiB of maxmemory"
     )
-    print(json.dumps({"pick": pick, "refresh": refresh, "memory": memory}))
+    print(json.dumps({"pick": pick, "burst": burst, "refresh": refresh, "memory": memory}))
     return 0
 
 
