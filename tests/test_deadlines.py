@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from lbd.proxy.deadlines import TICK_S, DeadlineWheel
+from lbd.proxy.deadlines import TICK_S, DeadlineWheel, KeptDeadline
 
 
 class Recorder:
@@ -88,3 +88,54 @@ def test_deadlines_sharing_a_tick_are_kept_apart_and_the_wheel_works_after_each_
     assert all(len(item.fired) == 1 for item in kept)
     assert len(rearming.fired) == 2 and rearming.fired[1] - rearming.fired[0] >= 0.03
     assert all(len(item.fired) == 1 for item in later)
+
+
+class Holder(Recorder):
+    """A request on a kept deadline: told when the entry fires, it acts only once its own deadline is
+    due and arms again before that, as an exchange does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, kept: KeptDeadline, due: float) -> None:
+        super().__init__(loop)
+        self.kept = kept
+        self.due = due
+        self.early: list[float] = []
+
+    def deadline_reached(self) -> None:
+        now = time.monotonic()
+        if now < self.due:
+            self.early.append(now)
+            self.kept.arm(self, self.due)
+        else:
+            super().deadline_reached()
+
+
+def test_a_kept_deadline_serves_requests_one_after_another() -> None:
+    """One wheel entry for a connection's requests: a released request is never told, a later one
+    armed behind it is told early and arms again, and an earlier deadline moves the entry forward."""
+
+    async def scenario() -> tuple[float, Holder, Holder, Holder]:
+        loop = asyncio.get_running_loop()
+        kept = KeptDeadline(DeadlineWheel(loop))
+        start = time.monotonic()
+        first = Holder(loop, kept, start + 0.05)
+        kept.arm(first, first.due)
+        kept.release(first)  # answered before its deadline
+        second = Holder(loop, kept, start + 0.15)
+        kept.arm(second, second.due)  # the entry stays at 0.05: second is told then, early
+        deadline = start + 5.0
+        while not second.fired and time.monotonic() < deadline:
+            await asyncio.sleep(TICK_S)
+        kept.release(second)
+        third = Holder(loop, kept, time.monotonic() + 2.0)
+        kept.arm(third, third.due)
+        third.due = time.monotonic() + 0.03  # a shorter timeout than the one armed: moved forward
+        kept.arm(third, third.due)
+        while not third.fired and time.monotonic() < deadline:
+            await asyncio.sleep(TICK_S)
+        return start, first, second, third
+
+    start, first, second, third = asyncio.run(scenario())
+    assert first.fired == [] and first.early == []
+    assert len(second.early) == 1 and second.early[0] - start >= 0.05
+    assert len(second.fired) == 1 and second.fired[0] - start >= 0.15
+    assert third.early == [] and len(third.fired) == 1 and third.fired[0] < third.due + 1.0  # not at 2 s

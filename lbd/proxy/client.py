@@ -23,6 +23,7 @@ import httptools
 
 from lbd.accesslog import client_address
 from lbd.clock import monotonic  # not loop.time(): a method call through Python
+from lbd.proxy.deadlines import KeptDeadline
 from lbd.proxy.exchange import PENDING_LIMIT, Exchange
 from lbd.proxy.flow import BUFFER_FULL, PEER_WRITE_FULL, PIPELINE_FULL, FlowControlled, hold_peer
 from lbd.proxy.headers import CRLF, FORWARD, simple_response
@@ -79,6 +80,7 @@ class ClientConnection(FlowControlled):
         self.read_body_bytes = 0  # body bytes, of any request, in the read being parsed
         self.framing_bytes = 0  # bytes of chunk framing and trailer read since the last body data
         self.deadline = 0  # the header timeout's (or linger's) handle on the deadline wheel; 0 when unarmed
+        self.request_deadline = KeptDeadline(ctx.deadlines)  # its requests' server timeouts, one after another
         self.lingering = False  # answered and half-closed; dropping what the client still sends
         self.linger_on_close = False  # the request being answered was refused before it was all read
         self.requests = 0  # request heads received on this connection

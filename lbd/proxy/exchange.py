@@ -72,7 +72,6 @@ class Exchange:
         "connected_at",
         "connecting",
         "ctx",
-        "deadline",
         "deferred_reply",
         "early_tunnel",
         "finished",
@@ -118,7 +117,6 @@ class Exchange:
         self.finished = False
         self.early_tunnel = b""
         self.last_activity = 0.0
-        self.deadline = 0  # the deadline wheel's handle, 0 when none is armed
         self.upstream_write_full = False
         self.status = 0
         # for the access log, read only while it is on: the request's first byte (lbd.clock; 0: not
@@ -151,8 +149,7 @@ class Exchange:
         if self.attempt is not None and not self.finished:
             if self.request.has_body:  # a bodiless request was whole when its attempt began
                 self.last_activity = monotonic()
-            if not self.deadline:
-                self._arm_timer()  # an armed deadline fires no later than needed and re-arms itself
+            self._arm_timer()  # a deadline armed earlier stays: it fires no later than needed and re-arms
 
     def _to_upstream(self, data: bytes) -> None:
         if self.finished:
@@ -529,7 +526,7 @@ class Exchange:
     def _arm_timer(self) -> None:
         attempt = self.attempt
         assert attempt is not None
-        self.deadline = self.ctx.deadlines.move(self, self.deadline, self.last_activity + attempt.timeout_s)
+        self.client.request_deadline.arm(self, self.last_activity + attempt.timeout_s)
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.upstream_write_full = paused
@@ -544,9 +541,9 @@ class Exchange:
         """Act only while lbd is waiting on the server, and only after its timeout of silence.
 
         Time spent waiting on the client (a slow upload, a slow reader holding the upstream) does
-        not count against the server.
+        not count against the server. Called early too (the connection's deadline was armed for an
+        earlier request): then it arms again.
         """
-        self.deadline = 0
         attempt = self.attempt
         if self.finished or attempt is None:
             return
@@ -560,11 +557,11 @@ class Exchange:
         if not waiting_on_server:
             stalled_since = self.last_activity + self.ctx.client_timeout_s
             if now < stalled_since:
-                self.deadline = self.ctx.deadlines.arm(self, min(stalled_since, now + timeout_s))
+                self.client.request_deadline.arm(self, min(stalled_since, now + timeout_s))
             else:
                 self.client_failed(408, "the client sent nothing for too long", accesslog.CLIENT_TIMEOUT)
         elif now < deadline:
-            self.deadline = self.ctx.deadlines.arm(self, deadline)
+            self.client.request_deadline.arm(self, deadline)
         elif self.response_started:
             self._abort(Outcome.TIMEOUT, accesslog.SERVER_TIMEOUT)
         else:
@@ -584,7 +581,7 @@ class Exchange:
         self.tunnel = connection
         connection.exchange = None
         self.finished = True
-        self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        self.client.request_deadline.release(self)
         attempt.settle_into_tunnel(self.ctx.registry)  # the server counts it as active until it closes
         self.ctx.count_response(101, attempt.server)
         client = self.client
@@ -621,8 +618,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.deadline:
-            self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        self.client.request_deadline.release(self)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
