@@ -163,6 +163,7 @@ class ClientConnection(FlowControlled):
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
         self.deadline = self.ctx.deadlines.move(self, self.deadline, None)
+        self.request_deadline.clear()
         if self.tunnel is not None:
             self.tunnel.close()
         if self.tunnel_exchange is not None:

@@ -2,12 +2,12 @@
 
 Arming and cancelling an event-loop timer for every request costs more than the rest of a small
 request's bookkeeping. Here a deadline is a dict insert into its 10 ms bucket and cancelling it a
-dict delete; one loop timer ticks while any deadline is armed. Deadlines fire up to one tick late,
-never early.
+dict delete; one loop timer ticks while any deadline is armed. The wheel's entries fire up to one
+tick late, never early.
 
 A keep-alive connection's requests, one after another, share one `KeptDeadline`: armed once and
 left on the wheel when a request ends, it costs the next request a comparison, not an insert and
-a delete.
+a delete. Its holder may be told early (the entry was armed for an earlier request) and arms again.
 """
 
 from __future__ import annotations
@@ -105,6 +105,12 @@ class KeptDeadline:
     def release(self, holder: Timed) -> None:
         if self.holder is holder:
             self.holder = None
+
+    def clear(self) -> None:
+        """The connection is gone: off the wheel now, not when the entry would fire."""
+        self.holder = None
+        if self.handle:
+            self.handle = self.wheel.move(self, self.handle, None)
 
     def deadline_reached(self) -> None:
         self.handle = 0
