@@ -44,6 +44,7 @@ class ClusterFigures(Protocol):
     applied: int
     joined: int
     claims: dict[str, int]
+    claim_round_trips: int
 
     @property
     def connected(self) -> bool: ...
@@ -122,6 +123,11 @@ class LbdCollector(Collector):
             "New clients' pins: won (ours stored), adopted (another instance's), local (store away or slow).",
             "result",
             cluster.claims,
+        )
+        yield CounterMetricFamily(
+            "lbd_cluster_claim_round_trips",
+            "Round trips that carried new clients' claims (those of one event-loop turn share one).",
+            value=cluster.claim_round_trips,
         )
 
     def _global(self) -> Iterator[Metric]:

@@ -8,7 +8,9 @@ state in the shared Redis; the tests that kill Redis start their own.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from lbd.config import ClusterSettings
-from lbd.store.redis_store import RedisStore
+from lbd.errors import StoreUnavailable
+from lbd.store.redis_store import ClaimAnswer, RedisStore
 from tests.harness.backends import Backend, backends
 from tests.harness.cli import assert_one_line_error
 from tests.harness.daemon import Lbd, running_lbd, short_tempdir, wait_until
@@ -178,17 +181,59 @@ def test_a_burst_of_new_clients_through_two_instances_settles_on_one_pin_each(
 
 def test_claims_sent_together_each_get_their_own_answer(redis: RedisServer) -> None:
     """The store's batched claim against the real Redis: one pipeline, answers in the claims' order
-    (None where ours took, the held pin where another was there first)."""
+    (None where ours took, the held pin where another was there first), and a claim Redis refuses
+    (its key holds a hash) spoils no other answer."""
     store = RedisStore(ClusterSettings(url=redis.url, name=f"t{uuid.uuid4().hex[:10]}"))
 
-    async def claim() -> tuple[list[str | None], list[str | None]]:
+    async def claim() -> tuple[list[ClaimAnswer], list[ClaimAnswer]]:
         try:
             first = await store.claim_sessions([("held", "s1|us-east")], 30)
-            return first, await store.claim_sessions([("n1", "s2|eu"), ("held", "s3|eu"), ("n2", "s4|eu")], 30)
+            await store.client.hset(store.keys.session("not-a-pin"), "field", "value")
+            claims = [("n1", "s2|eu"), ("held", "s3|eu"), ("not-a-pin", "s4|eu"), ("n2", "s5|eu")]
+            return first, await store.claim_sessions(claims, 30)
         finally:
             await store.close()
 
-    assert asyncio.run(claim()) == ([None], [None, "s1|us-east", None])
+    first, batch = asyncio.run(claim())
+    assert first == [None]
+    assert batch[0] is None and batch[1] == "s1|us-east" and batch[3] is None
+    refused = batch[2]
+    assert isinstance(refused, StoreUnavailable) and "WRONGTYPE" in str(refused)
+
+
+def test_new_clients_read_in_one_loop_turn_share_one_round_trip(redis: RedisServer, three: list[Backend]) -> None:
+    """Twelve keep-alive connections each send a new client's request while lbd is stopped (SIGSTOP);
+    let go, lbd reads them all in one turn of its event loop, and their claims reach Redis together."""
+
+    def ask(connection: http.client.HTTPConnection, client: str) -> None:
+        connection.putrequest("GET", "/echo")
+        connection.putheader("client-id", client)
+        connection.putheader("client-region", "us-east")
+        connection.endheaders()
+
+    with instances(redis, count=1, entries=entries_of(three)) as (daemon,):
+        connections = [http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10) for _ in range(12)]
+        for n, connection in enumerate(connections):  # connected, each with a first request answered
+            ask(connection, f"before{n}")
+            first = connection.getresponse()
+            first.read()
+            assert first.status == 200
+        before = value(scrape(daemon), "lbd_cluster_claim_round_trips_total")
+        daemon.signal(signal.SIGSTOP)
+        try:
+            for n, connection in enumerate(connections):
+                ask(connection, f"together{n}")
+        finally:
+            daemon.signal(signal.SIGCONT)
+        statuses = []
+        for connection in connections:
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+            connection.close()
+        assert statuses == [200] * 12
+        assert value(scrape(daemon), "lbd_cluster_claims_total", result="won") == 24
+        assert value(scrape(daemon), "lbd_cluster_claim_round_trips_total") - before <= 2  # not one each
 
 
 def test_killing_an_instance_loses_no_session(redis: RedisServer, three: list[Backend]) -> None:

@@ -42,7 +42,7 @@ from lbd.errors import LbError, StoreConflict, StoreUnavailable
 from lbd.models import Server, ServerSpec, parse_server
 from lbd.sessions import SessionTable
 from lbd.store.keys import Event, parse_session, session_moves, session_value
-from lbd.store.redis_store import RedisStore, Snapshot
+from lbd.store.redis_store import ClaimAnswer, RedisStore, Snapshot
 from lbd.store.session_sync import REFRESH_FRACTION, SessionSync
 
 log = logging.getLogger("lbd.cluster")
@@ -54,6 +54,8 @@ REFRESH_FLUSH_S: Final = 1.0  # sliding-expiry refreshes are written this often 
 CLAIM_TIMEOUT_S: Final = 0.25  # a new client waits this long at most for the store, then is pinned here
 CATCH_UP_S: Final = 2.0  # an admin change waits this long for its own notice, then reads a snapshot
 STARTED_AT: Final = time.time()
+# a new client's claim waiting for its batch: client, proposed server, region, done once held here
+PendingClaim = tuple[str, Server, str, asyncio.Future[None]]
 
 
 class Cluster:
@@ -91,8 +93,9 @@ class Cluster:
         self.announces = True  # heartbeats and is listed among the peers (a supervisor's worker is not)
         self.sync = SessionSync(self.balancer, sessions, self.claim)  # what the request path tells the store
         self.claims = {"won": 0, "adopted": 0, "local": 0}  # how new clients' pins were settled
+        self.claim_round_trips = 0  # store round trips those claims took (batched per loop turn)
         self._tasks: list[asyncio.Task[None]] = []
-        self._claims: list[tuple[str, Server, str, asyncio.Future[None]]] = []  # asked for, not yet sent
+        self._claims: list[PendingClaim] = []  # asked for, not yet sent
         self._claiming: set[asyncio.Task[None]] = set()  # claims on their way: held, so never collected
         self._resync = asyncio.Event()
 
@@ -363,28 +366,38 @@ class Cluster:
     async def _send_claims(self) -> None:
         batch, self._claims = self._claims, []  # this task runs after the loop's turn that asked for them
         values = [(client_id, session_value(proposal.id, region)) for client_id, proposal, region, _ in batch]
-        answers: list[str | None] | None = None
+        answers: list[ClaimAnswer] | None = None
         try:
+            self.claim_round_trips += 1
             async with asyncio.timeout(CLAIM_TIMEOUT_S):
                 answers = await self.store.claim_sessions(values, self._ttl())
         except (StoreUnavailable, TimeoutError):  # pinned here, written back later
             pass
+        finally:  # cancelled too: every request waiting on this batch goes on
+            self._settle(batch, answers)
+
+    def _settle(self, batch: list[PendingClaim], answers: list[ClaimAnswer] | None) -> None:
+        """Hold here the pin each claim settled on: the store's answer, or this instance's proposal
+        where the store gave none (unreachable, slow, or refusing that claim)."""
         now = time.monotonic()
-        for index, (client_id, proposal, region, done) in enumerate(batch):
-            if answers is None:
-                self.claims["local"] += 1
-                self.sync.pins[client_id] = (proposal.id, region)
-                self.sessions.pin(client_id, proposal.id, region, now)
-                self.balancer.note_pin(proposal)
-            else:
-                existing = answers[index]
+        try:
+            for index, (client_id, proposal, region, _) in enumerate(batch):
+                existing = None if answers is None else answers[index]
+                if answers is None or isinstance(existing, StoreUnavailable):
+                    self.claims["local"] += 1
+                    self.sync.pins[client_id] = (proposal.id, region)
+                    self.sessions.pin(client_id, proposal.id, region, now)
+                    self.balancer.note_pin(proposal)
+                    continue
                 self.claims["won" if existing is None else "adopted"] += 1
                 if existing is None:
                     self.balancer.note_pin(proposal)
                 server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
                 self.sessions.pin(client_id, server_id, pinned_region or region, now)
-            if not done.done():
-                done.set_result(None)
+        finally:
+            for *_, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def forget(self, client_ids: list[str]) -> None:
         """Sessions cleared by an operator: gone from the store and from every instance's cache."""

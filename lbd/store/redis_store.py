@@ -67,6 +67,10 @@ return {redis.call('GET', KEYS[5]) or '0', redis.call('HGETALL', KEYS[1]), redis
 """
 
 
+# a claim's answer: None when ours took, the pin the store holds, or the store's refusal of that claim
+ClaimAnswer = str | StoreUnavailable | None
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every control key at one version."""
@@ -135,9 +139,9 @@ class RedisStore:
 
     # --- sessions ----------------------------------------------------------------------------------
 
-    async def claim_sessions(self, claims: list[tuple[str, str]], ttl_s: int) -> list[str | None]:
+    async def claim_sessions(self, claims: list[tuple[str, str]], ttl_s: int) -> list[ClaimAnswer]:
         """Pin each (client, value) unless the client is pinned already, in one round trip: for each,
-        None when ours took, else the value the store holds."""
+        None when ours took, the value the store holds, or StoreUnavailable where it refused that one."""
         keys = self.keys
         async with _reaching(refusal_too=True):
             if len(claims) == 1:  # one command costs redis-py less than a pipeline of one
@@ -147,8 +151,8 @@ class RedisStore:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for client_id, value in claims:
                         pipe.set(keys.session(client_id), value, nx=True, ex=ttl_s, get=True)
-                    answers = await pipe.execute()
-        return [None if answer is None else str(answer) for answer in answers]
+                    answers = await pipe.execute(raise_on_error=False)  # one refusal spoils no other answer
+        return [_claim_answer(answer) for answer in answers]
 
     async def write_sessions(self, entries: Iterable[tuple[str, str, int]], only_new: bool) -> list[tuple[str, str]]:
         """(client, value, ttl) in pipelined batches. `only_new`: keep what another instance wrote,
@@ -251,6 +255,14 @@ class Subscription:
         if message is None or message.get("type") != "message":
             return None
         return str(message["channel"]), str(message["data"])
+
+
+def _claim_answer(answer: object) -> ClaimAnswer:
+    if answer is None:
+        return None
+    if isinstance(answer, ResponseError):
+        return StoreUnavailable(f"the cluster store refused a claim ({answer})", str(answer))
+    return str(answer)
 
 
 @asynccontextmanager
