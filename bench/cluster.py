@@ -26,12 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from bench.loadgen import run_observed
-from bench.stack import Stack, StartError
+from bench.stack import Child, Stack, StartError
 from lbd.store.keys import Keys, session_value
 from lbd.store.session_sync import REFRESH_FRACTION
 
@@ -60,49 +61,62 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-def new_client_cost(stack: Stack, url: str, rounds: int, per_round: int) -> dict[str, float]:
-    """Each round measures both instances back to back; the figures are medians over rounds of each
-    round's percentiles and differences, so a busy minute moves one round, not the result."""
-    plain = stack.start_lbd("dynamic", name="lbd-plain")
-    clustered = stack.start_lbd("dynamic", name="lbd-clustered", cluster=url)
-    per_round_figures: list[dict[str, float]] = []
-    try:
-        for round_index in range(rounds):
-            figures: dict[str, float] = {}
-            order = [("plain", plain), ("cluster", clustered)]
-            for label, (_, port, _) in order if round_index % 2 == 0 else order[::-1]:
-                latencies = sequential(port, [f"new-{label}-{round_index}-{n}" for n in range(per_round)])
-                figures[f"{label}_p50_ms"] = statistics.median(latencies)
-                figures[f"{label}_p99_ms"] = p99(latencies)
-            figures["added_p50_ms"] = figures["cluster_p50_ms"] - figures["plain_p50_ms"]
-            figures["added_p99_ms"] = figures["cluster_p99_ms"] - figures["plain_p99_ms"]
-            per_round_figures.append(figures)
-    finally:
-        stack.stop(plain[0])
-        stack.stop(clustered[0])
-    return {key: statistics.median(f[key] for f in per_round_figures) for key in per_round_figures[0]}
+Measure = Callable[[str, Child, int, int], dict[str, float]]  # (label, lbd, its port, round) -> figures
+Derive = Callable[[dict[str, float]], dict[str, float]]  # a round's figures -> more figures of them
 
 
-def burst_cost(stack: Stack, url: str, rounds: int, seconds: float) -> dict[str, float]:
-    """Medians over interleaved rounds of each lbd's user CPU per request and of the req/s ratio."""
-    plain = stack.start_lbd("dynamic", name="lbd-burst-plain")
-    clustered = stack.start_lbd("dynamic", name="lbd-burst-clustered", cluster=url)
+def plain_against_clustered(
+    stack: Stack, url: str, name: str, rounds: int, measure: Measure, derive: Derive
+) -> dict[str, float]:
+    """Two dynamic lbds, without and with --cluster, measured back to back in every round, each first
+    in turn: the medians over rounds of each round's figures (`measure`'s of each, named `plain_...`
+    and `cluster_...`, then `derive`'s of those), so a busy minute moves one round, not the result."""
+    plain = stack.start_lbd("dynamic", name=f"{name}-plain")
+    clustered = stack.start_lbd("dynamic", name=f"{name}-clustered", cluster=url)
     per_round: list[dict[str, float]] = []
     try:
         for round_index in range(rounds):
             figures: dict[str, float] = {}
             order = [("plain", plain), ("cluster", clustered)]
             for label, (child, port, _) in order if round_index % 2 == 0 else order[::-1]:
-                load = run_observed(f"http://127.0.0.1:{port}", "/tiny", 64, seconds, None, child.pid, new_clients=True)
-                if load.errors or load.user_us is None:
-                    raise StartError(f"lbd-burst-{label}: {load.errors} errors in {load.requests} requests")
-                figures[f"{label}_rps"], figures[f"{label}_user_us"] = load.rps, load.user_us
-            figures["rps_ratio"] = figures["cluster_rps"] / figures["plain_rps"]
+                measured = measure(label, child, port, round_index)
+                figures.update({f"{label}_{key}": figure for key, figure in measured.items()})
+            figures.update(derive(figures))
             per_round.append(figures)
     finally:
         stack.stop(plain[0])
         stack.stop(clustered[0])
     return {key: statistics.median(f[key] for f in per_round) for key in per_round[0]}
+
+
+def new_client_cost(stack: Stack, url: str, rounds: int, per_round: int) -> dict[str, float]:
+    """Sequential new clients' latency percentiles, and what the cluster adds to them."""
+
+    def measure(label: str, _: Child, port: int, round_index: int) -> dict[str, float]:
+        latencies = sequential(port, [f"new-{label}-{round_index}-{n}" for n in range(per_round)])
+        return {"p50_ms": statistics.median(latencies), "p99_ms": p99(latencies)}
+
+    def added(f: dict[str, float]) -> dict[str, float]:
+        return {
+            "added_p50_ms": f["cluster_p50_ms"] - f["plain_p50_ms"],
+            "added_p99_ms": f["cluster_p99_ms"] - f["plain_p99_ms"],
+        }
+
+    return plain_against_clustered(stack, url, "lbd-pick", rounds, measure, added)
+
+
+def burst_cost(stack: Stack, url: str, rounds: int, seconds: float) -> dict[str, float]:
+    """A new client on every request at 64 connections: each lbd's req/s and user CPU per request."""
+
+    def measure(label: str, child: Child, port: int, _: int) -> dict[str, float]:
+        load = run_observed(f"http://127.0.0.1:{port}", "/tiny", 64, seconds, None, child.pid, new_clients=True)
+        if load.errors or load.user_us is None:
+            raise StartError(f"lbd-burst-{label}: {load.errors} errors in {load.requests} requests")
+        return {"rps": load.rps, "user_us": load.user_us}
+
+    return plain_against_clustered(
+        stack, url, "lbd-burst", rounds, measure, lambda f: {"rps_ratio": f["cluster_rps"] / f["plain_rps"]}
+    )
 
 
 def refresh_rate(stack: Stack, url: str, clients: int, seconds: float) -> dict[str, float]:
