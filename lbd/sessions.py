@@ -1,10 +1,14 @@
 """Sticky sessions: client id -> server id, expiring after a sliding period of inactivity.
 
-The table is kept in least-recently-used order (an OrderedDict, moved to the end on every touch),
-so the oldest-idle entries are always at the front. That gives, with no timer per client:
+The table is kept in least-recently-used order to within 1/64 of the idle timeout (an OrderedDict:
+a touch moves a session to the end only once that long has passed since it was last moved, which
+spares nearly every request the list surgery and the memory it touches), so the oldest-idle
+entries are at the front. That gives, with no timer per client:
 - O(1) lookup and touch per request;
-- expiry by popping from the front, a few entries per call plus a periodic sweep;
-- a hard bound (`max_sessions`): the oldest idle session is evicted first.
+- expiry by popping from the front, a few entries per call plus a periodic sweep (a session behind
+  a more recently active one is reclaimed at most 1/64 of the idle timeout late; `get` never
+  returns an expired one);
+- a hard bound (`max_sessions`): the oldest idle session, to within that 1/64, is evicted first.
 Time is passed in (`now`, seconds on a monotonic clock), so tests need no fake clock.
 `snapshot` / `restore` carry the table across a restart as idle ages, in LRU order (lbd/state.py
 writes them on graceful shutdown).
@@ -17,18 +21,20 @@ from collections.abc import Container, Iterable, Iterator
 from typing import Final, NamedTuple
 
 SWEEP_PER_CALL: Final = 2
+REORDER_FRACTION: Final = 64  # a touch moves a session to the table's end once per idle_timeout / 64
 
 
 class Session:
     """A client's pin. A plain class, not a dataclass: compiled, it is built without a call to an
     interpreted __init__."""
 
-    __slots__ = ("last_seen", "region", "server_id", "synced_at")
+    __slots__ = ("last_seen", "placed", "region", "server_id", "synced_at")
 
     def __init__(self, server_id: str, region: str | None, last_seen: float, synced_at: float = 0.0) -> None:
         self.server_id = server_id
         self.region = region
         self.last_seen = last_seen
+        self.placed = last_seen  # when it was last moved to the table's end (never after last_seen)
         self.synced_at = synced_at  # a cluster's store last learned of this session's use (lbd/store/cluster.py)
 
     def __repr__(self) -> str:
@@ -48,6 +54,7 @@ class SessionTable:
     def __init__(self, idle_timeout_s: float, max_sessions: int) -> None:
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions = max_sessions
+        self._reorder_after_s = idle_timeout_s / REORDER_FRACTION
         self._table: OrderedDict[str, Session] = OrderedDict()
         self.evicted = 0
         self.expired = 0
@@ -71,7 +78,9 @@ class SessionTable:
             self.expired += 1
             return None
         session.last_seen = now
-        self._table.move_to_end(client_id)
+        if now - session.placed >= self._reorder_after_s:
+            session.placed = now
+            self._table.move_to_end(client_id)
         return session
 
     def peek(self, client_id: str, now: float) -> Session | None:
@@ -88,7 +97,7 @@ class SessionTable:
             self._uncount(session)
             session.server_id = server_id
             session.region = region
-            session.last_seen = session.synced_at = now
+            session.last_seen = session.synced_at = session.placed = now
             self._table.move_to_end(client_id)
             self._count(session)
             return
@@ -114,6 +123,7 @@ class SessionTable:
         bound evicts the oldest idle sessions at once."""
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions = max_sessions
+        self._reorder_after_s = idle_timeout_s / REORDER_FRACTION
         while len(self._table) > max_sessions:
             self._uncount(self._table.popitem(last=False)[1])
             self.evicted += 1
@@ -166,12 +176,13 @@ class SessionTable:
         return removed
 
     def items(self, now: float) -> Iterator[tuple[str, Session]]:
-        """Live sessions, most recently active last."""
+        """Live sessions, most recently active last (to within 1/64 of the idle timeout)."""
         cutoff = now - self.idle_timeout_s
         return ((client, session) for client, session in self._table.items() if session.last_seen > cutoff)
 
     def snapshot(self, now: float) -> list[SessionRecord]:
-        """Live sessions with their idle age, least recently active first (the table's order)."""
+        """Live sessions with their idle age, least recently active first (the table's order, to within
+        1/64 of the idle timeout; `restore` sorts by age)."""
         return [SessionRecord(client, s.server_id, s.region, now - s.last_seen) for client, s in self.items(now)]
 
     def restore(
@@ -210,6 +221,7 @@ class SessionTable:
         self.by_server.clear()
         self.by_region.clear()
         for session in self._table.values():
+            session.placed = session.last_seen  # the order is by last_seen now
             self._count(session)
         self._next_expiry = 0.0
         return len(restored.keys() & self._table.keys())

@@ -57,6 +57,27 @@ def test_sweep_expires_in_order_and_stops_at_the_first_live_session() -> None:
     assert table.peek("c51", now=60) is not None
 
 
+def test_a_touch_moves_a_session_only_after_a_64th_of_the_idle_timeout() -> None:
+    """Touches within 1/64 of the idle timeout of the session's last move leave the order alone (no
+    list surgery per request); the sweep then reclaims a session behind it at most that much late,
+    and `get` never returns an expired one."""
+    table = SessionTable(idle_timeout_s=64, max_sessions=1000)  # reordered after 1 s
+    table.pin("front", "s1", None, now=0)
+    table.pin("behind", "s1", None, now=0.5)
+    assert table.get("front", now=0.9) is not None  # within 1 s of its placing: stays in front
+    assert [client for client, _ in table.items(now=0.9)] == ["front", "behind"]
+    assert table.get("behind", now=64.6) is None  # expired on time, whatever its place
+    table.pin("behind", "s1", None, now=0.5)  # back, as before
+    table.sweep(now=64.6)  # "behind" is idle 64.1 s, "front" 63.7 s: the sweep stops at "front"
+    assert len(table) == 2
+    table.sweep(now=64.9)  # "front" expires too, and "behind" with it: 0.4 s late, under 1 s
+    assert len(table) == 0
+    table.pin("front", "s1", None, now=100)
+    table.pin("behind", "s1", None, now=100.5)
+    assert table.get("front", now=101) is not None  # 1 s after its placing: moved to the end
+    assert [client for client, _ in table.items(now=101)] == ["behind", "front"]
+
+
 @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(0, 5)), max_size=60))
 def test_table_never_exceeds_its_bound_and_never_returns_expired(events: list[tuple[str, float]]) -> None:
     table = SessionTable(idle_timeout_s=3, max_sessions=4)

@@ -8,6 +8,7 @@ those paths by asking its workers (lbd/workers/admin.py), and `routes` from its 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
 from lbd.proxy.context import STATUS_CLASSES
+from lbd.sessions import Session
 
 routes = web.RouteTableDef()  # what the config and the control plane say
 traffic_routes = web.RouteTableDef()  # what this process's proxy saw (a supervisor sums its workers')
@@ -194,26 +196,32 @@ async def list_sessions(request: web.Request) -> web.Response:
         )
     now = time.monotonic()
     idle_timeout = state.sessions.idle_timeout_s
+    matching = [
+        (client_id, session)
+        for client_id, session in state.sessions.items(now)
+        if (not server_filter or session.server_id == server_filter)
+        and (not region_filter or session.region == region_filter)
+    ]
+    matched = len(matching)
     rows: list[dict[str, object]] = []
-    matched = 0
-    for client_id, session in reversed(list(state.sessions.items(now))):
-        if server_filter and session.server_id != server_filter:
-            continue
-        if region_filter and session.region != region_filter:
-            continue
-        matched += 1
-        if len(rows) < limit:
-            idle = now - session.last_seen
-            rows.append(
-                {
-                    "client_id": client_id,
-                    "server": session.server_id,
-                    "region": session.region,
-                    "idle_s": round(idle, 3),
-                    "expires_in_s": round(idle_timeout - idle, 3),
-                }
-            )
+    # most recently active first: by last use, since the table keeps that order only to within 1/64
+    # of the idle timeout (lbd/sessions.py)
+    for client_id, session in heapq.nlargest(limit, matching, key=_last_use):
+        idle = now - session.last_seen
+        rows.append(
+            {
+                "client_id": client_id,
+                "server": session.server_id,
+                "region": session.region,
+                "idle_s": round(idle, 3),
+                "expires_in_s": round(idle_timeout - idle, 3),
+            }
+        )
     return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
+
+
+def _last_use(item: tuple[str, Session]) -> float:
+    return item[1].last_seen
 
 
 @traffic_routes.get("/v1/sessions/summary")
