@@ -120,7 +120,8 @@ class SessionTable:
 
     def configure(self, idle_timeout_s: float, max_sessions: int) -> None:
         """Reloaded limits: a shorter idle timeout expires sessions from the next sweep on; a smaller
-        bound evicts the oldest idle sessions at once."""
+        bound evicts the oldest idle sessions at once. (Sessions placed under a longer timeout keep
+        its 1/64 of order slack until next moved or expired: at most the old 1/64, once.)"""
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions = max_sessions
         self._reorder_after_s = idle_timeout_s / REORDER_FRACTION
@@ -214,7 +215,7 @@ class SessionTable:
                 del restored[client_id]  # a duplicate: the most recent one wins
             restored[client_id] = Session(server_id, region, now - idle)
         merged = [*table.items(), *restored.items()]
-        merged.sort(key=_last_seen)  # a snapshot is already in this order: linear
+        merged.sort(key=_last_seen)  # a snapshot is nearly in this order: Timsort's runs keep it cheap
         overflow = max(0, len(merged) - self.max_sessions)
         self.evicted += overflow
         self._table = OrderedDict(merged[overflow:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from hypothesis import given
@@ -76,6 +77,32 @@ def test_a_touch_moves_a_session_only_after_a_64th_of_the_idle_timeout() -> None
     table.pin("behind", "s1", None, now=100.5)
     assert table.get("front", now=101) is not None  # 1 s after its placing: moved to the end
     assert [client for client, _ in table.items(now=101)] == ["behind", "front"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(("get", "pin")), st.sampled_from("abcdef"), st.floats(0, 0.6)), max_size=80))
+def test_the_table_stays_in_order_to_within_its_reorder_slack(steps: list[tuple[str, str, float]]) -> None:
+    """Touches often a fraction of the reorder slack apart (idle 64 s: 1 s of slack): whatever the steps,
+    no session was last used more than the slack after it was placed, the table is in the order it
+    was placed, `get` returns only live sessions, and at the bound the session evicted was idle
+    within the slack of the longest idle one."""
+    table = SessionTable(idle_timeout_s=64, max_sessions=4)
+    now = 0.0
+    for op, client, step in steps:
+        now += step
+        live = {c for c, _ in table.items(now)}
+        if op == "get":
+            session = table.get(client, now)
+            assert session is None or client in live
+        else:
+            evicted_before = table.evicted
+            before = {c: now - s.last_seen for c, s in table._table.items()}
+            table.pin(client, "s1", None, now)
+            if table.evicted > evicted_before:
+                gone = (before.keys() - {c for c, _ in table._table.items()}).pop()
+                assert before[gone] > max(before.values()) - 1.0 - 1e-9  # (float rounding of the ages)
+        sessions = [session for _, session in table._table.items()]
+        assert all(0.0 <= s.last_seen - s.placed < 1.0 for s in sessions)  # as the table measures it
+        assert all(a.placed <= b.placed for a, b in itertools.pairwise(sessions))
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(0, 5)), max_size=60))

@@ -206,7 +206,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     rows: list[dict[str, object]] = []
     # most recently active first: by last use, since the table keeps that order only to within 1/64
     # of the idle timeout (lbd/sessions.py)
-    for client_id, session in heapq.nlargest(limit, matching, key=_last_use):
+    for client_id, session in heapq.nlargest(limit, reversed(matching), key=_last_use):  # ties: later first
         idle = now - session.last_seen
         rows.append(
             {
