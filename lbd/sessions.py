@@ -182,9 +182,11 @@ class SessionTable:
         return ((client, session) for client, session in self._table.items() if session.last_seen > cutoff)
 
     def snapshot(self, now: float) -> list[SessionRecord]:
-        """Live sessions with their idle age, least recently active first (the table's order, to within
-        1/64 of the idle timeout; `restore` sorts by age)."""
-        return [SessionRecord(client, s.server_id, s.region, now - s.last_seen) for client, s in self.items(now)]
+        """Live sessions with their idle age, least recently active first: sorted by last use, since the
+        table keeps that order only to within 1/64 of the idle timeout, and the ages saved are rounded
+        (sessions of equal saved age come back in the file's order)."""
+        live = sorted(self.items(now), key=_last_seen)  # nearly in this order already: Timsort's runs
+        return [SessionRecord(client, s.server_id, s.region, now - s.last_seen) for client, s in live]
 
     def restore(
         self,

@@ -138,8 +138,7 @@ class StateStore:
     # --- sessions.json ------------------------------------------------------------------------
 
     def save_sessions(self, records: Iterable[SessionRecord], saved_at: float) -> int:
-        """Write the session snapshot (least recently active first, to within 1/64 of the idle
-        timeout); returns how many were written."""
+        """Write the session snapshot (least recently active first); returns how many were written."""
         rows = [(client_id, server_id, region, round(idle_s, 3)) for client_id, server_id, region, idle_s in records]
         document = {"version": SESSIONS_VERSION, "saved_at": saved_at, "sessions": rows}
         self._write(self.sessions_path, json.dumps(document, separators=(",", ":")).encode())

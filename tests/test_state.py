@@ -420,6 +420,17 @@ def test_snapshot_is_lru_ordered_with_idle_ages() -> None:
     assert table.snapshot(102.5) == [SessionRecord("a", "s1", "us-east", 99.5)]  # b and c expired
 
 
+def test_snapshot_is_in_last_use_order_even_where_the_table_is_not() -> None:
+    """A touch within the table's reorder slack (1/64 of the idle timeout) leaves the session where
+    it was; the snapshot is still least recently used first, so a restart (whose saved ages are
+    rounded to the millisecond) keeps the order an operator saw."""
+    table = SessionTable(idle_timeout_s=6400, max_sessions=10)  # 100 s of slack
+    for n, client in enumerate(("a", "b", "c")):
+        table.pin(client, "s1", None, float(n))
+    assert table.get("a", 3.0) is not None  # the most recent, not moved
+    assert [record.client_id for record in table.snapshot(4.0)] == ["b", "c", "a"]
+
+
 def test_restore_keeps_order_and_adds_the_downtime_to_idle_ages() -> None:
     records = [SessionRecord("b", "s2", "eu-west", 3.0), SessionRecord("c", "s1", None, 2.0),
                SessionRecord("a", "s1", "us-east", 1.0)]  # fmt: skip
