@@ -185,7 +185,7 @@ class SessionTable:
         """Live sessions with their idle age, least recently active first: sorted by last use, since the
         table keeps that order only to within 1/64 of the idle timeout, and the ages saved are rounded
         (sessions of equal saved age come back in the file's order)."""
-        live = sorted(self.items(now), key=_last_seen)  # nearly in this order already: Timsort's runs
+        live = sorted(self.items(now), key=last_use)  # nearly in this order already: Timsort's runs
         return [SessionRecord(client, s.server_id, s.region, now - s.last_seen) for client, s in live]
 
     def restore(
@@ -217,7 +217,7 @@ class SessionTable:
                 del restored[client_id]  # a duplicate: the most recent one wins
             restored[client_id] = Session(server_id, region, now - idle)
         merged = [*table.items(), *restored.items()]
-        merged.sort(key=_last_seen)  # a snapshot is nearly in this order: Timsort's runs keep it cheap
+        merged.sort(key=last_use)  # a snapshot is already in this order: linear
         overflow = max(0, len(merged) - self.max_sessions)
         self.evicted += overflow
         self._table = OrderedDict(merged[overflow:])
@@ -230,5 +230,6 @@ class SessionTable:
         return len(restored.keys() & self._table.keys())
 
 
-def _last_seen(item: tuple[str, Session]) -> float:
+def last_use(item: tuple[str, Session]) -> float:
+    """A (client, session) pair's sort key: when the session was last used."""
     return item[1].last_seen

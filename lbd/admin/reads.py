@@ -23,7 +23,7 @@ from lbd.admin.views import route_json, server_json, servers_summary
 from lbd.balancer import BadRoute, NoServer
 from lbd.config import config_to_mapping
 from lbd.proxy.context import STATUS_CLASSES
-from lbd.sessions import Session
+from lbd.sessions import last_use
 
 routes = web.RouteTableDef()  # what the config and the control plane say
 traffic_routes = web.RouteTableDef()  # what this process's proxy saw (a supervisor sums its workers')
@@ -206,7 +206,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     rows: list[dict[str, object]] = []
     # most recently active first: by last use, since the table keeps that order only to within 1/64
     # of the idle timeout (lbd/sessions.py)
-    for client_id, session in heapq.nlargest(limit, reversed(matching), key=_last_use):  # ties: later first
+    for client_id, session in heapq.nlargest(limit, reversed(matching), key=last_use):  # ties: later first
         idle = now - session.last_seen
         rows.append(
             {
@@ -218,10 +218,6 @@ async def list_sessions(request: web.Request) -> web.Response:
             }
         )
     return web.json_response({"sessions": rows, "matched": matched, "total": len(state.sessions)})
-
-
-def _last_use(item: tuple[str, Session]) -> float:
-    return item[1].last_seen
 
 
 @traffic_routes.get("/v1/sessions/summary")

@@ -382,18 +382,19 @@ class Cluster:
         now = time.monotonic()
         try:
             for index, (client_id, proposal, region, _) in enumerate(batch):
-                existing = None if answers is None else answers[index]
-                if answers is None or isinstance(existing, StoreUnavailable):
-                    self.claims["local"] += 1
-                    self.sync.pins[client_id] = (proposal.id, region)
+                answer = None if answers is None else answers[index]
+                if answers is None or isinstance(answer, StoreUnavailable):
+                    result, held = "local", None
+                    self.sync.pins[client_id] = (proposal.id, region)  # written once the store answers
+                else:
+                    result, held = ("won", None) if answer is None else ("adopted", answer)
+                self.claims[result] += 1
+                if held is None:  # this instance's proposal is the pin
+                    self.balancer.note_pin(proposal)
                     self.sessions.pin(client_id, proposal.id, region, now)
-                    self.balancer.note_pin(proposal)
-                    continue
-                self.claims["won" if existing is None else "adopted"] += 1
-                if existing is None:
-                    self.balancer.note_pin(proposal)
-                server_id, pinned_region = (proposal.id, region) if existing is None else parse_session(existing)
-                self.sessions.pin(client_id, server_id, pinned_region or region, now)
+                else:
+                    server_id, pinned_region = parse_session(held)
+                    self.sessions.pin(client_id, server_id, pinned_region or region, now)
         finally:
             for *_, done in batch:
                 if not done.done():
